@@ -1,0 +1,273 @@
+//! Operations on groups and streams shared by the stage loop, maintenance and the admin
+//! router: creating groups, reading a partition's state, replaying dead letters, deleting
+//! consumers, trimming.
+
+use redis::Value;
+use serde::Serialize;
+
+use crate::{
+    connection::Redis,
+    error::Result,
+    scripts::{as_int, as_string, scripts},
+    stage::Source,
+};
+
+/// Creates `group` on every source, from the stream's start, creating missing streams.
+pub(crate) async fn ensure_groups(redis: &Redis, sources: &[Source], group: &str) -> Result<()> {
+    let mut conn = redis.pooled().await?;
+    for source in sources {
+        let created: redis::RedisResult<Value> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&*source.stream)
+            .arg(group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut *conn)
+            .await;
+        match created {
+            Ok(_) => {}
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// One consumer of a group, as `XINFO CONSUMERS` reports it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ConsumerStatus {
+    /// Its name.
+    pub name: String,
+    /// Entries delivered to it and not yet acknowledged.
+    pub pending: u64,
+    /// Milliseconds since it last read or claimed.
+    pub idle_ms: u64,
+}
+
+/// The state of one input partition of a stage.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PartitionStatus {
+    /// Partition number.
+    pub partition: u32,
+    /// The stream's key.
+    pub stream: String,
+    /// XLEN.
+    pub length: u64,
+    /// Entries not yet delivered to the group (XINFO GROUPS lag; null when Redis cannot
+    /// tell, e.g. after a trim of undelivered entries).
+    pub lag: Option<u64>,
+    /// Entries delivered and not yet acknowledged.
+    pub pending: u64,
+    /// The group's last delivered id.
+    pub last_delivered_id: Option<String>,
+    /// The consumer holding the partition's lease (owned stages).
+    pub owner: Option<String>,
+    /// The group's consumers.
+    pub consumers: Vec<ConsumerStatus>,
+    /// Length of the partition's dead-letter stream.
+    pub dead_letters: u64,
+}
+
+/// Reads the status of `source` for `group`.
+pub(crate) async fn partition_status(
+    redis: &Redis,
+    source: &Source,
+    group: &str,
+    owned: bool,
+) -> Result<PartitionStatus> {
+    let mut conn = redis.pooled().await?;
+    let mut pipe = redis::pipe();
+    pipe.cmd("XLEN").arg(&*source.stream);
+    pipe.cmd("XLEN").arg(&source.dead_letter);
+    pipe.cmd("GET").arg(&source.lease);
+    let (length, dead_letters, owner): (u64, u64, Option<String>) =
+        pipe.query_async(&mut *conn).await?;
+    let mut status = PartitionStatus {
+        partition: source.partition,
+        stream: source.stream.to_string(),
+        length,
+        lag: None,
+        pending: 0,
+        last_delivered_id: None,
+        owner: if owned {
+            owner.map(|o| o.split('#').next().unwrap_or_default().to_owned())
+        } else {
+            None
+        },
+        consumers: Vec::new(),
+        dead_letters,
+    };
+    let groups: redis::RedisResult<Value> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(&*source.stream)
+        .query_async(&mut *conn)
+        .await;
+    let Ok(groups) = groups else {
+        return Ok(status);
+    };
+    for info in records(groups) {
+        if info.get("name").map(String::as_str) != Some(group) {
+            continue;
+        }
+        status.pending = info
+            .get("pending")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        status.lag = info.get("lag").and_then(|v| v.parse().ok());
+        status.last_delivered_id = info.get("last-delivered-id").cloned();
+        let consumers: Value = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&*source.stream)
+            .arg(group)
+            .query_async(&mut *conn)
+            .await?;
+        status.consumers = records(consumers)
+            .into_iter()
+            .map(|c| ConsumerStatus {
+                name: c.get("name").cloned().unwrap_or_default(),
+                pending: c.get("pending").and_then(|v| v.parse().ok()).unwrap_or(0),
+                idle_ms: c.get("idle").and_then(|v| v.parse().ok()).unwrap_or(0),
+            })
+            .collect();
+    }
+    Ok(status)
+}
+
+/// XINFO replies (RESP2 flat arrays or RESP3 maps) as string maps; nested values dropped.
+fn records(reply: Value) -> Vec<std::collections::HashMap<String, String>> {
+    let Value::Array(items) = reply else {
+        return Vec::new();
+    };
+    items
+        .into_iter()
+        .map(|item| {
+            let pairs: Vec<(Value, Value)> = match item {
+                Value::Array(flat) => {
+                    let mut it = flat.into_iter();
+                    std::iter::from_fn(|| Some((it.next()?, it.next()?))).collect()
+                }
+                Value::Map(pairs) => pairs,
+                _ => Vec::new(),
+            };
+            pairs
+                .into_iter()
+                .filter_map(|(k, v)| {
+                    let value = match v {
+                        Value::Int(i) => i.to_string(),
+                        Value::Nil => return None,
+                        other => as_string(other).ok()?,
+                    };
+                    Some((as_string(k).ok()?, value))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Moves up to `count` dead-lettered entries of `source` back into its stream.
+pub(crate) async fn replay_dead_letters(redis: &Redis, source: &Source, count: u64) -> Result<u64> {
+    let mut conn = redis.pooled().await?;
+    let reply = scripts()
+        .replay_dead_letters
+        .run(
+            &mut *conn,
+            &[&source.dead_letter, &*source.stream],
+            &[count],
+        )
+        .await?;
+    Ok(as_int(&reply)?.max(0) as u64)
+}
+
+/// Deletes `consumer` from `group` on every source; returns how many pending entries it
+/// still had (which Redis drops from the pending list with it).
+pub(crate) async fn delete_consumer(
+    redis: &Redis,
+    sources: &[Source],
+    group: &str,
+    consumer: &str,
+) -> Result<u64> {
+    let mut conn = redis.pooled().await?;
+    let mut dropped = 0;
+    for source in sources {
+        let n: redis::RedisResult<i64> = redis::cmd("XGROUP")
+            .arg("DELCONSUMER")
+            .arg(&*source.stream)
+            .arg(group)
+            .arg(consumer)
+            .query_async(&mut *conn)
+            .await;
+        match n {
+            Ok(n) => dropped += n.max(0) as u64,
+            Err(e) if e.code() == Some("NOGROUP") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(dropped)
+}
+
+/// What one trim call did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrimOutcome {
+    /// Entries every group had acknowledged, deleted.
+    pub trimmed: u64,
+    /// Entries deleted by the hard cap although a group had not acknowledged them.
+    pub trimmed_unacknowledged: u64,
+}
+
+/// Trims `stream` below every group's acknowledged point, then to `max_len` if non-zero.
+pub async fn trim_stream(redis: &Redis, stream: &str, max_len: u64) -> Result<TrimOutcome> {
+    let mut conn = redis.pooled().await?;
+    let reply = scripts()
+        .trim
+        .run(&mut *conn, &[stream], &[max_len])
+        .await?;
+    let Value::Array(parts) = reply else {
+        return Err(crate::scripts::protocol("trim reply", &reply));
+    };
+    Ok(TrimOutcome {
+        trimmed: parts.first().map(as_int).transpose()?.unwrap_or(0).max(0) as u64,
+        trimmed_unacknowledged: parts.get(1).map(as_int).transpose()?.unwrap_or(0).max(0) as u64,
+    })
+}
+
+/// Deletes consumers of `group` idle longer than `idle_ms` with nothing pending (never
+/// `keep`, the caller itself). Returns their names.
+pub(crate) async fn delete_idle_consumers(
+    redis: &Redis,
+    sources: &[Source],
+    group: &str,
+    keep: &str,
+    idle_ms: u64,
+) -> Result<Vec<String>> {
+    let mut conn = redis.pooled().await?;
+    let mut deleted = Vec::new();
+    for source in sources {
+        let consumers: redis::RedisResult<Value> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&*source.stream)
+            .arg(group)
+            .query_async(&mut *conn)
+            .await;
+        let Ok(consumers) = consumers else { continue };
+        for c in records(consumers) {
+            let name = c.get("name").cloned().unwrap_or_default();
+            let pending: u64 = c.get("pending").and_then(|v| v.parse().ok()).unwrap_or(1);
+            let idle: u64 = c.get("idle").and_then(|v| v.parse().ok()).unwrap_or(0);
+            if name != keep && pending == 0 && idle > idle_ms {
+                // Re-checked by Redis: DELCONSUMER returns the pending count it dropped.
+                let dropped: i64 = redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(&*source.stream)
+                    .arg(group)
+                    .arg(&name)
+                    .query_async(&mut *conn)
+                    .await?;
+                if dropped > 0 {
+                    tracing::warn!(consumer = %name, dropped, "deleted consumer had pending entries");
+                }
+                deleted.push(name);
+            }
+        }
+    }
+    Ok(deleted)
+}

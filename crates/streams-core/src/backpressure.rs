@@ -1,0 +1,146 @@
+//! Producer-side backpressure: how far behind the downstream group is (lag plus pending,
+//! summed over partitions), measured in the background so that the hot path only reads a
+//! number.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use redis::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::{connection::Redis, error::Result, keys::KeySpace, scripts::as_string};
+
+/// The backlog of one group on one logical stream.
+#[derive(Clone, Debug)]
+pub struct Backlog {
+    redis: Redis,
+    streams: Vec<String>,
+    group: String,
+    value: Arc<AtomicU64>,
+    known: Arc<AtomicBool>,
+}
+
+/// The downstream group is further behind than allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("pipeline is {backlog} entries behind (limit {limit}); retry later")]
+pub struct Overloaded {
+    /// Entries not yet handled by the downstream group.
+    pub backlog: u64,
+    /// The configured limit.
+    pub limit: u64,
+}
+
+impl Backlog {
+    /// The backlog of `group` over every partition of the logical stream `stream`.
+    pub fn new(redis: Redis, keys: &KeySpace, stream: &str, group: &str) -> Self {
+        Self {
+            redis,
+            streams: keys
+                .all_partitions()
+                .map(|p| keys.stream(stream, p))
+                .collect(),
+            group: group.to_owned(),
+            value: Arc::new(AtomicU64::new(0)),
+            known: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Measures now: for each partition, the group's lag plus pending. A partition whose
+    /// group does not exist yet counts its whole length; when Redis cannot tell the lag
+    /// (after trimming undelivered entries), the stream length stands in for it.
+    pub async fn measure(&self) -> Result<u64> {
+        let mut conn = self.redis.pooled().await?;
+        let mut pipe = redis::pipe();
+        for stream in &self.streams {
+            pipe.cmd("XLEN").arg(stream);
+            pipe.cmd("XINFO").arg("GROUPS").arg(stream);
+        }
+        // XINFO fails on a stream that does not exist yet: that partition's backlog is 0.
+        let replies: Vec<redis::RedisResult<Value>> =
+            pipe.ignore_errors().query_async(&mut *conn).await?;
+        let mut total = 0u64;
+        for pair in replies.chunks(2) {
+            let length = match &pair[0] {
+                Ok(v) => crate::scripts::as_int(v).unwrap_or(0).max(0) as u64,
+                Err(e) => return Err(e.clone().into()),
+            };
+            let groups = pair[1].as_ref().unwrap_or(&Value::Nil);
+            total += self.group_backlog(groups).unwrap_or(length);
+        }
+        self.value.store(total, Ordering::Relaxed);
+        self.known.store(true, Ordering::Relaxed);
+        Ok(total)
+    }
+
+    fn group_backlog(&self, groups: &Value) -> Option<u64> {
+        let Value::Array(groups) = groups else {
+            return None;
+        };
+        for group in groups {
+            let Value::Array(flat) = group else { continue };
+            let mut name = None;
+            let mut lag = None;
+            let mut pending = 0u64;
+            for pair in flat.chunks(2) {
+                let key = as_string(pair[0].clone()).ok()?;
+                match key.as_str() {
+                    "name" => name = as_string(pair[1].clone()).ok(),
+                    "lag" => {
+                        lag = crate::scripts::as_int(&pair[1])
+                            .ok()
+                            .filter(|_| pair[1] != Value::Nil)
+                    }
+                    "pending" => {
+                        pending = crate::scripts::as_int(&pair[1]).unwrap_or(0).max(0) as u64
+                    }
+                    _ => {}
+                }
+            }
+            if name.as_deref() == Some(self.group.as_str()) {
+                return lag.map(|l| l.max(0) as u64 + pending);
+            }
+        }
+        None
+    }
+
+    /// The last measured backlog (0 before the first measurement).
+    pub fn current(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+
+    /// `Err(Overloaded)` when the last measured backlog exceeds `limit`.
+    pub fn check(&self, limit: u64) -> Result<(), Overloaded> {
+        let backlog = self.current();
+        if backlog > limit {
+            metrics::counter!("tickflow_backpressure_rejections_total", "group" => self.group.clone())
+                .increment(1);
+            return Err(Overloaded { backlog, limit });
+        }
+        Ok(())
+    }
+
+    /// Re-measures every `interval` until shutdown.
+    pub fn spawn_monitor(
+        &self,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = this.measure().await {
+                    tracing::debug!(error = %e, "backlog measurement failed");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        })
+    }
+}

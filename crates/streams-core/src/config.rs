@@ -1,0 +1,358 @@
+//! Typed configuration, read once from the environment.
+//!
+//! [`Env`] is the one way to read a variable: it parses, applies the default and names the
+//! variable in the error. Tests inject variables with [`Env::from_pairs`] instead of touching
+//! the process environment. [`Config`] holds what every stage shares; services read their own
+//! extra variables through the same [`Env`].
+
+use std::{collections::HashMap, fmt, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
+
+use crate::keys::KeySpace;
+
+/// A bad configuration value. Its message names the variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {variable}={value:?}: {reason}")]
+pub struct ConfigError {
+    /// The environment variable.
+    pub variable: String,
+    /// The value it had.
+    pub value: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Looks a variable up by name.
+type Lookup = dyn Fn(&str) -> Option<String> + Send + Sync;
+
+/// A source of configuration variables: the process environment or an injected map.
+#[derive(Clone)]
+pub struct Env {
+    lookup: Arc<Lookup>,
+}
+
+impl fmt::Debug for Env {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Env")
+    }
+}
+
+impl Env {
+    /// The process environment.
+    pub fn process() -> Self {
+        Self {
+            lookup: Arc::new(|name| std::env::var(name).ok()),
+        }
+    }
+
+    /// A fixed set of variables (for tests and embedding); nothing else is visible.
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        let map: HashMap<String, String> = pairs
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        Self {
+            lookup: Arc::new(move |name| map.get(name).cloned()),
+        }
+    }
+
+    /// The raw value of `name`; empty values count as unset.
+    pub fn get(&self, name: &str) -> Option<String> {
+        (self.lookup)(name).filter(|v| !v.trim().is_empty())
+    }
+
+    /// `name` parsed as `T`, or `default` when unset.
+    pub fn parse_or<T>(&self, name: &str, default: T) -> Result<T, ConfigError>
+    where
+        T: FromStr,
+        T::Err: fmt::Display,
+    {
+        match self.get(name) {
+            None => Ok(default),
+            Some(value) => value.trim().parse().map_err(|e: T::Err| ConfigError {
+                variable: name.to_owned(),
+                value,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// A duration given in milliseconds, within `min..=max`.
+    pub fn millis_or(
+        &self,
+        name: &str,
+        default_ms: u64,
+        min_ms: u64,
+        max_ms: u64,
+    ) -> Result<Duration, ConfigError> {
+        let ms = self.ranged_or(name, default_ms, min_ms, max_ms)?;
+        Ok(Duration::from_millis(ms))
+    }
+
+    /// An integer within `min..=max`.
+    pub fn ranged_or(
+        &self,
+        name: &str,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> Result<u64, ConfigError> {
+        let value: u64 = self.parse_or(name, default)?;
+        if !(min..=max).contains(&value) {
+            return Err(ConfigError {
+                variable: name.to_owned(),
+                value: value.to_string(),
+                reason: format!("must be between {min} and {max}"),
+            });
+        }
+        Ok(value)
+    }
+
+    /// A socket address such as `0.0.0.0:8080`.
+    pub fn addr_or(&self, name: &str, default: &str) -> Result<SocketAddr, ConfigError> {
+        let value = self.get(name).unwrap_or_else(|| default.to_owned());
+        value
+            .parse()
+            .map_err(|e: std::net::AddrParseError| ConfigError {
+                variable: name.to_owned(),
+                value,
+                reason: format!("{e} (expected host:port, e.g. 0.0.0.0:8080)"),
+            })
+    }
+}
+
+/// What every tickflow process shares. Each field names its variable; README lists them all.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `REDIS_URL`: `redis://[user:pass@]host:port[/db]` or `rediss://` for TLS.
+    pub redis_url: String,
+    /// `TICKFLOW_NAMESPACE` and `TICKFLOW_PARTITIONS`: key prefix and partition count.
+    pub keys: KeySpace,
+    /// `CONSUMER_NAME`: this process's consumer name in every group (default hostname-pid).
+    pub consumer_name: String,
+    /// `HTTP_ADDR`: where the health/admin (and service) HTTP server listens.
+    pub http_addr: SocketAddr,
+    /// `ADMIN_TOKEN`: bearer token for mutating admin actions; unset disables them.
+    pub admin_token: Option<String>,
+    /// `TICKFLOW_POOL_SIZE`: connections in the shared (non-blocking) pool.
+    pub pool_size: usize,
+    /// Stage loop tuning.
+    pub stage: StageTuning,
+}
+
+/// How a stage loop reads, recovers, dead-letters and trims.
+#[derive(Clone, Debug)]
+pub struct StageTuning {
+    /// `TICKFLOW_BATCH_SIZE`: entries read per partition per call (XREADGROUP COUNT).
+    pub batch_size: usize,
+    /// `TICKFLOW_BLOCK_MS`: how long a read waits for new entries.
+    pub block: Duration,
+    /// `TICKFLOW_CLAIM_IDLE_MS`: an entry pending this long is reclaimed from its consumer.
+    pub claim_idle: Duration,
+    /// `TICKFLOW_MAX_DELIVERIES`: an entry delivered more often than this is dead-lettered.
+    pub max_deliveries: u32,
+    /// `TICKFLOW_TRIM_INTERVAL_MS`: how often input streams are trimmed (0: never).
+    pub trim_interval: Duration,
+    /// `TICKFLOW_MAX_LEN`: hard cap on a partition's length (0: none). Can delete entries
+    /// that a group has not acknowledged; that is logged and counted.
+    pub max_len: u64,
+    /// `TICKFLOW_LEASE_TTL_MS`: lifetime of a partition lease (owned mode) and of a
+    /// consumer's membership; renewed every third of it.
+    pub lease_ttl: Duration,
+    /// `TICKFLOW_CONSUMER_IDLE_DELETE_MS`: a consumer idle this long with nothing pending
+    /// is deleted from its group.
+    pub consumer_idle_delete: Duration,
+    /// `TICKFLOW_SHUTDOWN_GRACE_MS`: how long shutdown waits for the batch in hand.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for StageTuning {
+    fn default() -> Self {
+        Self {
+            batch_size: 256,
+            block: Duration::from_millis(2000),
+            claim_idle: Duration::from_millis(30_000),
+            max_deliveries: 5,
+            trim_interval: Duration::from_millis(10_000),
+            max_len: 0,
+            lease_ttl: Duration::from_millis(5_000),
+            consumer_idle_delete: Duration::from_millis(3_600_000),
+            shutdown_grace: Duration::from_millis(10_000),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the shared configuration; `default_http_addr` is the service's own default.
+    pub fn from_env(env: &Env, default_http_addr: &str) -> Result<Self, ConfigError> {
+        let redis_url = env
+            .get("REDIS_URL")
+            .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+        validate_redis_url(&redis_url)?;
+        let namespace = env
+            .get("TICKFLOW_NAMESPACE")
+            .unwrap_or_else(|| "tickflow".into());
+        if namespace.contains(['{', '}', ' ']) {
+            return Err(ConfigError {
+                variable: "TICKFLOW_NAMESPACE".into(),
+                value: namespace,
+                reason: "must not contain braces or spaces".into(),
+            });
+        }
+        let partitions = env.ranged_or("TICKFLOW_PARTITIONS", 16, 1, 1024)? as u32;
+        let consumer_name = env
+            .get("CONSUMER_NAME")
+            .unwrap_or_else(default_consumer_name);
+        let defaults = StageTuning::default();
+        let stage = StageTuning {
+            batch_size: env.ranged_or(
+                "TICKFLOW_BATCH_SIZE",
+                defaults.batch_size as u64,
+                1,
+                10_000,
+            )? as usize,
+            block: env.millis_or("TICKFLOW_BLOCK_MS", 2000, 1, 60_000)?,
+            claim_idle: env.millis_or("TICKFLOW_CLAIM_IDLE_MS", 30_000, 10, 86_400_000)?,
+            max_deliveries: env.ranged_or("TICKFLOW_MAX_DELIVERIES", 5, 1, 1000)? as u32,
+            trim_interval: env.millis_or("TICKFLOW_TRIM_INTERVAL_MS", 10_000, 0, 86_400_000)?,
+            max_len: env.parse_or("TICKFLOW_MAX_LEN", 0)?,
+            lease_ttl: env.millis_or("TICKFLOW_LEASE_TTL_MS", 5_000, 100, 600_000)?,
+            consumer_idle_delete: env.millis_or(
+                "TICKFLOW_CONSUMER_IDLE_DELETE_MS",
+                3_600_000,
+                1_000,
+                u64::MAX / 2,
+            )?,
+            shutdown_grace: env.millis_or("TICKFLOW_SHUTDOWN_GRACE_MS", 10_000, 0, 600_000)?,
+        };
+        Ok(Self {
+            redis_url,
+            keys: KeySpace::new(namespace, partitions),
+            consumer_name,
+            http_addr: env.addr_or("HTTP_ADDR", default_http_addr)?,
+            admin_token: env.get("ADMIN_TOKEN"),
+            pool_size: env.ranged_or("TICKFLOW_POOL_SIZE", 16, 1, 1024)? as usize,
+            stage,
+        })
+    }
+
+    /// The configuration for a test: the given Redis, namespace and partition count, with
+    /// short timings so that recovery and rebalancing happen within a test's patience.
+    pub fn for_tests(redis_url: &str, namespace: &str, partitions: u32) -> Self {
+        Self {
+            redis_url: redis_url.to_owned(),
+            keys: KeySpace::new(namespace, partitions),
+            consumer_name: default_consumer_name(),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_token: None,
+            pool_size: 8,
+            stage: StageTuning {
+                batch_size: 64,
+                block: Duration::from_millis(100),
+                claim_idle: Duration::from_millis(500),
+                max_deliveries: 3,
+                trim_interval: Duration::ZERO,
+                max_len: 0,
+                lease_ttl: Duration::from_millis(600),
+                consumer_idle_delete: Duration::from_secs(3600),
+                shutdown_grace: Duration::from_secs(5),
+            },
+        }
+    }
+}
+
+fn validate_redis_url(url: &str) -> Result<(), ConfigError> {
+    let error = |reason: String| ConfigError {
+        variable: "REDIS_URL".into(),
+        value: redact(url),
+        reason,
+    };
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(error("must start with redis:// or rediss://".into()));
+    }
+    redis::Client::open(url)
+        .map(|_| ())
+        .map_err(|e| error(e.to_string()))
+}
+
+/// A Redis URL with its password hidden, for logs and error messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => format!("{}***{}", &url[..scheme_end + 3], &url[at..]),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn default_consumer_name() -> String {
+    let host = hostname::get()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "host".into());
+    format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_apply_when_unset() {
+        let config = Config::from_env(&Env::from_pairs::<&str, &str>([]), "0.0.0.0:8080").unwrap();
+        assert_eq!(config.redis_url, "redis://127.0.0.1:6379");
+        assert_eq!(config.keys, KeySpace::new("tickflow", 16));
+        assert_eq!(config.http_addr.port(), 8080);
+        assert!(config.admin_token.is_none());
+        assert!(
+            config
+                .consumer_name
+                .ends_with(&format!("-{}", std::process::id()))
+        );
+    }
+
+    #[test]
+    fn accepts_acl_credentials_databases_and_tls() {
+        for url in [
+            "redis://user:secret@redis.internal:6380/2",
+            "rediss://default:pw@cache.example:6379",
+            "redis://:onlypass@localhost",
+        ] {
+            let env = Env::from_pairs([("REDIS_URL", url)]);
+            assert_eq!(Config::from_env(&env, "0.0.0.0:1").unwrap().redis_url, url);
+        }
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let cases = [
+            ("TICKFLOW_PARTITIONS", "zero"),
+            ("TICKFLOW_PARTITIONS", "0"),
+            ("TICKFLOW_BATCH_SIZE", "-1"),
+            ("HTTP_ADDR", "localhost"),
+            ("REDIS_URL", "http://x"),
+            ("TICKFLOW_NAMESPACE", "a{b}"),
+        ];
+        for (variable, value) in cases {
+            let err = Config::from_env(&Env::from_pairs([(variable, value)]), "0.0.0.0:1")
+                .expect_err(variable);
+            assert_eq!(err.variable, variable);
+            assert!(
+                err.to_string().starts_with(&format!("invalid {variable}=")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("redis://u:p@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redact("rediss://p@h"), "rediss://***@h");
+        assert_eq!(redact("redis://h:1"), "redis://h:1");
+    }
+}

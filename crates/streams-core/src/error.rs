@@ -1,0 +1,59 @@
+//! The errors streams-core returns, so that callers can tell a Redis outage from a lost lease.
+
+/// An error from the stage runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamsError {
+    /// Redis answered with an error, or the connection failed.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// No pooled connection could be had in time (Redis unreachable or pool exhausted).
+    #[error("redis pool: {0}")]
+    Pool(String),
+    /// This consumer no longer holds the lease on the partition: it may not ack or forward.
+    #[error("lease lost on partition {partition}")]
+    Fenced {
+        /// The partition whose lease was lost.
+        partition: u32,
+    },
+    /// Redis answered something this build does not understand.
+    #[error("unexpected reply: {0}")]
+    Protocol(String),
+}
+
+impl StreamsError {
+    /// Whether retrying later may succeed (connection trouble, timeouts, a restarting or
+    /// loading server), as opposed to a logic error.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StreamsError::Pool(_) => true,
+            StreamsError::Redis(e) => {
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || matches!(
+                        e.code(),
+                        Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "READONLY")
+                    )
+            }
+            StreamsError::Fenced { .. } | StreamsError::Protocol(_) => false,
+        }
+    }
+
+    /// Whether Redis said the consumer group (or its stream) does not exist.
+    pub fn is_no_group(&self) -> bool {
+        matches!(self, StreamsError::Redis(e) if e.code() == Some("NOGROUP"))
+    }
+}
+
+impl From<deadpool_redis::PoolError> for StreamsError {
+    fn from(error: deadpool_redis::PoolError) -> Self {
+        match error {
+            deadpool_redis::PoolError::Backend(e) => StreamsError::Redis(e),
+            other => StreamsError::Pool(other.to_string()),
+        }
+    }
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = StreamsError> = std::result::Result<T, E>;

@@ -1,0 +1,85 @@
+//! The background duties of a stage: trimming its input streams below what every group has
+//! acknowledged, and deleting consumers that have been idle with nothing pending.
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    admin_ops::{delete_idle_consumers, trim_stream},
+    config::StageTuning,
+    connection::Redis,
+    stage::Source,
+    stats::StageStats,
+};
+
+pub(crate) async fn run(
+    redis: Redis,
+    group: String,
+    consumer: String,
+    sources: Vec<Source>,
+    tuning: StageTuning,
+    stats: Arc<StageStats>,
+    shutdown: CancellationToken,
+) {
+    let cleanup_every =
+        (tuning.consumer_idle_delete / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut next_cleanup = Instant::now() + cleanup_every;
+    let mut next_trim = Instant::now() + tuning.trim_interval;
+    loop {
+        let now = Instant::now();
+        if !tuning.trim_interval.is_zero() && now >= next_trim {
+            trim(&redis, &group, &sources, tuning.max_len, &stats).await;
+            next_trim = Instant::now() + tuning.trim_interval;
+        }
+        if now >= next_cleanup {
+            let idle_ms = tuning.consumer_idle_delete.as_millis() as u64;
+            match delete_idle_consumers(&redis, &sources, &group, &consumer, idle_ms).await {
+                Ok(deleted) if !deleted.is_empty() => {
+                    tracing::info!(%group, ?deleted, "deleted idle consumers");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(%group, error = %e, "idle consumer cleanup failed"),
+            }
+            next_cleanup = Instant::now() + cleanup_every;
+        }
+        let mut wake = next_cleanup;
+        if !tuning.trim_interval.is_zero() {
+            wake = wake.min(next_trim);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake.into()) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn trim(redis: &Redis, group: &str, sources: &[Source], max_len: u64, stats: &StageStats) {
+    for source in sources {
+        match trim_stream(redis, &source.stream, max_len).await {
+            Ok(outcome) => {
+                stats.trimmed.fetch_add(outcome.trimmed, Ordering::Relaxed);
+                metrics::counter!("tickflow_trimmed_total", "stream" => source.stream.to_string())
+                    .increment(outcome.trimmed);
+                if outcome.trimmed_unacknowledged > 0 {
+                    stats
+                        .trimmed_unacknowledged
+                        .fetch_add(outcome.trimmed_unacknowledged, Ordering::Relaxed);
+                    metrics::counter!("tickflow_trimmed_unacknowledged_total", "stream" => source.stream.to_string())
+                        .increment(outcome.trimmed_unacknowledged);
+                    tracing::error!(
+                        %group,
+                        stream = %source.stream,
+                        deleted = outcome.trimmed_unacknowledged,
+                        max_len,
+                        "hard cap TICKFLOW_MAX_LEN deleted entries that a group had not acknowledged"
+                    );
+                }
+            }
+            Err(e) => tracing::debug!(%group, stream = %source.stream, error = %e, "trim failed"),
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! The server-side scripts that make each step atomic, and a small way to call them.
+//!
+//! Every script touches only keys passed in `KEYS` and, for one partition, keys that share
+//! its hash tag; so each call maps to one Redis Cluster slot.
+
+use redis::{Cmd, Value, aio::ConnectionLike};
+
+use crate::error::{Result, StreamsError};
+
+/// A Lua script sent by SHA, loaded on first use or after a Redis restart (NOSCRIPT).
+#[derive(Debug)]
+pub(crate) struct LuaScript {
+    code: &'static str,
+    sha: String,
+}
+
+impl LuaScript {
+    fn new(code: &'static str) -> Self {
+        Self {
+            code,
+            sha: redis::Script::new(code).get_hash().to_owned(),
+        }
+    }
+
+    /// Runs the script with `keys` and `args`.
+    pub(crate) async fn run<C, K, A>(&self, conn: &mut C, keys: &[K], args: &[A]) -> Result<Value>
+    where
+        C: ConnectionLike + Send,
+        K: redis::ToRedisArgs + Sync,
+        A: redis::ToRedisArgs + Sync,
+    {
+        self.run_with(conn, keys.len(), |cmd| {
+            for key in keys {
+                cmd.arg(key);
+            }
+            for arg in args {
+                cmd.arg(arg);
+            }
+        })
+        .await
+    }
+
+    /// Runs the script with `key_count` keys; `fill` appends the keys, then the arguments.
+    /// `fill` may be called twice (once more with EVAL after a NOSCRIPT).
+    pub(crate) async fn run_with<C>(
+        &self,
+        conn: &mut C,
+        key_count: usize,
+        fill: impl Fn(&mut Cmd),
+    ) -> Result<Value>
+    where
+        C: ConnectionLike + Send,
+    {
+        let build = |verb: &str, body: &str| {
+            let mut cmd = Cmd::new();
+            cmd.arg(verb).arg(body).arg(key_count);
+            fill(&mut cmd);
+            cmd
+        };
+        match build("EVALSHA", &self.sha).query_async::<Value>(conn).await {
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                Ok(build("EVAL", self.code).query_async::<Value>(conn).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+}
+
+/// The scripts, compiled once per process.
+pub(crate) fn scripts() -> &'static Scripts {
+    static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
+    SCRIPTS.get_or_init(|| Scripts {
+        ack_forward: LuaScript::new(ACK_FORWARD),
+        read_owned: LuaScript::new(READ_OWNED),
+        claim: LuaScript::new(CLAIM),
+        trim: LuaScript::new(TRIM),
+        renew_lease: LuaScript::new(RENEW_LEASE),
+        release_lease: LuaScript::new(RELEASE_LEASE),
+        membership: LuaScript::new(MEMBERSHIP),
+        replay_dead_letters: LuaScript::new(REPLAY_DEAD_LETTERS),
+    })
+}
+
+#[derive(Debug)]
+pub(crate) struct Scripts {
+    pub(crate) ack_forward: LuaScript,
+    pub(crate) read_owned: LuaScript,
+    pub(crate) claim: LuaScript,
+    pub(crate) trim: LuaScript,
+    pub(crate) renew_lease: LuaScript,
+    pub(crate) release_lease: LuaScript,
+    pub(crate) membership: LuaScript,
+    pub(crate) replay_dead_letters: LuaScript,
+}
+
+/// The prefix of the error a script returns when the caller's lease is not current.
+pub(crate) const FENCED: &str = "TICKFLOW_FENCED";
+
+/// Acknowledge a batch of one partition and apply each entry's effects, atomically.
+///
+/// KEYS[1] input stream, KEYS[2] lease key (or the input again when unfenced), KEYS[3..]
+/// the keys effects write. ARGV: group, fencing token ('' = none), entry count, then per
+/// entry: id, op count, and per op: kind ('X' = XADD, else a command name), key index,
+/// argument count, arguments. An entry's effects are applied only if its XACK removed it
+/// from the pending list, so an entry handled twice is forwarded once. Returns one 0/1 per
+/// entry.
+const ACK_FORWARD: &str = r#"
+local group, token = ARGV[1], ARGV[2]
+if token ~= '' and redis.call('GET', KEYS[2]) ~= token then
+  return redis.error_reply('TICKFLOW_FENCED lease ' .. KEYS[2] .. ' is not held by this consumer')
+end
+local n = tonumber(ARGV[3])
+local i = 4
+local result = {}
+for e = 1, n do
+  local id, ops = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  local acked = redis.call('XACK', KEYS[1], group, id)
+  result[e] = acked
+  for _ = 1, ops do
+    local kind, key, nargs = ARGV[i], KEYS[tonumber(ARGV[i + 1])], tonumber(ARGV[i + 2])
+    if acked == 1 then
+      if kind == 'X' then
+        redis.call('XADD', key, '*', unpack(ARGV, i + 3, i + 2 + nargs))
+      else
+        redis.call(kind, key, unpack(ARGV, i + 3, i + 2 + nargs))
+      end
+    end
+    i = i + 3 + nargs
+  end
+end
+return result
+"#;
+
+/// Read new entries of owned partitions, but only those whose lease the caller holds, so a
+/// consumer that lost a lease cannot take entries past the new owner's recovery point.
+///
+/// KEYS: stream1, lease1, stream2, lease2, ... ARGV: group, consumer, count, token1, token2...
+/// Returns per partition {'ok', entries} | {'empty', last id in the stream} | {'fenced'} |
+/// {'nogroup'}.
+const READ_OWNED: &str = r#"
+local group, consumer, count = ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+for p = 1, #KEYS / 2 do
+  local stream, lease, token = KEYS[2 * p - 1], KEYS[2 * p], ARGV[3 + p]
+  if redis.call('GET', lease) ~= token then
+    out[p] = {'fenced'}
+  else
+    local r = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS', stream, '>')
+    if type(r) == 'table' and r.err then
+      if string.find(r.err, 'NOGROUP') then out[p] = {'nogroup'} else return r end
+    elseif r and r[1] and #r[1][2] > 0 then
+      out[p] = {'ok', r[1][2]}
+    else
+      local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+      out[p] = {'empty', last[1] and last[1][1] or '0-0'}
+    end
+  end
+end
+return out
+"#;
+
+/// Claim pending entries of one partition, with their delivery counts.
+///
+/// KEYS[1] stream, KEYS[2] lease (or the stream when unfenced). ARGV: group, consumer,
+/// min idle ms, start cursor, count, token ('' = none), mode: 'auto' (XAUTOCLAIM entries
+/// idle at least min idle, from any consumer) or 'own' (this consumer's own pending
+/// entries, re-delivered with XCLAIM). Returns {next cursor, entries, delivery counts};
+/// the cursor is '0-0' when done.
+const CLAIM: &str = r#"
+local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
+local min_idle, start, count, token, mode = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]
+if token ~= '' and redis.call('GET', KEYS[2]) ~= token then
+  return redis.error_reply('TICKFLOW_FENCED lease ' .. KEYS[2] .. ' is not held by this consumer')
+end
+local next_cursor, entries = '0-0', {}
+if mode == 'auto' then
+  local r = redis.call('XAUTOCLAIM', stream, group, consumer, min_idle, start, 'COUNT', count)
+  next_cursor = r[1]
+  for _, entry in ipairs(r[2]) do
+    if entry then entries[#entries + 1] = entry end
+  end
+else
+  local pending = redis.call('XPENDING', stream, group, start, '+', count, consumer)
+  if #pending > 0 then
+    local ids = {}
+    for k, p in ipairs(pending) do ids[k] = p[1] end
+    local claimed = redis.call('XCLAIM', stream, group, consumer, 0, unpack(ids))
+    for _, entry in ipairs(claimed) do
+      if entry then entries[#entries + 1] = entry end
+    end
+    if #pending == count then next_cursor = '(' .. ids[#ids] end
+  end
+end
+local counts = {}
+if #entries > 0 then
+  local info = redis.call('XPENDING', stream, group, entries[1][1], entries[#entries][1], #entries * 2 + 16, consumer)
+  local by_id = {}
+  for _, p in ipairs(info) do by_id[p[1]] = p[4] end
+  for k, entry in ipairs(entries) do counts[k] = by_id[entry[1]] or 1 end
+end
+return {next_cursor, entries, counts}
+"#;
+
+/// Trim a stream below what every group has acknowledged, then apply the hard cap.
+///
+/// KEYS[1] stream. ARGV[1] max length (0 = no cap). The safe point is the smallest, over
+/// all groups, of the oldest pending id and the last-delivered id; entries below it were
+/// acknowledged by every group. Returns {deleted safely, deleted by the cap, safe point}.
+const TRIM: &str = r#"
+local stream, max_len = KEYS[1], tonumber(ARGV[1])
+if redis.call('EXISTS', stream) == 0 then return {0, 0, ''} end
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function less(a, b)
+  local am, as = parse(a)
+  local bm, bs = parse(b)
+  return am < bm or (am == bm and as < bs)
+end
+local floor = nil
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+  local info = {}
+  for k = 1, #g, 2 do info[g[k]] = g[k + 1] end
+  local candidate = info['last-delivered-id']
+  if tonumber(info['pending']) > 0 then
+    local summary = redis.call('XPENDING', stream, info['name'])
+    if less(summary[2], candidate) then candidate = summary[2] end
+  end
+  if floor == nil or less(candidate, floor) then floor = candidate end
+end
+local safe = 0
+if floor ~= nil then safe = redis.call('XTRIM', stream, 'MINID', floor) end
+local forced = 0
+if max_len > 0 and redis.call('XLEN', stream) > max_len then
+  forced = redis.call('XTRIM', stream, 'MAXLEN', max_len)
+end
+return {safe, forced, floor or ''}
+"#;
+
+/// KEYS[1] lease. ARGV: token, ttl ms. Extends the lease if the caller still holds it.
+const RENEW_LEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"#;
+
+/// KEYS[1] lease. ARGV: token. Deletes the lease if the caller still holds it.
+const RELEASE_LEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// KEYS[1] members (sorted set, score = expiry in ms by the Redis clock). ARGV: consumer,
+/// ttl ms, 'join' or 'leave'. Returns the live members, sorted.
+const MEMBERSHIP: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if ARGV[3] == 'leave' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+else
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+end
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"#;
+
+/// KEYS[1] dead-letter stream, KEYS[2] the stream its entries came from. ARGV[1] how many
+/// at most. Appends each dead-lettered entry's original fields (those not starting with
+/// 'dlq.') back to the stream and deletes it from the dead-letter stream, atomically.
+const REPLAY_DEAD_LETTERS: &str = r#"
+local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', tonumber(ARGV[1]))
+for _, entry in ipairs(entries) do
+  local fields = {}
+  local f = entry[2]
+  for k = 1, #f, 2 do
+    if string.sub(f[k], 1, 4) ~= 'dlq.' then
+      fields[#fields + 1] = f[k]
+      fields[#fields + 1] = f[k + 1]
+    end
+  end
+  if #fields > 0 then redis.call('XADD', KEYS[2], '*', unpack(fields)) end
+  redis.call('XDEL', KEYS[1], entry[1])
+end
+return #entries
+"#;
+
+/// One stream entry as read: id and field/value pairs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawEntry {
+    /// The stream id, e.g. `1700000000000-0`.
+    pub id: String,
+    /// Field/value pairs in entry order.
+    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Parses `[[id, [f, v, ...]], ...]`, skipping nil entries (deleted but still pending).
+pub(crate) fn parse_entries(value: Value) -> Result<Vec<RawEntry>> {
+    let items = match value {
+        Value::Array(items) => items,
+        Value::Nil => return Ok(Vec::new()),
+        other => return Err(protocol("entry list", &other)),
+    };
+    let mut entries = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::Array(mut parts) = item else {
+            continue;
+        };
+        if parts.len() != 2 {
+            return Err(StreamsError::Protocol("entry without two parts".into()));
+        }
+        let raw_fields = parts.pop().unwrap_or(Value::Nil);
+        let id = as_string(parts.pop().unwrap_or(Value::Nil))?;
+        let flat = match raw_fields {
+            Value::Array(flat) => flat,
+            Value::Map(pairs) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+            Value::Nil => continue,
+            other => return Err(protocol("entry fields", &other)),
+        };
+        let mut fields = Vec::with_capacity(flat.len() / 2);
+        let mut iter = flat.into_iter();
+        while let (Some(name), Some(value)) = (iter.next(), iter.next()) {
+            fields.push((as_bytes(name)?, as_bytes(value)?));
+        }
+        entries.push(RawEntry { id, fields });
+    }
+    Ok(entries)
+}
+
+pub(crate) fn as_bytes(value: Value) -> Result<Vec<u8>> {
+    match value {
+        Value::BulkString(bytes) => Ok(bytes),
+        Value::SimpleString(s) => Ok(s.into_bytes()),
+        Value::Int(i) => Ok(i.to_string().into_bytes()),
+        Value::Okay => Ok(b"OK".to_vec()),
+        other => Err(protocol("string", &other)),
+    }
+}
+
+pub(crate) fn as_string(value: Value) -> Result<String> {
+    String::from_utf8(as_bytes(value)?).map_err(|_| StreamsError::Protocol("non-UTF-8 id".into()))
+}
+
+pub(crate) fn as_int(value: &Value) -> Result<i64> {
+    match value {
+        Value::Int(i) => Ok(*i),
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| protocol("integer", value)),
+        Value::SimpleString(s) => s.parse().map_err(|_| protocol("integer", value)),
+        Value::Nil => Ok(0),
+        other => Err(protocol("integer", other)),
+    }
+}
+
+pub(crate) fn protocol(expected: &str, got: &Value) -> StreamsError {
+    StreamsError::Protocol(format!("expected {expected}, got {got:?}"))
+}

@@ -1,0 +1,1175 @@
+//! The stage loop: read a batch through a consumer group, hand each entry to a [`Handler`],
+//! then acknowledge the batch and append its outputs in one script call per partition.
+//!
+//! A stage is a [`StageSpec`] (which streams, which group, shared or owned partitions, the
+//! input format) plus a [`Handler`]; [`Stage::run`] drives it until shutdown. Everything
+//! that can go wrong between reading and acknowledging is handled here, once:
+//!
+//! - **Exactly-once forwarding.** An entry's outputs are appended in the same script call
+//!   that acknowledges it, and only if that XACK removed it from the pending list.
+//! - **Recovery.** On start a consumer re-handles its own pending entries; every
+//!   `claim_idle / 2` it claims entries other consumers left idle (XAUTOCLAIM).
+//! - **Poison entries** (undecodable, rejected by the handler, or delivered more than
+//!   `max_deliveries` times) go to the partition's dead-letter stream with the reason,
+//!   atomically with their acknowledgement.
+//! - **Outages.** Computed outputs are kept and the script call retried until Redis answers
+//!   (or the shutdown grace ends); a vanished group is recreated.
+//! - **Owned partitions** ([`ConsumeMode::Owned`]): see [`crate::ownership`].
+
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    future::Future,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use redis::{Cmd, Value, aio::MultiplexedConnection};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::{Config, StageTuning},
+    connection::Redis,
+    envelope::{Envelope, now_micros},
+    error::{Result, StreamsError},
+    keys::{KeySpace, Partition},
+    ownership::{Ownership, OwnershipChanges},
+    scripts::{self, FENCED, RawEntry, as_int, as_string, parse_entries, scripts},
+    stats::{StageStats, Stats},
+};
+
+/// How a stage's replicas share the partitions of its input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsumeMode {
+    /// Every consumer reads every partition through the group: the fastest way when the
+    /// order of events does not matter.
+    Shared,
+    /// Each partition is read by exactly one consumer at a time, holding a lease; events of
+    /// one partition leave the stage in the order they entered it, across crashes and
+    /// rebalancing.
+    Owned,
+}
+
+/// What a stage's input entries are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputFormat {
+    /// tickflow [`Envelope`]s; an entry that is not one is dead-lettered.
+    Envelope,
+    /// Arbitrary flat fields, as an outside producer XADDs them.
+    Raw,
+}
+
+/// Which streams a stage reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inputs {
+    /// Every partition of a logical tickflow stream.
+    Partitioned(String),
+    /// Streams named outside tickflow's key layout (one partition each, in order), such as
+    /// an `ingest_stream` that other programs XADD to. Each gets `<key>:dlq`.
+    External(Vec<String>),
+}
+
+/// A stage's shape: its group, its inputs, how replicas share them, and the input format.
+#[derive(Clone, Debug)]
+pub struct StageSpec {
+    /// The consumer group, also the stage's name in metrics and admin status.
+    pub group: String,
+    /// The streams it consumes.
+    pub inputs: Inputs,
+    /// Shared or owned partitions.
+    pub mode: ConsumeMode,
+    /// Envelopes or raw fields.
+    pub format: InputFormat,
+}
+
+/// One input entry handed to a [`Handler`].
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The input partition (for [`Inputs::External`], the stream's index).
+    pub partition: Partition,
+    /// The Redis key of the stream it was read from.
+    pub stream: Arc<str>,
+    /// Its stream id.
+    pub id: String,
+    /// How many times it has been delivered, this time included.
+    pub deliveries: u32,
+    /// Its fields as read.
+    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The decoded envelope ([`InputFormat::Envelope`] stages only).
+    pub envelope: Option<Envelope>,
+}
+
+impl Delivery {
+    /// The value of field `name`, if present.
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n.as_slice() == name.as_bytes())
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// Why a handler could not handle an entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandlerError {
+    /// It may work later (a dependency is down): the entry stays pending and is delivered
+    /// again; after `max_deliveries` it is dead-lettered.
+    #[error("retryable: {0}")]
+    Retry(String),
+    /// It can never work (corrupt payload, ...): the entry is dead-lettered with this reason.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// What handling one entry produces; applied atomically with the entry's acknowledgement.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    ops: Vec<Op>,
+}
+
+#[derive(Debug)]
+enum Op {
+    Append {
+        key: String,
+        fields: Vec<(Cow<'static, [u8]>, Vec<u8>)>,
+    },
+    Command {
+        name: &'static str,
+        key: String,
+        args: Vec<Vec<u8>>,
+    },
+}
+
+impl Outputs {
+    /// Append `envelope` to the stream `key` (from [`KeySpace::stream`]).
+    pub fn append(&mut self, key: impl Into<String>, envelope: &Envelope) {
+        let fields = envelope
+            .to_fields()
+            .into_iter()
+            .map(|(n, v)| (Cow::Borrowed(n.as_bytes()), v))
+            .collect();
+        self.ops.push(Op::Append {
+            key: key.into(),
+            fields,
+        });
+    }
+
+    /// Run `name key args...` (e.g. `HINCRBY`) if and only if the entry is acknowledged now.
+    /// The key should share the input partition's hash tag.
+    pub fn command(&mut self, name: &'static str, key: impl Into<String>, args: Vec<Vec<u8>>) {
+        self.ops.push(Op::Command {
+            name,
+            key: key.into(),
+            args,
+        });
+    }
+
+    /// How many effects there are.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// A stage's logic. It is called for one entry at a time, in the order read.
+pub trait Handler: Send + 'static {
+    /// Handle one entry, pushing what it produces into `out`. On error `out` is discarded.
+    fn handle(
+        &mut self,
+        delivery: &Delivery,
+        out: &mut Outputs,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// This consumer now owns `partition` (owned mode), before any of its entries arrive.
+    /// A stateful stage loads the partition's state here.
+    fn partition_acquired(
+        &mut self,
+        _partition: Partition,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// This consumer no longer owns `partition`; state held for it is stale from now on.
+    fn partition_released(&mut self, _partition: Partition) {}
+}
+
+/// A resolved input stream.
+#[derive(Debug, Clone)]
+pub(crate) struct Source {
+    pub(crate) partition: Partition,
+    pub(crate) stream: Arc<str>,
+    pub(crate) dead_letter: String,
+    pub(crate) lease: String,
+}
+
+impl StageSpec {
+    /// The Redis keys this stage reads, with their dead-letter and lease keys.
+    pub(crate) fn sources(&self, keys: &KeySpace) -> Vec<Source> {
+        match &self.inputs {
+            Inputs::Partitioned(logical) => keys
+                .all_partitions()
+                .map(|p| Source {
+                    partition: p,
+                    stream: keys.stream(logical, p).into(),
+                    dead_letter: keys.dead_letter(logical, p),
+                    lease: keys.lease(&self.group, p),
+                })
+                .collect(),
+            Inputs::External(streams) => streams
+                .iter()
+                .enumerate()
+                .map(|(i, key)| Source {
+                    partition: i as Partition,
+                    stream: key.as_str().into(),
+                    dead_letter: format!("{key}:dlq"),
+                    lease: format!("{key}:lease:{}", self.group),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A runnable stage: spec, handler, Redis, tuning and the shutdown signal.
+pub struct Stage<H> {
+    spec: StageSpec,
+    handler: H,
+    redis: Redis,
+    keys: KeySpace,
+    consumer: String,
+    tuning: StageTuning,
+    shutdown: CancellationToken,
+    stats: Arc<StageStats>,
+    sources: Vec<Source>,
+    source_by_key: HashMap<Arc<str>, usize>,
+}
+
+impl<H> std::fmt::Debug for Stage<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stage")
+            .field("spec", &self.spec)
+            .field("consumer", &self.consumer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One entry read and waiting to be handled.
+struct Pending {
+    source: usize,
+    entry: RawEntry,
+    deliveries: u32,
+}
+
+/// Entries of one partition to acknowledge, with their effects.
+#[derive(Default)]
+struct Commit {
+    entries: Vec<(String, Vec<Op>)>,
+    processed: u64,
+    dead_lettered: u64,
+}
+
+impl<H: Handler> Stage<H> {
+    /// A stage for `spec` that will run `handler`, registered in `stats` for admin status.
+    pub fn new(
+        spec: StageSpec,
+        handler: H,
+        redis: Redis,
+        config: &Config,
+        stats: &Stats,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let sources = spec.sources(&config.keys);
+        let source_by_key = sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.stream.clone(), i))
+            .collect();
+        let stage_stats = stats.register(&spec, &config.keys);
+        Self {
+            spec,
+            handler,
+            redis,
+            keys: config.keys.clone(),
+            consumer: config.consumer_name.clone(),
+            tuning: config.stage.clone(),
+            shutdown,
+            stats: stage_stats,
+            sources,
+            source_by_key,
+        }
+    }
+
+    /// Runs until the shutdown token is cancelled, then finishes the batch in hand (within
+    /// the grace period) and returns. Redis outages are waited out, never returned.
+    pub async fn run(mut self) -> Result<()> {
+        tracing::info!(
+            group = %self.spec.group,
+            consumer = %self.consumer,
+            mode = ?self.spec.mode,
+            inputs = self.sources.len(),
+            "stage starting"
+        );
+        let maintenance = tokio::spawn(crate::maintenance::run(
+            self.redis.clone(),
+            self.spec.group.clone(),
+            self.consumer.clone(),
+            self.sources.clone(),
+            self.tuning.clone(),
+            self.stats.clone(),
+            self.shutdown.clone(),
+        ));
+        self.ensure_groups().await;
+        let result = match self.spec.mode {
+            ConsumeMode::Shared => self.run_shared().await,
+            ConsumeMode::Owned => self.run_owned().await,
+        };
+        let _ = maintenance.await;
+        tracing::info!(group = %self.spec.group, consumer = %self.consumer, "stage stopped");
+        result
+    }
+
+    // ----- shared mode -------------------------------------------------------------------
+
+    async fn run_shared(&mut self) -> Result<()> {
+        let all: Vec<usize> = (0..self.sources.len()).collect();
+        // Our own pending entries first: what a previous run of this consumer left.
+        for source in all.clone() {
+            self.drain_pending(source, ClaimMode::Own, None).await;
+        }
+        let mut reader: Option<MultiplexedConnection> = None;
+        let claim_every = (self.tuning.claim_idle / 2).max(Duration::from_millis(50));
+        let mut next_claim = Instant::now() + claim_every;
+        while !self.shutdown.is_cancelled() {
+            if Instant::now() >= next_claim {
+                for source in all.clone() {
+                    self.drain_pending(source, ClaimMode::Idle, None).await;
+                }
+                next_claim = Instant::now() + claim_every;
+            }
+            match self.read_shared(&mut reader).await {
+                Ok(batch) if !batch.is_empty() => {
+                    self.process(batch, &HashMap::new()).await;
+                }
+                Ok(_) => {}
+                Err(e) => self.on_read_error(e, &mut reader).await,
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_shared(
+        &mut self,
+        reader: &mut Option<MultiplexedConnection>,
+    ) -> Result<Vec<Pending>> {
+        if reader.is_none() {
+            *reader = Some(self.redis.dedicated(self.tuning.block).await?);
+        }
+        let conn = reader.as_mut().expect("connected above");
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.spec.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(self.tuning.batch_size)
+            .arg("BLOCK")
+            .arg(self.tuning.block.as_millis() as u64)
+            .arg("STREAMS");
+        for source in &self.sources {
+            cmd.arg(&*source.stream);
+        }
+        for _ in &self.sources {
+            cmd.arg(">");
+        }
+        let reply: Value = cmd.query_async(conn).await?;
+        self.stats.mark_ready(true);
+        self.parse_read_reply(reply)
+    }
+
+    fn parse_read_reply(&self, reply: Value) -> Result<Vec<Pending>> {
+        let streams = match reply {
+            Value::Nil => return Ok(Vec::new()),
+            Value::Array(streams) => streams
+                .into_iter()
+                .filter_map(|s| match s {
+                    Value::Array(mut pair) if pair.len() == 2 => {
+                        let entries = pair.pop()?;
+                        let key = pair.pop()?;
+                        Some((key, entries))
+                    }
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+            Value::Map(pairs) => pairs,
+            other => return Err(scripts::protocol("XREADGROUP reply", &other)),
+        };
+        let mut batch = Vec::new();
+        for (key, entries) in streams {
+            let key = as_string(key)?;
+            let Some(&source) = self.source_by_key.get(key.as_str()) else {
+                continue;
+            };
+            for entry in parse_entries(entries)? {
+                batch.push(Pending {
+                    source,
+                    entry,
+                    deliveries: 1,
+                });
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn on_read_error(
+        &mut self,
+        error: StreamsError,
+        reader: &mut Option<MultiplexedConnection>,
+    ) {
+        if error.is_no_group() {
+            tracing::warn!(group = %self.spec.group, "consumer group vanished (Redis restarted empty?); recreating it");
+            self.ensure_groups().await;
+            return;
+        }
+        *reader = None;
+        self.stats.mark_ready(false);
+        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("tickflow_redis_reconnects_total", "stage" => self.spec.group.clone())
+            .increment(1);
+        tracing::warn!(group = %self.spec.group, error = %error, "read failed; reconnecting");
+        self.backoff(Duration::from_millis(200)).await;
+    }
+
+    // ----- owned mode --------------------------------------------------------------------
+
+    async fn run_owned(&mut self) -> Result<()> {
+        let ownership = Ownership::start(
+            self.redis.clone(),
+            &self.keys,
+            &self.spec.group,
+            &self.consumer,
+            self.sources
+                .iter()
+                .map(|s| (s.partition, s.lease.clone()))
+                .collect(),
+            self.tuning.lease_ttl,
+            self.shutdown.clone(),
+        );
+        // Partitions this loop reads now, with their fencing tokens.
+        let mut active: BTreeMap<usize, String> = BTreeMap::new();
+        // Partitions whose pending entries must be handled before new ones (after taking a
+        // partition over, or after a retryable failure), with when to try.
+        let mut needs_drain: BTreeMap<usize, Instant> = BTreeMap::new();
+        let mut reader: Option<MultiplexedConnection> = None;
+        let mut last_ids: HashMap<usize, String> = HashMap::new();
+        while !self.shutdown.is_cancelled() {
+            let changes =
+                ownership.changes(&active.keys().map(|&s| self.sources[s].partition).collect());
+            self.apply_ownership_changes(&ownership, changes, &mut active, &mut needs_drain)
+                .await;
+            let now = Instant::now();
+            let due: Vec<usize> = needs_drain
+                .iter()
+                .filter(|(_, at)| **at <= now)
+                .map(|(s, _)| *s)
+                .collect();
+            for source in due {
+                needs_drain.remove(&source);
+                let Some(token) = active.get(&source).cloned() else {
+                    continue;
+                };
+                match self
+                    .drain_pending(source, ClaimMode::Takeover, Some(&token))
+                    .await
+                {
+                    DrainOutcome::Done => {}
+                    DrainOutcome::Halted => {
+                        needs_drain.insert(source, Instant::now() + Duration::from_millis(200));
+                    }
+                    DrainOutcome::Fenced => self.lose(&ownership, source, &mut active),
+                }
+            }
+            let readable: BTreeMap<usize, String> = active
+                .iter()
+                .filter(|(s, _)| !needs_drain.contains_key(s))
+                .map(|(s, t)| (*s, t.clone()))
+                .collect();
+            if readable.is_empty() {
+                tokio::select! {
+                    _ = ownership.changed() => {}
+                    _ = self.shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(self.tuning.block.min(Duration::from_millis(200))) => {}
+                }
+                continue;
+            }
+            match self.read_owned(&readable).await {
+                Ok(read) => {
+                    for source in read.fenced {
+                        self.lose(&ownership, source, &mut active);
+                    }
+                    if read.no_group {
+                        self.ensure_groups().await;
+                    }
+                    if read.batch.is_empty() {
+                        last_ids.extend(read.last_ids);
+                        self.wait_for_entries(&mut reader, &readable, &last_ids, &ownership)
+                            .await;
+                        continue;
+                    }
+                    let tokens: HashMap<usize, String> = readable.into_iter().collect();
+                    let outcome = self.process(read.batch, &tokens).await;
+                    for source in outcome.halted {
+                        needs_drain.insert(source, Instant::now() + Duration::from_millis(200));
+                    }
+                    for source in outcome.fenced {
+                        self.lose(&ownership, source, &mut active);
+                    }
+                }
+                Err(e) => {
+                    self.stats.mark_ready(false);
+                    tracing::warn!(group = %self.spec.group, error = %e, "owned read failed; retrying");
+                    self.backoff(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        for (source, token) in std::mem::take(&mut active) {
+            self.handler
+                .partition_released(self.sources[source].partition);
+            ownership
+                .release(self.sources[source].partition, &token)
+                .await;
+        }
+        ownership.stop().await;
+        Ok(())
+    }
+
+    async fn apply_ownership_changes(
+        &mut self,
+        ownership: &Ownership,
+        changes: OwnershipChanges,
+        active: &mut BTreeMap<usize, String>,
+        needs_drain: &mut BTreeMap<usize, Instant>,
+    ) {
+        for partition in changes.lost {
+            if let Some(source) = self.source_index(partition) {
+                self.lose(ownership, source, active);
+            }
+        }
+        for partition in changes.to_release {
+            let Some(source) = self.source_index(partition) else {
+                continue;
+            };
+            if let Some(token) = active.remove(&source) {
+                needs_drain.remove(&source);
+                self.handler.partition_released(partition);
+                ownership.release(partition, &token).await;
+                tracing::info!(group = %self.spec.group, partition, "partition handed over");
+            }
+        }
+        for (partition, token) in changes.acquired {
+            let Some(source) = self.source_index(partition) else {
+                continue;
+            };
+            match self.handler.partition_acquired(partition).await {
+                Ok(()) => {
+                    tracing::info!(group = %self.spec.group, partition, "partition acquired");
+                    active.insert(source, token);
+                    needs_drain.insert(source, Instant::now());
+                }
+                Err(e) => {
+                    tracing::warn!(group = %self.spec.group, partition, error = %e, "could not take partition; releasing it");
+                    ownership.release(partition, &token).await;
+                }
+            }
+        }
+    }
+
+    fn lose(&mut self, ownership: &Ownership, source: usize, active: &mut BTreeMap<usize, String>) {
+        let partition = self.sources[source].partition;
+        if active.remove(&source).is_some() {
+            tracing::warn!(group = %self.spec.group, partition, "lease lost; dropping partition");
+            self.handler.partition_released(partition);
+        }
+        ownership.forget(partition);
+    }
+
+    fn source_index(&self, partition: Partition) -> Option<usize> {
+        self.sources.iter().position(|s| s.partition == partition)
+    }
+
+    async fn read_owned(&mut self, readable: &BTreeMap<usize, String>) -> Result<OwnedRead> {
+        let order: Vec<usize> = readable.keys().copied().collect();
+        let mut conn = self.redis.pooled().await?;
+        let reply = scripts()
+            .read_owned
+            .run_with(&mut *conn, order.len() * 2, |cmd| {
+                for &s in &order {
+                    cmd.arg(&*self.sources[s].stream)
+                        .arg(&self.sources[s].lease);
+                }
+                cmd.arg(&self.spec.group)
+                    .arg(&self.consumer)
+                    .arg(self.tuning.batch_size);
+                for &s in &order {
+                    cmd.arg(&readable[&s]);
+                }
+            })
+            .await?;
+        self.stats.mark_ready(true);
+        let Value::Array(per_partition) = reply else {
+            return Err(scripts::protocol("read_owned reply", &reply));
+        };
+        let mut read = OwnedRead::default();
+        for (&source, item) in order.iter().zip(per_partition) {
+            let Value::Array(mut parts) = item else {
+                continue;
+            };
+            let status = as_string(parts.remove(0))?;
+            match status.as_str() {
+                "ok" => {
+                    for entry in parse_entries(parts.remove(0))? {
+                        read.batch.push(Pending {
+                            source,
+                            entry,
+                            deliveries: 1,
+                        });
+                    }
+                }
+                "empty" => {
+                    read.last_ids.insert(source, as_string(parts.remove(0))?);
+                }
+                "fenced" => read.fenced.push(source),
+                "nogroup" => read.no_group = true,
+                other => return Err(StreamsError::Protocol(format!("read_owned status {other}"))),
+            }
+        }
+        Ok(read)
+    }
+
+    /// Blocks (on the dedicated connection) until one of the readable partitions has an
+    /// entry past the last one seen, ownership changes, shutdown, or BLOCK passes.
+    async fn wait_for_entries(
+        &mut self,
+        reader: &mut Option<MultiplexedConnection>,
+        readable: &BTreeMap<usize, String>,
+        last_ids: &HashMap<usize, String>,
+        ownership: &Ownership,
+    ) {
+        if reader.is_none() {
+            match self.redis.dedicated(self.tuning.block).await {
+                Ok(conn) => *reader = Some(conn),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot open the blocking connection");
+                    self.backoff(Duration::from_millis(200)).await;
+                    return;
+                }
+            }
+        }
+        let conn = reader.as_mut().expect("connected above");
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(1)
+            .arg("BLOCK")
+            .arg(self.tuning.block.as_millis() as u64)
+            .arg("STREAMS");
+        for &s in readable.keys() {
+            cmd.arg(&*self.sources[s].stream);
+        }
+        for s in readable.keys() {
+            cmd.arg(last_ids.get(s).map(String::as_str).unwrap_or("$"));
+        }
+        let result = tokio::select! {
+            r = cmd.query_async::<Value>(conn) => Some(r),
+            _ = ownership.changed() => None,
+            _ = self.shutdown.cancelled() => None,
+        };
+        if let Some(Err(e)) = result {
+            *reader = None;
+            self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "blocking wait failed; reconnecting");
+            self.backoff(Duration::from_millis(200)).await;
+        }
+    }
+
+    // ----- recovery ----------------------------------------------------------------------
+
+    /// Claims and handles pending entries of one source until none are left (or, in
+    /// owned mode, until one cannot be handled yet).
+    async fn drain_pending(
+        &mut self,
+        source: usize,
+        mode: ClaimMode,
+        token: Option<&str>,
+    ) -> DrainOutcome {
+        let mut cursor = "0-0".to_owned();
+        let tokens: HashMap<usize, String> = token
+            .map(|t| HashMap::from([(source, t.to_owned())]))
+            .unwrap_or_default();
+        loop {
+            if self.shutdown.is_cancelled() {
+                return DrainOutcome::Halted;
+            }
+            let claimed = match self.claim(source, mode, &cursor, token).await {
+                Ok(claimed) => claimed,
+                Err(StreamsError::Fenced { .. }) => return DrainOutcome::Fenced,
+                Err(e) if e.is_no_group() => {
+                    self.ensure_groups().await;
+                    return DrainOutcome::Halted;
+                }
+                Err(e) => {
+                    tracing::warn!(group = %self.spec.group, error = %e, "claiming pending entries failed");
+                    return DrainOutcome::Halted;
+                }
+            };
+            if !claimed.batch.is_empty() {
+                if mode == ClaimMode::Idle {
+                    self.stats
+                        .claimed
+                        .fetch_add(claimed.batch.len() as u64, Ordering::Relaxed);
+                    metrics::counter!("tickflow_claimed_total", "stage" => self.spec.group.clone())
+                        .increment(claimed.batch.len() as u64);
+                }
+                let outcome = self.process(claimed.batch, &tokens).await;
+                if !outcome.fenced.is_empty() {
+                    return DrainOutcome::Fenced;
+                }
+                if !outcome.halted.is_empty() {
+                    return DrainOutcome::Halted;
+                }
+            }
+            if claimed.next == "0-0" {
+                return DrainOutcome::Done;
+            }
+            cursor = claimed.next;
+        }
+    }
+
+    async fn claim(
+        &mut self,
+        source: usize,
+        mode: ClaimMode,
+        cursor: &str,
+        token: Option<&str>,
+    ) -> Result<Claimed> {
+        let src = &self.sources[source];
+        let min_idle = match mode {
+            ClaimMode::Idle => self.tuning.claim_idle.as_millis() as u64,
+            ClaimMode::Own | ClaimMode::Takeover => 0,
+        };
+        let lease_key = if token.is_some() {
+            src.lease.as_str()
+        } else {
+            &*src.stream
+        };
+        let mut conn = self.redis.pooled().await?;
+        let reply = scripts()
+            .claim
+            .run(
+                &mut *conn,
+                &[&*src.stream, lease_key],
+                &[
+                    self.spec.group.as_str(),
+                    self.consumer.as_str(),
+                    &min_idle.to_string(),
+                    cursor,
+                    &self.tuning.batch_size.to_string(),
+                    token.unwrap_or(""),
+                    if mode == ClaimMode::Own {
+                        "own"
+                    } else {
+                        "auto"
+                    },
+                ],
+            )
+            .await
+            .map_err(|e| fenced_or(e, src.partition))?;
+        let Value::Array(mut parts) = reply else {
+            return Err(scripts::protocol("claim reply", &reply));
+        };
+        if parts.len() != 3 {
+            return Err(StreamsError::Protocol("claim reply without 3 parts".into()));
+        }
+        let counts = parts.pop().unwrap_or(Value::Nil);
+        let entries = parse_entries(parts.pop().unwrap_or(Value::Nil))?;
+        let next = as_string(parts.pop().unwrap_or(Value::Nil))?;
+        let counts: Vec<i64> = match counts {
+            Value::Array(values) => values.iter().map(as_int).collect::<Result<_>>()?,
+            _ => Vec::new(),
+        };
+        let batch = entries
+            .into_iter()
+            .enumerate()
+            .map(|(i, entry)| Pending {
+                source,
+                entry,
+                deliveries: counts.get(i).copied().unwrap_or(1).max(1) as u32,
+            })
+            .collect();
+        Ok(Claimed { next, batch })
+    }
+
+    // ----- handling and committing -------------------------------------------------------
+
+    /// Handles a batch in order and commits it. `tokens` holds the fencing token of each
+    /// owned source (empty in shared mode).
+    async fn process(
+        &mut self,
+        batch: Vec<Pending>,
+        tokens: &HashMap<usize, String>,
+    ) -> ProcessOutcome {
+        let started = Instant::now();
+        let owned = self.spec.mode == ConsumeMode::Owned;
+        let mut commits: BTreeMap<usize, Commit> = BTreeMap::new();
+        let mut halted: BTreeSet<usize> = BTreeSet::new();
+        let mut failed = 0u64;
+        let batch_len = batch.len();
+        for pending in batch {
+            if halted.contains(&pending.source) {
+                continue;
+            }
+            let src = &self.sources[pending.source];
+            let mut delivery = Delivery {
+                partition: src.partition,
+                stream: src.stream.clone(),
+                id: pending.entry.id,
+                deliveries: pending.deliveries,
+                fields: pending.entry.fields,
+                envelope: None,
+            };
+            let verdict = if delivery.deliveries > self.tuning.max_deliveries {
+                Err(format!(
+                    "delivered {} times (max {})",
+                    delivery.deliveries, self.tuning.max_deliveries
+                ))
+            } else if self.spec.format == InputFormat::Envelope {
+                match Envelope::from_fields(
+                    delivery
+                        .fields
+                        .iter()
+                        .map(|(n, v)| (n.as_slice(), v.as_slice())),
+                ) {
+                    Ok(envelope) => {
+                        delivery.envelope = Some(envelope);
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("undecodable entry: {e}")),
+                }
+            } else {
+                Ok(())
+            };
+            let mut outputs = Outputs::default();
+            let verdict = match verdict {
+                Ok(()) => match self.handler.handle(&delivery, &mut outputs).await {
+                    Ok(()) => Ok(()),
+                    Err(HandlerError::Permanent(reason)) => Err(reason),
+                    Err(HandlerError::Retry(reason)) => {
+                        failed += 1;
+                        tracing::debug!(group = %self.spec.group, id = %delivery.id, %reason, "handler asked for a retry");
+                        if owned {
+                            // Later entries of this partition must wait for this one.
+                            halted.insert(pending.source);
+                        }
+                        continue;
+                    }
+                },
+                Err(reason) => Err(reason),
+            };
+            let commit = commits.entry(pending.source).or_default();
+            match verdict {
+                Ok(()) => {
+                    commit.processed += 1;
+                    commit.entries.push((delivery.id, outputs.ops));
+                }
+                Err(reason) => {
+                    tracing::warn!(group = %self.spec.group, id = %delivery.id, stream = %delivery.stream, %reason, "dead-lettering entry");
+                    commit.dead_lettered += 1;
+                    let op = self.dead_letter_op(pending.source, &delivery, &reason);
+                    commit.entries.push((delivery.id, vec![op]));
+                }
+            }
+        }
+        let handled = started.elapsed();
+        let commit_started = Instant::now();
+        let fenced = self.commit_all(commits, tokens).await;
+        let group = self.spec.group.clone();
+        metrics::histogram!("tickflow_batch_size", "stage" => group.clone())
+            .record(batch_len as f64);
+        metrics::histogram!("tickflow_handler_duration_seconds", "stage" => group.clone())
+            .record(handled.as_secs_f64());
+        metrics::histogram!("tickflow_ack_forward_duration_seconds", "stage" => group)
+            .record(commit_started.elapsed().as_secs_f64());
+        if failed > 0 {
+            self.stats.failed.fetch_add(failed, Ordering::Relaxed);
+        }
+        ProcessOutcome {
+            halted: halted.into_iter().collect(),
+            fenced,
+        }
+    }
+
+    fn dead_letter_op(&self, source: usize, delivery: &Delivery, reason: &str) -> Op {
+        let mut fields: Vec<(Cow<'static, [u8]>, Vec<u8>)> = delivery
+            .fields
+            .iter()
+            .map(|(n, v)| (Cow::Owned(n.clone()), v.clone()))
+            .collect();
+        let meta: [(&'static str, Vec<u8>); 6] = [
+            ("dlq.reason", reason.as_bytes().to_vec()),
+            ("dlq.group", self.spec.group.as_bytes().to_vec()),
+            (
+                "dlq.deliveries",
+                delivery.deliveries.to_string().into_bytes(),
+            ),
+            ("dlq.source_id", delivery.id.as_bytes().to_vec()),
+            ("dlq.stream", delivery.stream.as_bytes().to_vec()),
+            ("dlq.at_us", now_micros().to_string().into_bytes()),
+        ];
+        fields.extend(
+            meta.into_iter()
+                .map(|(n, v)| (Cow::Borrowed(n.as_bytes()), v)),
+        );
+        Op::Append {
+            key: self.sources[source].dead_letter.clone(),
+            fields,
+        }
+    }
+
+    /// Commits every partition's entries concurrently (the multiplexed connection pipelines
+    /// them), retrying through outages. Returns the sources whose lease was lost.
+    async fn commit_all(
+        &mut self,
+        commits: BTreeMap<usize, Commit>,
+        tokens: &HashMap<usize, String>,
+    ) -> Vec<usize> {
+        if commits.is_empty() {
+            return Vec::new();
+        }
+        let mut remaining: Vec<(usize, Commit)> = commits.into_iter().collect();
+        let mut fenced = Vec::new();
+        let mut delay = Duration::from_millis(50);
+        let mut grace_deadline: Option<Instant> = None;
+        loop {
+            let results = match self.redis.pooled().await {
+                Ok(conn) => {
+                    let this = &*self;
+                    let calls = remaining.iter().map(|(source, commit)| {
+                        let mut conn = conn.clone();
+                        let token = tokens.get(source).map(String::as_str);
+                        async move { this.commit_one(&mut conn, *source, commit, token).await }
+                    });
+                    futures::future::join_all(calls).await
+                }
+                Err(e) => remaining
+                    .iter()
+                    .map(|_| Err(StreamsError::Pool(e.to_string())))
+                    .collect(),
+            };
+            let mut retry = Vec::new();
+            let mut last_error = None;
+            for ((source, commit), result) in remaining.into_iter().zip(results) {
+                match result {
+                    Ok(acked) => self.record_commit(source, &commit, acked),
+                    Err(StreamsError::Fenced { .. }) => fenced.push(source),
+                    Err(e) if e.is_transient() => {
+                        last_error = Some(e);
+                        retry.push((source, commit));
+                    }
+                    Err(e) => {
+                        // Not an outage: a logic or data error. The entries stay pending and
+                        // will be claimed again; max deliveries bounds the repetition.
+                        self.stats
+                            .failed
+                            .fetch_add(commit.entries.len() as u64, Ordering::Relaxed);
+                        tracing::error!(group = %self.spec.group, error = %e, "ack-and-forward failed");
+                    }
+                }
+            }
+            if retry.is_empty() {
+                return fenced;
+            }
+            self.stats.mark_ready(false);
+            let error = last_error.map(|e| e.to_string()).unwrap_or_default();
+            if self.shutdown.is_cancelled() {
+                let deadline = *grace_deadline
+                    .get_or_insert_with(|| Instant::now() + self.tuning.shutdown_grace);
+                if Instant::now() >= deadline {
+                    tracing::warn!(group = %self.spec.group, error, entries = retry.iter().map(|(_, c)| c.entries.len()).sum::<usize>(),
+                        "shutdown grace over with Redis unreachable; unfinished entries stay pending for a peer to claim");
+                    return fenced;
+                }
+            }
+            tracing::warn!(group = %self.spec.group, error, retry_in = ?delay, "ack-and-forward failed; keeping the outputs and retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
+            remaining = retry;
+        }
+    }
+
+    async fn commit_one(
+        &self,
+        conn: &mut MultiplexedConnection,
+        source: usize,
+        commit: &Commit,
+        token: Option<&str>,
+    ) -> Result<Vec<bool>> {
+        let src = &self.sources[source];
+        // KEYS: input, lease (or input), then each distinct effect key.
+        let mut keys: Vec<&str> = vec![
+            &src.stream,
+            token.map_or(&*src.stream, |_| src.lease.as_str()),
+        ];
+        for (_, ops) in &commit.entries {
+            for op in ops {
+                let key = match op {
+                    Op::Append { key, .. } | Op::Command { key, .. } => key.as_str(),
+                };
+                if !keys[2..].contains(&key) {
+                    keys.push(key);
+                }
+            }
+        }
+        let key_index = |key: &str| {
+            keys[2..]
+                .iter()
+                .position(|k| *k == key)
+                .map_or(0, |i| i + 3)
+        };
+        let reply = scripts()
+            .ack_forward
+            .run_with(conn, keys.len(), |cmd: &mut Cmd| {
+                for key in &keys {
+                    cmd.arg(*key);
+                }
+                cmd.arg(&self.spec.group)
+                    .arg(token.unwrap_or(""))
+                    .arg(commit.entries.len());
+                for (id, ops) in &commit.entries {
+                    cmd.arg(id).arg(ops.len());
+                    for op in ops {
+                        match op {
+                            Op::Append { key, fields } => {
+                                cmd.arg("X").arg(key_index(key)).arg(fields.len() * 2);
+                                for (name, value) in fields {
+                                    cmd.arg(name.as_ref()).arg(value.as_slice());
+                                }
+                            }
+                            Op::Command { name, key, args } => {
+                                cmd.arg(*name).arg(key_index(key)).arg(args.len());
+                                for arg in args {
+                                    cmd.arg(arg.as_slice());
+                                }
+                            }
+                        }
+                    }
+                }
+            })
+            .await
+            .map_err(|e| fenced_or(e, src.partition))?;
+        match reply {
+            Value::Array(values) => values.iter().map(|v| as_int(v).map(|i| i == 1)).collect(),
+            other => Err(scripts::protocol("ack_forward reply", &other)),
+        }
+    }
+
+    fn record_commit(&self, source: usize, commit: &Commit, acked: Vec<bool>) {
+        let duplicates = acked.iter().filter(|a| !**a).count() as u64;
+        let partition = self.sources[source].partition.to_string();
+        let group = self.spec.group.clone();
+        self.stats
+            .processed
+            .fetch_add(commit.processed, Ordering::Relaxed);
+        self.stats
+            .dead_lettered
+            .fetch_add(commit.dead_lettered, Ordering::Relaxed);
+        self.stats
+            .duplicates_skipped
+            .fetch_add(duplicates, Ordering::Relaxed);
+        metrics::counter!("tickflow_events_processed_total", "stage" => group.clone(), "partition" => partition.clone())
+            .increment(commit.processed);
+        if commit.dead_lettered > 0 {
+            metrics::counter!("tickflow_events_dead_lettered_total", "stage" => group.clone(), "partition" => partition.clone())
+                .increment(commit.dead_lettered);
+        }
+        if duplicates > 0 {
+            metrics::counter!("tickflow_duplicates_skipped_total", "stage" => group, "partition" => partition)
+                .increment(duplicates);
+        }
+        self.stats.mark_ready(true);
+    }
+
+    // ----- groups and helpers ------------------------------------------------------------
+
+    /// Creates the group on every input (from the stream's start, creating the stream),
+    /// retrying until Redis answers or shutdown.
+    async fn ensure_groups(&mut self) {
+        let mut delay = Duration::from_millis(100);
+        while !self.shutdown.is_cancelled() {
+            match crate::admin_ops::ensure_groups(&self.redis, &self.sources, &self.spec.group)
+                .await
+            {
+                Ok(()) => {
+                    self.stats.groups_ready.store(true, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => {
+                    self.stats.groups_ready.store(false, Ordering::Relaxed);
+                    self.stats.mark_ready(false);
+                    tracing::warn!(group = %self.spec.group, error = %e, "cannot create consumer groups yet");
+                    self.backoff(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    async fn backoff(&self, delay: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = self.shutdown.cancelled() => {}
+        }
+    }
+}
+
+fn fenced_or(error: StreamsError, partition: Partition) -> StreamsError {
+    match &error {
+        StreamsError::Redis(e) if e.code() == Some(FENCED) || e.to_string().contains(FENCED) => {
+            StreamsError::Fenced { partition }
+        }
+        _ => error,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClaimMode {
+    /// This consumer's own pending entries (after a restart).
+    Own,
+    /// Entries idle longer than the claim time, from any consumer.
+    Idle,
+    /// Every pending entry of a partition just taken over, whatever its idle time.
+    Takeover,
+}
+
+enum DrainOutcome {
+    Done,
+    Halted,
+    Fenced,
+}
+
+struct Claimed {
+    next: String,
+    batch: Vec<Pending>,
+}
+
+#[derive(Default)]
+struct OwnedRead {
+    batch: Vec<Pending>,
+    last_ids: HashMap<usize, String>,
+    fenced: Vec<usize>,
+    no_group: bool,
+}
+
+struct ProcessOutcome {
+    halted: Vec<usize>,
+    fenced: Vec<usize>,
+}

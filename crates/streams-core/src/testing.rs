@@ -1,0 +1,579 @@
+//! Test support: real, throw-away `redis-server` processes and key namespaces.
+//!
+//! The tickflow test suites run against a real Redis, never a mock: consumer
+//! groups, `XAUTOCLAIM`, Lua scripts and AOF recovery are exactly the things a
+//! mock would get wrong. [`RedisServer`] starts a private `redis-server` child
+//! process on a free `127.0.0.1` port, in its own temporary directory, and
+//! kills it when dropped. It can also be crashed ([`RedisServer::kill`]) and
+//! brought back ([`RedisServer::restart`]) on the same port and directory, so
+//! that with [`RedisOptions::aof`] enabled the data written before the crash is
+//! reloaded, which is how the recovery paths are tested.
+//!
+//! [`unique_namespace`] gives every test its own key prefix, so tests sharing a
+//! server never see each other's streams.
+//!
+//! `redis-server` must be on `PATH` (`apt-get install redis-server`); when it
+//! is missing, [`RedisServer::start`] panics instead of skipping the test.
+//!
+//! The module is compiled for this crate's own tests and, for other crates,
+//! behind the `test-util` feature.
+//!
+//! All functions here block (they poll with `std::thread::sleep`), so they can
+//! be called from both sync and async tests; in an async test the short block
+//! while the server starts is harmless.
+//!
+//! ```no_run
+//! use streams_core::testing::{RedisOptions, RedisServer, unique_namespace};
+//!
+//! let mut redis = RedisServer::start_with(RedisOptions { aof: true });
+//! let ns = unique_namespace("recovery");
+//! // ... connect to `redis.url()`, write under `ns` ...
+//! redis.kill();
+//! redis.restart(); // same port, same data
+//! ```
+
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// Name of the server binary looked up on `PATH`.
+const REDIS_BIN: &str = "redis-server";
+/// How long a (re)started server gets to answer `PING`.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`RedisServer::restart`] keeps retrying to bind the old port.
+const REBIND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Poll interval while waiting for the server.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How many fresh ports [`RedisServer::start_with`] tries.
+const START_ATTEMPTS: usize = 5;
+/// Name of the log file inside the server's directory.
+const LOG_FILE: &str = "redis.log";
+/// Where the server's own stdout/stderr go (early start-up errors).
+const STDIO_FILE: &str = "redis.stdio";
+
+/// Options for [`RedisServer::start_with`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RedisOptions {
+    /// Enable the append-only file with `appendfsync always`, so every
+    /// acknowledged write survives a [`RedisServer::kill`].
+    pub aof: bool,
+}
+
+/// A private `redis-server` child process, killed on drop.
+///
+/// See the [module documentation](self) for what it is for.
+#[derive(Debug)]
+pub struct RedisServer {
+    /// `None` once killed. Behind a mutex only so that [`Self::is_running`]
+    /// can take `&self` (checking a child's status needs `&mut Child`).
+    child: Mutex<Option<Child>>,
+    port: u16,
+    options: RedisOptions,
+    dir: TempDir,
+}
+
+/// Why one attempt to bring a server up failed.
+#[derive(Debug)]
+enum StartFailure {
+    /// The process exited before answering (typically: port already in use).
+    Exited(ExitStatus),
+    /// The process is alive but did not answer in time.
+    Timeout,
+}
+
+impl RedisServer {
+    /// Starts a server without persistence (no AOF, no RDB snapshots).
+    ///
+    /// # Panics
+    ///
+    /// If `redis-server` is not on `PATH`, or the server does not come up.
+    pub fn start() -> Self {
+        Self::start_with(RedisOptions::default())
+    }
+
+    /// Starts a server with the given options on a fresh free port, and waits
+    /// until it answers `PING`.
+    ///
+    /// # Panics
+    ///
+    /// If `redis-server` is not on `PATH`, or the server does not come up
+    /// (the panic message carries the tail of its log).
+    pub fn start_with(options: RedisOptions) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("tickflow-redis-")
+            .tempdir()
+            .expect("create a temporary directory for redis-server");
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            let port = free_port();
+            let mut child = spawn(dir.path(), port, options);
+            match wait_ready(&mut child, port) {
+                Ok(()) => {
+                    return Self {
+                        child: Mutex::new(Some(child)),
+                        port,
+                        options,
+                        dir,
+                    };
+                }
+                // Most likely someone grabbed the port between our probe and
+                // redis' bind: try another one.
+                Err(StartFailure::Exited(status)) => {
+                    failures.push(format!("port {port}: exited with {status}"));
+                }
+                Err(StartFailure::Timeout) => {
+                    reap(&mut child);
+                    panic!(
+                        "redis-server on port {port} did not answer PING within {READY_TIMEOUT:?}\n{}",
+                        log_tail(dir.path())
+                    );
+                }
+            }
+        }
+        panic!(
+            "redis-server failed to start after {START_ATTEMPTS} attempts ({})\n{}",
+            failures.join("; "),
+            log_tail(dir.path())
+        );
+    }
+
+    /// The connection URL, `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The TCP port the server listens on (stable across restarts).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The options the server was started with.
+    pub fn options(&self) -> RedisOptions {
+        self.options
+    }
+
+    /// The server's working directory (`--dir`), holding its AOF/RDB files
+    /// and its log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The server's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join(LOG_FILE)
+    }
+
+    /// Whether the child process is still alive (not killed, not exited).
+    pub fn is_running(&self) -> bool {
+        let mut child = self.lock_child();
+        match child.as_mut() {
+            None => false,
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+        }
+    }
+
+    /// Kills the server with `SIGKILL` (a crash: no shutdown save) and waits
+    /// for it to exit. Does nothing if it is already killed.
+    pub fn kill(&mut self) {
+        let child = self
+            .child
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(mut c) = child.take() {
+            reap(&mut c);
+        }
+    }
+
+    /// Starts the server again on the same port and in the same directory, so
+    /// that with AOF enabled the data is reloaded; waits until it answers
+    /// `PING` (which Redis refuses while still loading). A running server is
+    /// killed first, so this also works as "crash and recover".
+    ///
+    /// Binding the old port is retried for up to 10 s.
+    ///
+    /// # Panics
+    ///
+    /// If the server cannot be brought back (the message carries its log tail).
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + REBIND_TIMEOUT;
+        loop {
+            let mut child = spawn(self.dir.path(), self.port, self.options);
+            match wait_ready(&mut child, self.port) {
+                Ok(()) => {
+                    *self
+                        .child
+                        .get_mut()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(child);
+                    return;
+                }
+                Err(StartFailure::Exited(status)) => {
+                    if Instant::now() >= deadline {
+                        panic!(
+                            "redis-server could not be restarted on port {} within {REBIND_TIMEOUT:?} \
+                             (last attempt exited with {status})\n{}",
+                            self.port,
+                            log_tail(self.dir.path())
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(StartFailure::Timeout) => {
+                    reap(&mut child);
+                    panic!(
+                        "restarted redis-server on port {} did not answer PING within {READY_TIMEOUT:?}\n{}",
+                        self.port,
+                        log_tail(self.dir.path())
+                    );
+                }
+            }
+        }
+    }
+
+    /// Kills the server, deletes its persisted data (the `appendonlydir`
+    /// directory, `*.aof` and `*.rdb` files) and starts it again on the same
+    /// port: a server that lost everything.
+    ///
+    /// # Panics
+    ///
+    /// If the files cannot be deleted or the server cannot be brought back.
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        let dir = self.dir.path();
+        let entries =
+            fs::read_dir(dir).unwrap_or_else(|e| panic!("read redis dir {}: {e}", dir.display()));
+        for entry in entries {
+            let path = entry.expect("read redis dir entry").path();
+            let is_data = path.file_name().is_some_and(|n| n == "appendonlydir")
+                || path
+                    .extension()
+                    .is_some_and(|ext| ext == "rdb" || ext == "aof");
+            if !is_data {
+                continue;
+            }
+            let removed = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            removed.unwrap_or_else(|e| panic!("delete {}: {e}", path.display()));
+        }
+        self.restart();
+    }
+
+    fn lock_child(&self) -> MutexGuard<'_, Option<Child>> {
+        self.child
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Returns a key prefix no other test (in this or another process) uses:
+/// `t-<prefix>-<pid>-<counter>-<random>`.
+pub fn unique_namespace(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let random: u32 = rand::random();
+    format!("t-{prefix}-{}-{n}-{random:08x}", std::process::id())
+}
+
+/// A port that was free a moment ago (the OS picked it for a listener on
+/// port 0, which we then dropped).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|addr| addr.port())
+        .expect("bind 127.0.0.1:0 to find a free port")
+}
+
+fn spawn(dir: &Path, port: u16, options: RedisOptions) -> Child {
+    let stdio = File::options()
+        .create(true)
+        .append(true)
+        .open(dir.join(STDIO_FILE))
+        .expect("create redis stdio file");
+    let stderr = stdio.try_clone().expect("clone redis stdio file");
+
+    let mut cmd = Command::new(REDIS_BIN);
+    cmd.arg("--port")
+        .arg(port.to_string())
+        .args(["--bind", "127.0.0.1"])
+        .arg("--dir")
+        .arg(dir)
+        .args(["--save", ""])
+        .args(["--protected-mode", "no"])
+        .args(["--daemonize", "no"])
+        .arg("--logfile")
+        .arg(dir.join(LOG_FILE));
+    if options.aof {
+        cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::from(stdio))
+        .stderr(Stdio::from(stderr));
+
+    match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => panic!(
+            "`{REDIS_BIN}` was not found on PATH. The tickflow tests need a real Redis: \
+             install it (e.g. `sudo apt-get install redis-server`) and run the tests again."
+        ),
+        Err(e) => panic!("failed to spawn `{REDIS_BIN}`: {e}"),
+    }
+}
+
+/// Waits until the server on `port` answers `PING` with `+PONG` *and* reports
+/// our child's pid (so a foreign server that owns the port is never mistaken
+/// for ours).
+fn wait_ready(child: &mut Child, port: u16) -> Result<(), StartFailure> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Err(StartFailure::Exited(status)),
+            Ok(None) => {}
+            Err(e) => panic!("cannot check redis-server status: {e}"),
+        }
+        if probe(port).is_ok_and(|pid| pid == child.id()) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(StartFailure::Timeout);
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Sends `PING` then `INFO server` and returns the server's `process_id`.
+fn probe(port: u16) -> io::Result<u32> {
+    let mut conn = Conn::open(port)?;
+    match conn.command(b"PING\r\n")? {
+        Reply::Simple(s) if s == "PONG" => {}
+        other => return Err(io::Error::other(format!("PING answered {other:?}"))),
+    }
+    let info = match conn.command(b"INFO server\r\n")? {
+        Reply::Bulk(Some(info)) => String::from_utf8_lossy(&info).into_owned(),
+        other => return Err(io::Error::other(format!("INFO answered {other:?}"))),
+    };
+    info.lines()
+        .find_map(|line| line.strip_prefix("process_id:"))
+        .and_then(|pid| pid.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("INFO server has no process_id"))
+}
+
+/// `SIGKILL`s the child (if still alive) and waits for it.
+fn reap(child: &mut Child) {
+    // `kill` fails only if the process already exited; `wait` then reaps it.
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The last lines of the server's log and stdio, for panic messages.
+fn log_tail(dir: &Path) -> String {
+    const LINES: usize = 40;
+    let mut out = String::new();
+    for name in [LOG_FILE, STDIO_FILE] {
+        let path = dir.join(name);
+        let text = fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(LINES)..];
+        out.push_str(&format!("--- tail of {} ---\n", path.display()));
+        for line in tail {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// A minimal blocking RESP connection: enough for readiness probes and for
+/// the tests below, without depending on the `redis` crate's API.
+#[derive(Debug)]
+struct Conn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+/// One RESP reply (arrays are not needed here).
+#[derive(Debug, PartialEq, Eq)]
+enum Reply {
+    Simple(String),
+    Error(String),
+    Integer(i64),
+    Bulk(Option<Vec<u8>>),
+}
+
+impl Conn {
+    fn open(port: u16) -> io::Result<Self> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// Writes raw bytes (an inline command or a RESP array) and reads one reply.
+    fn command(&mut self, raw: &[u8]) -> io::Result<Reply> {
+        self.writer.write_all(raw)?;
+        self.read_reply()
+    }
+
+    fn read_reply(&mut self) -> io::Result<Reply> {
+        let mut line = Vec::new();
+        self.reader.read_until(b'\n', &mut line)?;
+        let line = line
+            .strip_suffix(b"\r\n")
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "truncated reply"))?;
+        let (&kind, rest) = line
+            .split_first()
+            .ok_or_else(|| io::Error::other("empty reply line"))?;
+        let rest = String::from_utf8_lossy(rest).into_owned();
+        let bad = |what: &str| io::Error::other(format!("bad {what} in reply: {rest:?}"));
+        match kind {
+            b'+' => Ok(Reply::Simple(rest)),
+            b'-' => Ok(Reply::Error(rest)),
+            b':' => rest.parse().map(Reply::Integer).map_err(|_| bad("integer")),
+            b'$' => {
+                let len: i64 = rest.parse().map_err(|_| bad("bulk length"))?;
+                let Ok(len) = usize::try_from(len) else {
+                    return Ok(Reply::Bulk(None));
+                };
+                let mut buf = vec![0; len + 2];
+                self.reader.read_exact(&mut buf)?;
+                buf.truncate(len);
+                Ok(Reply::Bulk(Some(buf)))
+            }
+            _ => Err(bad("type byte")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SET_K_V: &[u8] = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n";
+    const GET_K: &[u8] = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+
+    fn command(server: &RedisServer, raw: &[u8]) -> Reply {
+        Conn::open(server.port())
+            .and_then(|mut c| c.command(raw))
+            .unwrap()
+    }
+
+    fn get_k(server: &RedisServer) -> Option<Vec<u8>> {
+        match command(server, GET_K) {
+            Reply::Bulk(value) => value,
+            other => panic!("GET answered {other:?}"),
+        }
+    }
+
+    fn answers_ping(port: u16) -> bool {
+        Conn::open(port)
+            .and_then(|mut c| c.command(b"PING\r\n"))
+            .is_ok_and(|r| r == Reply::Simple("PONG".into()))
+    }
+
+    #[test]
+    fn starts_answers_and_dies_on_kill() {
+        let mut server = RedisServer::start();
+        assert!(server.is_running());
+        assert_eq!(server.url(), format!("redis://127.0.0.1:{}", server.port()));
+        assert!(answers_ping(server.port()));
+        assert_eq!(command(&server, SET_K_V), Reply::Simple("OK".into()));
+        assert_eq!(get_k(&server), Some(b"v".to_vec()));
+
+        server.kill();
+        assert!(!server.is_running());
+        assert!(!answers_ping(server.port()));
+        server.kill(); // idempotent
+        assert!(!server.is_running());
+    }
+
+    #[test]
+    fn aof_data_survives_kill_and_restart_empty_loses_it() {
+        let mut server = RedisServer::start_with(RedisOptions { aof: true });
+        let port = server.port();
+        assert_eq!(command(&server, SET_K_V), Reply::Simple("OK".into()));
+
+        server.kill();
+        assert!(!answers_ping(port));
+        server.restart();
+        assert!(server.is_running());
+        assert_eq!(server.port(), port);
+        assert_eq!(get_k(&server), Some(b"v".to_vec()));
+
+        // restart() on a running server crashes it first; data still survives.
+        server.restart();
+        assert_eq!(get_k(&server), Some(b"v".to_vec()));
+
+        server.restart_empty();
+        assert!(server.is_running());
+        assert_eq!(server.port(), port);
+        assert_eq!(get_k(&server), None);
+    }
+
+    #[test]
+    fn without_aof_restart_loses_data() {
+        let mut server = RedisServer::start();
+        assert_eq!(command(&server, SET_K_V), Reply::Simple("OK".into()));
+        server.restart();
+        assert_eq!(get_k(&server), None);
+    }
+
+    #[test]
+    fn drop_kills_the_server() {
+        let server = RedisServer::start();
+        let port = server.port();
+        assert!(answers_ping(port));
+        drop(server);
+        assert!(!answers_ping(port));
+    }
+
+    #[test]
+    fn servers_get_distinct_ports_and_dirs() {
+        let a = RedisServer::start();
+        let b = RedisServer::start();
+        assert_ne!(a.port(), b.port());
+        assert_ne!(a.dir(), b.dir());
+        assert!(a.log_path().exists());
+    }
+
+    #[test]
+    fn namespaces_are_unique() {
+        let a = unique_namespace("x");
+        let b = unique_namespace("x");
+        assert_ne!(a, b);
+        let prefix = format!("t-x-{}-", std::process::id());
+        assert!(a.starts_with(&prefix), "{a}");
+    }
+
+    #[test]
+    fn error_replies_are_parsed() {
+        let server = RedisServer::start();
+        assert!(matches!(
+            command(&server, b"NOSUCHCOMMAND\r\n"),
+            Reply::Error(_)
+        ));
+        assert_eq!(
+            command(&server, b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n"),
+            Reply::Integer(1)
+        );
+    }
+}
