@@ -176,7 +176,7 @@ impl Outputs {
 }
 
 /// A stage's logic. It is called for one entry at a time, in the order read.
-pub trait Handler: Send + 'static {
+pub trait Handler: Send + Sync + 'static {
     /// Handle one entry, pushing what it produces into `out`. On error `out` is discarded.
     fn handle(
         &mut self,

@@ -1,0 +1,247 @@
+//! Forwarding exactly once: the plain path, racing consumers, dead consumers, poison.
+
+use std::time::Duration;
+
+use redis::Value;
+use streams_core::ConsumeMode;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_every_entry_once_in_partition_order() {
+    let redis = TestRedis::start(4);
+    for p in 0..4 {
+        redis.produce(INPUT, p, &format!("p{p}"), 0..250).await;
+    }
+    let config = redis.config("c1");
+    let stage = spawn_stage(&config, spec(ConsumeMode::Shared), Forward::new(&config));
+    eventually(
+        Duration::from_secs(20),
+        "1000 entries forwarded",
+        || async { redis.all_payloads(OUTPUT).await.len() >= 1000 },
+    )
+    .await;
+    for p in 0..4 {
+        let out = redis.payloads(OUTPUT, p).await;
+        assert_eq!(
+            out,
+            tags(&format!("p{p}"), 0..250).collect::<Vec<_>>(),
+            "partition {p} in order"
+        );
+    }
+    assert_eq!(redis.total_pending(INPUT, GROUP).await, 0);
+    assert_eq!(stage.counters().processed, 1000);
+    stage.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_racing_on_a_claimed_entry_forward_it_once() {
+    let redis = TestRedis::start(1);
+    // c1 takes the slow entry and is still handling it when its claim time (500 ms) passes;
+    // c2 claims it and forwards it; c1's late commit must add nothing.
+    let c1_config = redis.config("c1");
+    let c1 = spawn_stage(
+        &c1_config,
+        spec(ConsumeMode::Shared),
+        Forward::new(&c1_config).slow(Duration::from_millis(1500)),
+    );
+    redis.produce(INPUT, 0, "slow", 0..1).await;
+    eventually(Duration::from_secs(5), "c1 has the entry", || async {
+        redis.pending(INPUT, 0, GROUP).await == 1
+    })
+    .await;
+    let c2_config = redis.config("c2");
+    let c2 = spawn_stage(
+        &c2_config,
+        spec(ConsumeMode::Shared),
+        Forward::new(&c2_config).slow(Duration::from_millis(1)),
+    );
+    eventually(
+        Duration::from_secs(10),
+        "both consumers committed",
+        || async {
+            let done = |r: &Running| {
+                let c = r.counters();
+                c.processed
+            };
+            done(&c1) >= 1 && done(&c2) >= 1
+        },
+    )
+    .await;
+    assert_exactly_once(&redis.all_payloads(OUTPUT).await, tags("slow", 0..1));
+    let skipped = c1.counters().duplicates_skipped + c2.counters().duplicates_skipped;
+    assert_eq!(
+        skipped, 1,
+        "exactly one commit found the entry already acknowledged"
+    );
+    assert_eq!(c2.counters().claimed, 1);
+    c1.stop().await;
+    c2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_of_a_dead_consumer_are_claimed_and_finished() {
+    let redis = TestRedis::start(2);
+    for p in 0..2 {
+        redis.produce(INPUT, p, &format!("p{p}"), 0..100).await;
+    }
+    // A consumer that reads entries and dies without acknowledging them.
+    let mut conn = redis.conn().await;
+    for p in 0..2 {
+        let _: Value = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(redis.key(INPUT, p))
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let _: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg("dead")
+            .arg("COUNT")
+            .arg(40)
+            .arg("STREAMS")
+            .arg(redis.key(INPUT, p))
+            .arg(">")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    assert_eq!(redis.total_pending(INPUT, GROUP).await, 80);
+    let config = redis.config("alive");
+    let stage = spawn_stage(&config, spec(ConsumeMode::Shared), Forward::new(&config));
+    eventually(Duration::from_secs(20), "all 200 forwarded", || async {
+        redis.all_payloads(OUTPUT).await.len() >= 200
+    })
+    .await;
+    let expected = tags("p0", 0..100)
+        .chain(tags("p1", 0..100))
+        .collect::<Vec<_>>();
+    assert_exactly_once(&redis.all_payloads(OUTPUT).await, expected);
+    assert_eq!(redis.total_pending(INPUT, GROUP).await, 0);
+    assert_eq!(stage.counters().claimed, 80);
+    stage.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_killed_mid_batch_loses_and_doubles_nothing() {
+    let redis = TestRedis::start(2);
+    for p in 0..2 {
+        redis.produce(INPUT, p, &format!("p{p}"), 0..300).await;
+        redis
+            .produce(INPUT, p, "slow", (p as u64) * 10..(p as u64) * 10 + 3)
+            .await;
+        redis.produce(INPUT, p, &format!("q{p}"), 0..300).await;
+    }
+    let config = redis.config("victim");
+    let victim = spawn_stage(
+        &config,
+        spec(ConsumeMode::Shared),
+        Forward::new(&config).slow(Duration::from_millis(300)),
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the victim is inside a slow batch",
+        || async {
+            redis
+                .all_payloads(OUTPUT)
+                .await
+                .iter()
+                .any(|p| p.starts_with("p0") || p.starts_with("p1"))
+                && redis.total_pending(INPUT, GROUP).await > 0
+        },
+    )
+    .await;
+    victim.kill();
+    let config = redis.config("survivor");
+    let survivor = spawn_stage(&config, spec(ConsumeMode::Shared), Forward::new(&config));
+    eventually(Duration::from_secs(30), "everything forwarded", || async {
+        redis.all_payloads(OUTPUT).await.len() >= 1206
+    })
+    .await;
+    let expected: Vec<String> = (0..2u64)
+        .flat_map(|p| {
+            tags(&format!("p{p}"), 0..300)
+                .map(String::from)
+                .chain(tags("slow", p * 10..p * 10 + 3).map(String::from))
+                .chain(tags(&format!("q{p}"), 0..300).map(String::from))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_exactly_once(&redis.all_payloads(OUTPUT).await, expected);
+    eventually(Duration::from_secs(5), "nothing pending", || async {
+        redis.total_pending(INPUT, GROUP).await == 0
+    })
+    .await;
+    survivor.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_entries_are_dead_lettered_with_their_reason_while_others_flow() {
+    let redis = TestRedis::start(1);
+    redis.produce(INPUT, 0, "good-a", 0..50).await;
+    redis.produce(INPUT, 0, "poison", 0..1).await;
+    redis.produce(INPUT, 0, "retry", 0..1).await;
+    // Not an envelope at all: what a stray redis-cli XADD would write.
+    let mut conn = redis.conn().await;
+    let _: String = redis::cmd("XADD")
+        .arg(redis.key(INPUT, 0))
+        .arg("*")
+        .arg("symbol")
+        .arg("AAPL")
+        .arg("price")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    redis.produce(INPUT, 0, "good-b", 0..50).await;
+
+    let config = redis.config("c1");
+    let stage = spawn_stage(&config, spec(ConsumeMode::Shared), Forward::new(&config));
+    let dlq = redis.dlq_key(INPUT, 0);
+    eventually(Duration::from_secs(20), "three dead letters", || async {
+        redis.xlen(&dlq).await >= 3
+    })
+    .await;
+    let expected = tags("good-a", 0..50)
+        .chain(tags("good-b", 0..50))
+        .collect::<Vec<_>>();
+    assert_exactly_once(&redis.payloads(OUTPUT, 0).await, expected);
+
+    let dead = redis.entries(&dlq).await;
+    assert_eq!(dead.len(), 3);
+    let reason = |d: &std::collections::HashMap<String, Vec<u8>>| {
+        String::from_utf8(d["dlq.reason"].clone()).unwrap()
+    };
+    let by_reason: Vec<String> = dead.iter().map(reason).collect();
+    assert!(
+        by_reason.iter().any(|r| r == "poison payload poison:0"),
+        "{by_reason:?}"
+    );
+    assert!(
+        by_reason
+            .iter()
+            .any(|r| r.starts_with("undecodable entry: missing field `v`")),
+        "{by_reason:?}"
+    );
+    assert!(
+        by_reason.iter().any(|r| r == "delivered 4 times (max 3)"),
+        "{by_reason:?}"
+    );
+    for d in &dead {
+        assert_eq!(d["dlq.group"], GROUP.as_bytes());
+        assert!(d.contains_key("dlq.source_id") && d.contains_key("dlq.deliveries"));
+    }
+    // The original fields travel with the dead letter.
+    let stray = dead
+        .iter()
+        .find(|d| reason(d).starts_with("undecodable"))
+        .unwrap();
+    assert_eq!(stray["symbol"], b"AAPL");
+    assert_eq!(redis.pending(INPUT, 0, GROUP).await, 0);
+    assert_eq!(stage.counters().dead_lettered, 3);
+    stage.stop().await;
+}
