@@ -19,9 +19,11 @@
 //! - [`backpressure`]: downstream backlog checks for producers.
 //! - [`admin`]: `/livez`, `/readyz`, `/metrics`, `/admin/*`.
 //! - [`telemetry`], [`shutdown`]: logs, metrics and signals.
+//! - [`app`]: the bootstrap every service's `main.rs` uses.
 
 pub mod admin;
 mod admin_ops;
+pub mod app;
 pub mod backpressure;
 pub mod config;
 pub mod connection;
@@ -38,6 +40,7 @@ pub mod telemetry;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 
+pub use app::App;
 pub use admin_ops::{ConsumerStatus, PartitionStatus, TrimOutcome, trim_stream};
 pub use config::{Config, Env};
 pub use connection::Redis;

@@ -361,3 +361,149 @@ pub(crate) fn as_int(value: &Value) -> Result<i64> {
 pub(crate) fn protocol(expected: &str, got: &Value) -> StreamsError {
     StreamsError::Protocol(format!("expected {expected}, got {got:?}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::RedisServer;
+
+    async fn connect(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Calls ACK_FORWARD for `ids`, each forwarding one entry `{id}` to `out`.
+    async fn ack_forward(
+        conn: &mut redis::aio::MultiplexedConnection,
+        ids: &[String],
+        token: &str,
+    ) -> Result<Vec<i64>> {
+        let lease = if token.is_empty() { "in" } else { "lease" };
+        let reply = scripts()
+            .ack_forward
+            .run_with(conn, 3, |cmd| {
+                cmd.arg("in").arg(lease).arg("out");
+                cmd.arg("g").arg(token).arg(ids.len());
+                for id in ids {
+                    cmd.arg(id).arg(1).arg("X").arg(3).arg(2).arg("from").arg(id);
+                }
+            })
+            .await?;
+        match reply {
+            Value::Array(v) => v.iter().map(as_int).collect(),
+            other => Err(protocol("array", &other)),
+        }
+    }
+
+    async fn read_all(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+        let reply: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("g")
+            .arg("c")
+            .arg("STREAMS")
+            .arg("in")
+            .arg(">")
+            .query_async(conn)
+            .await
+            .unwrap();
+        let Value::Array(mut streams) = reply else {
+            panic!("no entries")
+        };
+        let Value::Array(mut pair) = streams.remove(0) else {
+            panic!("stream")
+        };
+        parse_entries(pair.remove(1))
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_same_batch_submitted_twice_is_forwarded_once() {
+        let server = RedisServer::start();
+        let mut conn = connect(&server).await;
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg("in")
+            .arg("g")
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for i in 0..5 {
+            let _: String = redis::cmd("XADD")
+                .arg("in")
+                .arg("*")
+                .arg("n")
+                .arg(i)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        let ids = read_all(&mut conn).await;
+        assert_eq!(ids.len(), 5);
+        assert_eq!(ack_forward(&mut conn, &ids, "").await.unwrap(), vec![1; 5]);
+        // A retry after a lost reply, or a second consumer's commit: acknowledged already.
+        assert_eq!(ack_forward(&mut conn, &ids, "").await.unwrap(), vec![0; 5]);
+        let out_len: u64 = redis::cmd("XLEN")
+            .arg("out")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(out_len, 5);
+        let pending: Value = redis::cmd("XPENDING")
+            .arg("in")
+            .arg("g")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let Value::Array(summary) = pending else {
+            panic!("summary")
+        };
+        assert_eq!(as_int(&summary[0]).unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_fencing_token_acknowledges_and_forwards_nothing() {
+        let server = RedisServer::start();
+        let mut conn = connect(&server).await;
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg("in")
+            .arg("g")
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let _: String = redis::cmd("XADD")
+            .arg("in")
+            .arg("*")
+            .arg("n")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let ids = read_all(&mut conn).await;
+        let _: () = redis::cmd("SET")
+            .arg("lease")
+            .arg("new-owner#2")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let err = ack_forward(&mut conn, &ids, "old-owner#1").await.unwrap_err();
+        assert!(err.to_string().contains(FENCED), "{err}");
+        let out_len: u64 = redis::cmd("XLEN")
+            .arg("out")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(out_len, 0);
+        assert_eq!(ack_forward(&mut conn, &ids, "new-owner#2").await.unwrap(), vec![1]);
+    }
+}

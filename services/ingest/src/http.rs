@@ -1,0 +1,192 @@
+//! The ingest HTTP API. Errors become statuses here, and only here.
+//!
+//! | route | body | answer |
+//! |---|---|---|
+//! | `POST /v1/orders` | order object or array | 202 `{"accepted": n, "ids": [...]}` |
+//! | `POST /v1/ticks` | tick object or array | 202, same shape |
+//! | `POST /v1/cancels` | `{"symbol", "client_order_id"}` or array | 202, same shape |
+//! | `DELETE /v1/orders/{symbol}/{client_order_id}` | — | 202, same shape |
+//!
+//! 400 names every bad field (`{"error", "details": [{"index", "field", "message"}]}`) and
+//! appends nothing; 413 for a body over the limit; 429 with `Retry-After` when the
+//! pipeline is too far behind; 503 when Redis cannot take the events.
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, Path, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{delete, post},
+};
+use serde_json::json;
+use tickflow_proto::v1;
+
+use crate::{
+    publish::{PublishError, Publisher},
+    validate::{self, FieldError, JsonKind},
+};
+
+/// Limits of the HTTP API.
+#[derive(Clone, Debug)]
+pub struct HttpLimits {
+    /// Largest accepted body, bytes (`INGEST_MAX_BODY_BYTES`).
+    pub max_body_bytes: usize,
+    /// Most events per request (`INGEST_MAX_EVENTS`).
+    pub max_events: usize,
+}
+
+#[derive(Clone, Debug)]
+struct HttpState {
+    publisher: Publisher,
+    limits: HttpLimits,
+}
+
+/// The ingest routes.
+pub fn router(publisher: Publisher, limits: HttpLimits) -> Router {
+    let body_limit = limits.max_body_bytes;
+    Router::new()
+        .route("/v1/orders", post(orders))
+        .route("/v1/ticks", post(ticks))
+        .route("/v1/cancels", post(cancels))
+        .route("/v1/orders/{symbol}/{client_order_id}", delete(cancel_one))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(HttpState { publisher, limits })
+}
+
+/// Everything the API can answer besides success.
+#[derive(Debug)]
+enum ApiError {
+    Invalid(Vec<FieldError>),
+    TooLarge(usize),
+    Publish(PublishError),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            ApiError::Invalid(details) => (
+                StatusCode::BAD_REQUEST,
+                Json(json!({ "error": "invalid request; nothing was accepted", "details": details })),
+            )
+                .into_response(),
+            ApiError::TooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Json(json!({ "error": format!("body larger than {limit} bytes") })),
+            )
+                .into_response(),
+            ApiError::Publish(PublishError::Overloaded(e)) => {
+                let mut response = (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Json(json!({ "error": e.to_string(), "backlog": e.backlog, "limit": e.limit })),
+                )
+                    .into_response();
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                response
+            }
+            ApiError::Publish(PublishError::Redis(e)) => {
+                tracing::warn!(error = %e, "publish failed");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({ "error": "the pipeline's Redis is unavailable; nothing was accepted" })),
+                )
+                    .into_response()
+            }
+        }
+    }
+}
+
+async fn orders(State(state): State<HttpState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Response, ApiError> {
+    accept(&state, &headers, body, JsonKind::Order).await
+}
+
+async fn ticks(State(state): State<HttpState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Response, ApiError> {
+    accept(&state, &headers, body, JsonKind::Tick).await
+}
+
+async fn cancels(State(state): State<HttpState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Response, ApiError> {
+    accept(&state, &headers, body, JsonKind::Cancel).await
+}
+
+async fn cancel_one(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    Path((symbol, client_order_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let mut event = v1::Event {
+        kind: Some(v1::event::Kind::Cancel(v1::CancelOrder { symbol, client_order_id })),
+    };
+    validate::normalize(&mut event).map_err(|problems| ApiError::Invalid(to_field_errors(problems)))?;
+    publish(&state, &headers, vec![event]).await
+}
+
+async fn accept(
+    state: &HttpState,
+    headers: &HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    kind: JsonKind,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge(state.limits.max_body_bytes)
+        } else {
+            ApiError::Invalid(vec![FieldError {
+                index: 0,
+                field: "body".into(),
+                message: rejection.body_text(),
+            }])
+        }
+    })?;
+    // Refuse early, before parsing, when the pipeline cannot take more.
+    state
+        .publisher
+        .check_capacity()
+        .map_err(|e| ApiError::Publish(e.into()))?;
+    let events = validate::events_from_json(&body, kind, state.limits.max_events).map_err(ApiError::Invalid)?;
+    publish(state, headers, events).await
+}
+
+async fn publish(state: &HttpState, headers: &HeaderMap, events: Vec<v1::Event>) -> Result<Response, ApiError> {
+    let traceparent = header_text(headers, "traceparent").filter(|t| is_valid_traceparent(t));
+    let tracestate = traceparent.and(header_text(headers, "tracestate"));
+    let ids = state
+        .publisher
+        .publish(&events, traceparent, tracestate)
+        .await
+        .map_err(ApiError::Publish)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "accepted": ids.len(), "ids": ids })),
+    )
+        .into_response())
+}
+
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `00-<32 hex>-<16 hex>-<2 hex>`, not all-zero ids.
+pub fn is_valid_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| s.len() == len && s.chars().all(|c| c.is_ascii_hexdigit());
+    parts.len() == 4
+        && hex(parts[0], 2)
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1].chars().any(|c| c != '0')
+        && parts[2].chars().any(|c| c != '0')
+}
+
+fn to_field_errors(problems: Vec<(&'static str, String)>) -> Vec<FieldError> {
+    problems
+        .into_iter()
+        .map(|(field, message)| FieldError {
+            index: 0,
+            field: field.into(),
+            message,
+        })
+        .collect()
+}

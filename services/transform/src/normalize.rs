@@ -1,0 +1,275 @@
+//! The transform stage's handler: validates events against reference data, normalizes
+//! prices to ticks and quantities to lots, enriches orders with their instrument, and turns
+//! business rule violations into rejection reports.
+
+use prost::Message;
+use streams_core::{Delivery, Envelope, Handler, HandlerError, KeySpace, Outputs};
+use tickflow_proto::{
+    event_type as types, topology,
+    v1::{self, ExecStatus},
+};
+
+use crate::refdata::{Instrument, RefData};
+
+/// The transform handler.
+#[derive(Debug, Clone)]
+pub struct Transform {
+    keys: KeySpace,
+    refdata: RefData,
+    tick_tolerance: f64,
+}
+
+/// A business rejection: reported downstream, not dead-lettered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection(pub String);
+
+impl Transform {
+    /// `tick_tolerance` is the fraction of a tick a price may be off and still be rounded
+    /// (`TRANSFORM_TICK_TOLERANCE`); beyond it the order is rejected.
+    pub fn new(keys: KeySpace, refdata: RefData, tick_tolerance: f64) -> Self {
+        Self {
+            keys,
+            refdata,
+            tick_tolerance,
+        }
+    }
+
+    /// Normalizes a new order, or says why it is rejected.
+    pub fn order(&self, order: &v1::NewOrder) -> Result<v1::ValidatedOrder, Rejection> {
+        let symbol = order.symbol.trim().to_ascii_uppercase();
+        let refdata = self.refdata.snapshot();
+        let instrument = refdata
+            .instruments
+            .get(&symbol)
+            .ok_or_else(|| Rejection(format!("unknown symbol {symbol}")))?;
+        let market = order.r#type == v1::OrderType::Market as i32;
+        let price_e6 = if market {
+            0
+        } else {
+            self.price(order.price, instrument)?
+        };
+        let qty = lots(order.qty, instrument)?;
+        if let Some(max) = instrument.max_qty.filter(|max| qty > *max) {
+            return Err(Rejection(format!("quantity {qty} above the maximum {max} for {symbol}")));
+        }
+        Ok(v1::ValidatedOrder {
+            symbol: symbol.clone(),
+            side: order.side,
+            r#type: if market { v1::OrderType::Market } else { v1::OrderType::Limit } as i32,
+            price_e6,
+            qty,
+            client_order_id: order.client_order_id.clone(),
+            instrument: Some(v1::Instrument {
+                symbol,
+                tick_size_e6: instrument.tick_e6(),
+                lot_size: instrument.lot_size,
+                band_bps: instrument.band_bps,
+                name: instrument.name.clone(),
+                currency: instrument.currency.clone(),
+            }),
+        })
+    }
+
+    fn price(&self, price: f64, instrument: &Instrument) -> Result<i64, Rejection> {
+        if !(price.is_finite() && price > 0.0) {
+            return Err(Rejection(format!("price {price} is not a positive number")));
+        }
+        let tick = instrument.tick_e6() as f64;
+        let ticks = price * 1e6 / tick;
+        let rounded = ticks.round();
+        if (ticks - rounded).abs() > self.tick_tolerance + 1e-9 {
+            return Err(Rejection(format!(
+                "price {price} is off the tick size {} of {}",
+                instrument.tick_size, instrument.symbol
+            )));
+        }
+        if rounded < 1.0 {
+            return Err(Rejection(format!("price {price} is below one tick")));
+        }
+        let price_e6 = rounded as i64 * instrument.tick_e6();
+        let as_decimal = price_e6 as f64 / 1e6;
+        if instrument.min_price.is_some_and(|min| as_decimal < min) || instrument.max_price.is_some_and(|max| as_decimal > max) {
+            return Err(Rejection(format!(
+                "price {price} outside the static band [{}, {}] of {}",
+                instrument.min_price.unwrap_or(0.0),
+                instrument.max_price.unwrap_or(f64::INFINITY),
+                instrument.symbol
+            )));
+        }
+        Ok(price_e6)
+    }
+
+    /// Normalizes a tick, or says why it cannot be used.
+    pub fn tick(&self, tick: &v1::MarketTick) -> Result<v1::ValidatedTick, Rejection> {
+        let symbol = tick.symbol.trim().to_ascii_uppercase();
+        let refdata = self.refdata.snapshot();
+        let instrument = refdata
+            .instruments
+            .get(&symbol)
+            .ok_or_else(|| Rejection(format!("unknown symbol {symbol}")))?;
+        // Outside prints are rounded to our tick whatever their precision.
+        let tick_e6 = instrument.tick_e6();
+        if !(tick.price.is_finite() && tick.price > 0.0 && tick.qty.is_finite() && tick.qty > 0.0) {
+            return Err(Rejection("tick price and qty must be positive numbers".into()));
+        }
+        let price_e6 = ((tick.price * 1e6 / tick_e6 as f64).round() as i64).max(1) * tick_e6;
+        Ok(v1::ValidatedTick {
+            symbol,
+            price_e6,
+            qty: tick.qty.round().max(1.0) as u64,
+        })
+    }
+}
+
+/// Rounds a quantity down to whole lots (never more than asked).
+fn lots(qty: f64, instrument: &Instrument) -> Result<u64, Rejection> {
+    if !(qty.is_finite() && qty > 0.0) {
+        return Err(Rejection(format!("quantity {qty} is not a positive number")));
+    }
+    if qty > 1e15 {
+        return Err(Rejection(format!("quantity {qty} is too large")));
+    }
+    let lots = (qty + 1e-9).floor() as u64 / instrument.lot_size;
+    if lots == 0 {
+        return Err(Rejection(format!(
+            "quantity {qty} is below one lot of {} for {}",
+            instrument.lot_size, instrument.symbol
+        )));
+    }
+    Ok(lots * instrument.lot_size)
+}
+
+fn decode<M: Message + Default>(delivery: &Delivery, envelope: &Envelope) -> Result<M, HandlerError> {
+    M::decode(envelope.payload.as_ref()).map_err(|e| {
+        HandlerError::Permanent(format!(
+            "payload of {} entry {} is not a valid {}: {e}",
+            envelope.event_type,
+            delivery.id,
+            std::any::type_name::<M>().rsplit("::").next().unwrap_or("message")
+        ))
+    })
+}
+
+impl Handler for Transform {
+    async fn handle(&mut self, delivery: &Delivery, out: &mut Outputs) -> Result<(), HandlerError> {
+        let envelope = delivery.envelope.as_ref().expect("envelope stage");
+        let validated = self.keys.stream(topology::VALIDATED, delivery.partition);
+        let market = self.keys.stream(topology::MARKET, delivery.partition);
+        match envelope.event_type.as_str() {
+            types::NEW_ORDER => {
+                let order: v1::NewOrder = decode(delivery, envelope)?;
+                match self.order(&order) {
+                    Ok(valid) => out.append(validated, &envelope.derive(types::VALIDATED_ORDER, valid.encode_to_vec())),
+                    Err(Rejection(reason)) => {
+                        metrics::counter!("tickflow_transform_rejections_total").increment(1);
+                        let report = v1::ExecutionReport {
+                            symbol: order.symbol.trim().to_ascii_uppercase(),
+                            client_order_id: order.client_order_id.clone(),
+                            status: ExecStatus::Rejected as i32,
+                            reason,
+                            ..Default::default()
+                        };
+                        out.append(market, &envelope.derive(types::EXECUTION, report.encode_to_vec()));
+                    }
+                }
+            }
+            types::CANCEL_ORDER => {
+                let cancel: v1::CancelOrder = decode(delivery, envelope)?;
+                let symbol = cancel.symbol.trim().to_ascii_uppercase();
+                if self.refdata.snapshot().instruments.contains_key(&symbol) {
+                    let valid = v1::ValidatedCancel {
+                        symbol,
+                        client_order_id: cancel.client_order_id,
+                    };
+                    out.append(validated, &envelope.derive(types::VALIDATED_CANCEL, valid.encode_to_vec()));
+                } else {
+                    let report = v1::ExecutionReport {
+                        symbol: symbol.clone(),
+                        client_order_id: cancel.client_order_id,
+                        status: ExecStatus::Rejected as i32,
+                        reason: format!("cancel: unknown symbol {symbol}"),
+                        ..Default::default()
+                    };
+                    out.append(market, &envelope.derive(types::EXECUTION, report.encode_to_vec()));
+                }
+            }
+            types::TICK => {
+                let tick: v1::MarketTick = decode(delivery, envelope)?;
+                // A tick has no sender to answer: an unusable one is dead-lettered with the reason.
+                let valid = self.tick(&tick).map_err(|Rejection(reason)| HandlerError::Permanent(reason))?;
+                out.append(validated, &envelope.derive(types::VALIDATED_TICK, valid.encode_to_vec()));
+            }
+            other => {
+                return Err(HandlerError::Permanent(format!("transform does not handle event type {other:?}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, sync::Arc};
+
+    use super::*;
+    use crate::refdata::Snapshot;
+
+    fn transform() -> Transform {
+        let instrument = Instrument {
+            symbol: "AAPL".into(),
+            tick_size: 0.01,
+            lot_size: 10,
+            band_bps: 500,
+            min_price: Some(1.0),
+            max_price: Some(1000.0),
+            max_qty: Some(1_000_000),
+            name: "Apple".into(),
+            currency: "USD".into(),
+        };
+        let refdata = RefData::default();
+        refdata.replace(Arc::new(Snapshot {
+            version: 1,
+            instruments: HashMap::from([("AAPL".to_owned(), instrument)]),
+        }));
+        Transform::new(KeySpace::new("t", 4), refdata, 0.1)
+    }
+
+    fn order(symbol: &str, price: f64, qty: f64) -> v1::NewOrder {
+        v1::NewOrder {
+            symbol: symbol.into(),
+            side: v1::Side::Buy as i32,
+            r#type: v1::OrderType::Limit as i32,
+            price,
+            qty,
+            client_order_id: "o1".into(),
+        }
+    }
+
+    #[test]
+    fn normalizes_and_enriches() {
+        let valid = transform().order(&order("aapl", 172.5000001, 25.0)).unwrap();
+        assert_eq!(valid.symbol, "AAPL");
+        assert_eq!(valid.price_e6, 172_500_000);
+        assert_eq!(valid.qty, 20, "rounded down to the lot of 10");
+        assert_eq!(valid.instrument.unwrap().tick_size_e6, 10_000);
+    }
+
+    #[test]
+    fn business_rules_reject_with_a_reason() {
+        let t = transform();
+        assert_eq!(t.order(&order("MSFT", 1.0, 10.0)).unwrap_err().0, "unknown symbol MSFT");
+        assert!(t.order(&order("AAPL", 172.505, 10.0)).unwrap_err().0.contains("off the tick"));
+        assert!(t.order(&order("AAPL", 10.0, 5.0)).unwrap_err().0.contains("below one lot"));
+        assert!(t.order(&order("AAPL", 5000.0, 10.0)).unwrap_err().0.contains("static band"));
+        assert!(t.order(&order("AAPL", 10.0, 1e7)).unwrap_err().0.contains("maximum"));
+    }
+
+    #[test]
+    fn ticks_round_to_our_tick() {
+        let tick = transform()
+            .tick(&v1::MarketTick { symbol: "aapl".into(), price: 172.503, qty: 3.0 })
+            .unwrap();
+        assert_eq!(tick.price_e6, 172_500_000);
+        assert!(transform().tick(&v1::MarketTick { symbol: "X".into(), price: 1.0, qty: 1.0 }).is_err());
+    }
+}
