@@ -1,0 +1,270 @@
+//! The analytics stage's handler: every trade, tick and execution report updates per-symbol
+//! statistics, OHLCV bars and the latency histogram in Redis, atomically with the entry's
+//! acknowledgement (so each event counts exactly once).
+//!
+//! Keys, all under the event's partition hash tag:
+//! - `…:state:analytics:stats:{SYMBOL}` hash: `trades`, `volume`, `notional`,
+//!   `last_price_e6`, `ticks`, `last_tick_price_e6`, `exec_<status>` counts;
+//! - `…:state:analytics:bars:{1s|1m}:{SYMBOL}` sorted set: score = bucket start (ms),
+//!   member = the bar's JSON;
+//! - `…:state:analytics:latency` hash: latency bucket index → count.
+
+use std::collections::HashMap;
+
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use streams_core::{Delivery, Envelope, Handler, HandlerError, KeySpace, Outputs, Partition, Redis, envelope::now_micros};
+use tickflow_proto::{event_type as types, v1};
+
+use crate::latency;
+
+/// A bar interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Interval {
+    /// One second.
+    #[serde(rename = "1s")]
+    Second,
+    /// One minute.
+    #[serde(rename = "1m")]
+    Minute,
+}
+
+impl Interval {
+    /// Every interval kept.
+    pub const ALL: [Interval; 2] = [Interval::Second, Interval::Minute];
+
+    /// Its length in ms.
+    pub fn millis(self) -> u64 {
+        match self {
+            Interval::Second => 1_000,
+            Interval::Minute => 60_000,
+        }
+    }
+
+    /// Its name in keys and the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            Interval::Second => "1s",
+            Interval::Minute => "1m",
+        }
+    }
+
+    /// Parses `1s` or `1m`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "1s" => Some(Interval::Second),
+            "1m" => Some(Interval::Minute),
+            _ => None,
+        }
+    }
+}
+
+/// One OHLCV bar. Prices in millionths.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bar {
+    /// Bucket start, ms since the epoch.
+    pub t: u64,
+    /// Open.
+    pub o: i64,
+    /// High.
+    pub h: i64,
+    /// Low.
+    pub l: i64,
+    /// Close.
+    pub c: i64,
+    /// Volume.
+    pub v: u64,
+    /// Trades.
+    pub n: u64,
+}
+
+/// Where analytics keeps a symbol's data.
+#[derive(Debug, Clone)]
+pub struct AnalyticsKeys {
+    keys: KeySpace,
+}
+
+impl AnalyticsKeys {
+    /// Keys in `keys`' namespace.
+    pub fn new(keys: KeySpace) -> Self {
+        Self { keys }
+    }
+
+    /// The partition of a symbol.
+    pub fn partition(&self, symbol: &str) -> Partition {
+        self.keys.partition_for(symbol.as_bytes())
+    }
+
+    /// The stats hash of `symbol`.
+    pub fn stats(&self, symbol: &str) -> String {
+        self.keys
+            .partition_state(tickflow_proto::topology::ANALYTICS_GROUP, &format!("stats:{symbol}"), self.partition(symbol))
+    }
+
+    /// The bar set of `symbol` at `interval`.
+    pub fn bars(&self, symbol: &str, interval: Interval) -> String {
+        self.keys.partition_state(
+            tickflow_proto::topology::ANALYTICS_GROUP,
+            &format!("bars:{}:{symbol}", interval.name()),
+            self.partition(symbol),
+        )
+    }
+
+    /// The latency histogram of `partition`.
+    pub fn latency(&self, partition: Partition) -> String {
+        self.keys.partition_state(tickflow_proto::topology::ANALYTICS_GROUP, "latency", partition)
+    }
+
+    /// Every partition.
+    pub fn partitions(&self) -> impl Iterator<Item = Partition> {
+        self.keys.all_partitions()
+    }
+}
+
+/// How long bars are kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// 1 s bars (`ANALYTICS_RETENTION_1S_MS`, default 1 h).
+    pub second_bars_ms: u64,
+    /// 1 min bars (`ANALYTICS_RETENTION_1M_MS`, default 7 days).
+    pub minute_bars_ms: u64,
+}
+
+/// The analytics handler.
+#[derive(Debug)]
+pub struct Aggregator {
+    keys: AnalyticsKeys,
+    redis: Redis,
+    retention: Retention,
+    /// Bars touched recently, by (symbol, interval, bucket): the truth for this partition
+    /// owner until committed, since Redis only sees them at the batch's commit.
+    bars: HashMap<(Partition, String, Interval, u64), Bar>,
+}
+
+impl Aggregator {
+    /// A handler writing into `keys`' namespace.
+    pub fn new(keys: KeySpace, redis: Redis, retention: Retention) -> Self {
+        Self {
+            keys: AnalyticsKeys::new(keys),
+            redis,
+            retention,
+            bars: HashMap::new(),
+        }
+    }
+
+    async fn bar(&mut self, partition: Partition, symbol: &str, interval: Interval, bucket: u64) -> Result<Bar, HandlerError> {
+        let key = (partition, symbol.to_owned(), interval, bucket);
+        if let Some(bar) = self.bars.get(&key) {
+            return Ok(bar.clone());
+        }
+        let mut conn = self.redis.pooled().await.map_err(|e| HandlerError::Retry(e.to_string()))?;
+        let stored: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.bars(symbol, interval))
+            .arg(bucket)
+            .arg(bucket)
+            .query_async(&mut *conn)
+            .await
+            .map_err(|e| HandlerError::Retry(e.to_string()))?;
+        Ok(stored
+            .first()
+            .and_then(|json| serde_json::from_str(json).ok())
+            .unwrap_or(Bar { t: bucket, o: 0, h: 0, l: 0, c: 0, v: 0, n: 0 }))
+    }
+
+    async fn trade(&mut self, partition: Partition, envelope: &Envelope, trade: &v1::Trade, out: &mut Outputs) -> Result<(), HandlerError> {
+        let symbol = trade.symbol.as_str();
+        if symbol.is_empty() || trade.qty == 0 || trade.price_e6 <= 0 {
+            return Err(HandlerError::Permanent(format!("trade without symbol, price or qty: {trade:?}")));
+        }
+        let at_ms = envelope.origin_us / 1000;
+        // Compute every bar first, so a Redis error leaves the cache untouched.
+        let mut updated = Vec::new();
+        for interval in Interval::ALL {
+            let bucket = at_ms - at_ms % interval.millis();
+            let mut bar = self.bar(partition, symbol, interval, bucket).await?;
+            if bar.n == 0 {
+                bar.o = trade.price_e6;
+                bar.h = trade.price_e6;
+                bar.l = trade.price_e6;
+            }
+            bar.h = bar.h.max(trade.price_e6);
+            bar.l = bar.l.min(trade.price_e6);
+            bar.c = trade.price_e6;
+            bar.v += trade.qty;
+            bar.n += 1;
+            updated.push((interval, bucket, bar));
+        }
+        for (interval, bucket, bar) in updated {
+            let key = self.keys.bars(symbol, interval);
+            let json = serde_json::to_vec(&bar).expect("bars serialize");
+            out.command("ZREMRANGEBYSCORE", key.clone(), vec![bucket.to_string().into_bytes(), bucket.to_string().into_bytes()]);
+            out.command("ZADD", key.clone(), vec![bucket.to_string().into_bytes(), json]);
+            let keep_ms = match interval {
+                Interval::Second => self.retention.second_bars_ms,
+                Interval::Minute => self.retention.minute_bars_ms,
+            };
+            let oldest = bucket.saturating_sub(keep_ms);
+            out.command("ZREMRANGEBYSCORE", key, vec![b"-inf".to_vec(), format!("({oldest}").into_bytes()]);
+            self.bars.insert((partition, symbol.to_owned(), interval, bucket), bar);
+        }
+        let stats = self.keys.stats(symbol);
+        let notional = trade.price_e6 as f64 / 1e6 * trade.qty as f64;
+        out.command("HINCRBY", stats.clone(), vec![b"trades".to_vec(), b"1".to_vec()]);
+        out.command("HINCRBY", stats.clone(), vec![b"volume".to_vec(), trade.qty.to_string().into_bytes()]);
+        out.command("HINCRBYFLOAT", stats.clone(), vec![b"notional".to_vec(), format!("{notional:.6}").into_bytes()]);
+        out.command("HSET", stats, vec![b"last_price_e6".to_vec(), trade.price_e6.to_string().into_bytes()]);
+        self.evict(at_ms);
+        Ok(())
+    }
+
+    /// Keeps the cache small: forgets bars more than two minutes older than `now_ms`.
+    fn evict(&mut self, now_ms: u64) {
+        if self.bars.len() > 4096 {
+            self.bars.retain(|(_, _, _, bucket), _| *bucket + 120_000 >= now_ms);
+        }
+    }
+}
+
+fn decode<M: Message + Default>(envelope: &Envelope) -> Result<M, HandlerError> {
+    M::decode(envelope.payload.as_ref())
+        .map_err(|e| HandlerError::Permanent(format!("payload of {} is not valid: {e}", envelope.event_type)))
+}
+
+impl Handler for Aggregator {
+    async fn handle(&mut self, delivery: &Delivery, out: &mut Outputs) -> Result<(), HandlerError> {
+        let envelope = delivery.envelope.as_ref().expect("envelope stage");
+        match envelope.event_type.as_str() {
+            types::TRADE => {
+                let trade: v1::Trade = decode(envelope)?;
+                self.trade(delivery.partition, envelope, &trade, out).await?;
+            }
+            types::VALIDATED_TICK => {
+                let tick: v1::ValidatedTick = decode(envelope)?;
+                let stats = self.keys.stats(&tick.symbol);
+                out.command("HINCRBY", stats.clone(), vec![b"ticks".to_vec(), b"1".to_vec()]);
+                out.command("HSET", stats, vec![b"last_tick_price_e6".to_vec(), tick.price_e6.to_string().into_bytes()]);
+            }
+            types::EXECUTION => {
+                let report: v1::ExecutionReport = decode(envelope)?;
+                let status = v1::ExecStatus::try_from(report.status)
+                    .map(|s| s.as_str_name().trim_start_matches("EXEC_STATUS_").to_ascii_lowercase())
+                    .unwrap_or_else(|_| "unknown".into());
+                out.command("HINCRBY", self.keys.stats(&report.symbol), vec![format!("exec_{status}").into_bytes(), b"1".to_vec()]);
+            }
+            other => return Err(HandlerError::Permanent(format!("analytics does not handle event type {other:?}"))),
+        }
+        let latency_us = now_micros().saturating_sub(envelope.origin_us);
+        metrics::histogram!("tickflow_e2e_latency_seconds").record(latency_us as f64 / 1e6);
+        out.command(
+            "HINCRBY",
+            self.keys.latency(delivery.partition),
+            vec![latency::bucket(latency_us).to_string().into_bytes(), b"1".to_vec()],
+        );
+        Ok(())
+    }
+
+    fn partition_released(&mut self, partition: Partition) {
+        // What this consumer cached may not have been committed; the next owner reads Redis.
+        self.bars.retain(|(p, _, _, _), _| *p != partition);
+    }
+}

@@ -1,0 +1,158 @@
+//! The analytics query API.
+//!
+//! - `GET /v1/symbols/{symbol}/stats`: `symbol`, `trades`, `volume`, `vwap`, `last_price`,
+//!   `ticks`, `last_tick_price`, `executions` (counts by status).
+//! - `GET /v1/symbols/{symbol}/bars?interval=1s|1m&from=MS&to=MS`: bars, oldest first
+//!   (`from`/`to` in ms since the epoch; default: the last hour).
+//! - `GET /v1/latency`: end-to-end latency percentiles in µs over every partition.
+
+use std::collections::{BTreeMap, HashMap};
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use streams_core::Redis;
+
+use crate::{
+    aggregate::{AnalyticsKeys, Bar, Interval},
+    latency,
+};
+
+#[derive(Clone, Debug)]
+struct ApiState {
+    redis: Redis,
+    keys: AnalyticsKeys,
+}
+
+/// The query routes.
+pub fn router(redis: Redis, keys: AnalyticsKeys) -> Router {
+    Router::new()
+        .route("/v1/symbols/{symbol}/stats", get(stats))
+        .route("/v1/symbols/{symbol}/bars", get(bars))
+        .route("/v1/latency", get(latency_percentiles))
+        .with_state(ApiState { redis, keys })
+}
+
+#[derive(Debug)]
+enum ApiError {
+    BadRequest(String),
+    Unavailable(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, Json(json!({ "error": m }))).into_response(),
+            ApiError::Unavailable(m) => {
+                tracing::warn!(error = %m, "analytics query failed");
+                (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": "Redis is unavailable" }))).into_response()
+            }
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Unavailable(e.to_string())
+}
+
+fn normalize_symbol(symbol: &str) -> Result<String, ApiError> {
+    let symbol = symbol.trim().to_ascii_uppercase();
+    if symbol.is_empty() || symbol.len() > 32 {
+        return Err(ApiError::BadRequest("symbol must be 1 to 32 characters".into()));
+    }
+    Ok(symbol)
+}
+
+async fn stats(State(state): State<ApiState>, Path(symbol): Path<String>) -> Result<Json<Value>, ApiError> {
+    let symbol = normalize_symbol(&symbol)?;
+    let mut conn = state.redis.pooled().await.map_err(unavailable)?;
+    let hash: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(state.keys.stats(&symbol))
+        .query_async(&mut *conn)
+        .await
+        .map_err(unavailable)?;
+    let int = |name: &str| hash.get(name).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+    let volume = int("volume");
+    let notional: f64 = hash.get("notional").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let price = |name: &str| hash.get(name).and_then(|v| v.parse::<i64>().ok()).map(|p| p as f64 / 1e6);
+    let executions: BTreeMap<String, i64> = hash
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("exec_")?.to_owned(), v.parse().ok()?)))
+        .collect();
+    Ok(Json(json!({
+        "symbol": symbol,
+        "trades": int("trades"),
+        "volume": volume,
+        "vwap": if volume > 0 { Some(notional / volume as f64) } else { None },
+        "last_price": price("last_price_e6"),
+        "ticks": int("ticks"),
+        "last_tick_price": price("last_tick_price_e6"),
+        "executions": executions,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+struct BarsQuery {
+    interval: Option<String>,
+    from: Option<u64>,
+    to: Option<u64>,
+}
+
+async fn bars(
+    State(state): State<ApiState>,
+    Path(symbol): Path<String>,
+    Query(query): Query<BarsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let symbol = normalize_symbol(&symbol)?;
+    let interval_name = query.interval.as_deref().unwrap_or("1s");
+    let interval = Interval::parse(interval_name)
+        .ok_or_else(|| ApiError::BadRequest(format!("interval must be 1s or 1m, not {interval_name:?}")))?;
+    let now_ms = streams_core::envelope::now_micros() / 1000;
+    let to = query.to.unwrap_or(now_ms);
+    let from = query.from.unwrap_or(to.saturating_sub(3_600_000));
+    if from > to {
+        return Err(ApiError::BadRequest("from must not be after to".into()));
+    }
+    let mut conn = state.redis.pooled().await.map_err(unavailable)?;
+    let members: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+        .arg(state.keys.bars(&symbol, interval))
+        .arg(from)
+        .arg(to)
+        .query_async(&mut *conn)
+        .await
+        .map_err(unavailable)?;
+    let bars: Vec<Value> = members
+        .iter()
+        .filter_map(|m| serde_json::from_str::<Bar>(m).ok())
+        .map(|b| {
+            json!({
+                "start_ms": b.t, "open": b.o as f64 / 1e6, "high": b.h as f64 / 1e6,
+                "low": b.l as f64 / 1e6, "close": b.c as f64 / 1e6, "volume": b.v, "trades": b.n,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "symbol": symbol, "interval": interval.name(), "bars": bars })))
+}
+
+async fn latency_percentiles(State(state): State<ApiState>) -> Result<Json<latency::Percentiles>, ApiError> {
+    let mut conn = state.redis.pooled().await.map_err(unavailable)?;
+    let mut pipe = redis::pipe();
+    for partition in state.keys.partitions() {
+        pipe.cmd("HGETALL").arg(state.keys.latency(partition));
+    }
+    let hashes: Vec<HashMap<u32, u64>> = pipe.query_async(&mut *conn).await.map_err(unavailable)?;
+    let mut merged: BTreeMap<u32, u64> = BTreeMap::new();
+    for hash in hashes {
+        for (bucket, count) in hash {
+            *merged.entry(bucket).or_default() += count;
+        }
+    }
+    let list: Vec<(u32, u64)> = merged.into_iter().collect();
+    Ok(Json(latency::percentiles(&list)))
+}

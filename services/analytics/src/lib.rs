@@ -1,0 +1,52 @@
+//! tickflow analytics: consumes the market stream (trades, ticks, execution reports) on
+//! owned partitions, keeps per-symbol statistics, OHLCV bars at 1 s and 1 min and an
+//! end-to-end latency histogram in Redis, and answers queries about them.
+//!
+//! - [`aggregate`]: the handler and the Redis layout.
+//! - [`latency`]: the mergeable latency histogram.
+//! - [`api`]: the query API.
+
+pub mod aggregate;
+pub mod api;
+pub mod latency;
+
+use streams_core::{App, ConsumeMode, InputFormat, Inputs, StageSpec, config::ConfigError};
+use tickflow_proto::topology;
+
+/// Analytics' own settings.
+#[derive(Debug, Clone)]
+pub struct AnalyticsConfig {
+    /// Bar retention.
+    pub retention: aggregate::Retention,
+}
+
+impl AnalyticsConfig {
+    /// Reads `ANALYTICS_RETENTION_1S_MS` (default 1 h) and `ANALYTICS_RETENTION_1M_MS`
+    /// (default 7 days).
+    pub fn from_env(env: &streams_core::Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            retention: aggregate::Retention {
+                second_bars_ms: env.ranged_or("ANALYTICS_RETENTION_1S_MS", 3_600_000, 1_000, u64::MAX / 4)?,
+                minute_bars_ms: env.ranged_or("ANALYTICS_RETENTION_1M_MS", 7 * 86_400_000, 60_000, u64::MAX / 4)?,
+            },
+        })
+    }
+}
+
+/// The analytics stage's spec.
+pub fn spec() -> StageSpec {
+    StageSpec {
+        group: topology::ANALYTICS_GROUP.into(),
+        inputs: Inputs::Partitioned(topology::MARKET.into()),
+        mode: ConsumeMode::Owned,
+        format: InputFormat::Envelope,
+    }
+}
+
+/// Runs analytics until shutdown, serving the query API and the admin router on `http`.
+pub async fn run(app: App, settings: AnalyticsConfig, http: tokio::net::TcpListener) -> anyhow::Result<()> {
+    let handler = aggregate::Aggregator::new(app.config.keys.clone(), app.redis.clone(), settings.retention);
+    let routes = api::router(app.redis.clone(), aggregate::AnalyticsKeys::new(app.config.keys.clone()));
+    let stage = app.stage(spec(), handler);
+    app.serve(http, routes, async move { Ok(stage.run().await?) }).await
+}
