@@ -1,0 +1,96 @@
+//! `engine`: tickflow's matching engine, as a pure library.
+//!
+//! This crate is the deterministic core of the engine stage: one limit order book per
+//! symbol, matched by price-time priority, with no Redis, no I/O, no clocks and no floats.
+//! The stage around it (not in this crate yet) feeds each owned partition's commands, in
+//! stream order, to that partition's [`Books`], forwards the returned [`Event`]s, and
+//! stores the serialized `Books` as the partition's state. Because the same commands always
+//! produce the same events and state, a replica that takes over a partition restores the
+//! last snapshot, replays the commands after it and continues exactly where the previous
+//! owner was.
+//!
+//! # Layout
+//!
+//! - [`book`]: everything. [`OrderBook`] (one symbol), [`Books`] (one partition:
+//!   symbol → book, driven by [`Command`]s), the order types ([`NewOrder`], [`Side`],
+//!   [`OrderKind`], [`Resting`]) and the output ([`Event`], [`RejectReason`],
+//!   [`CancelReason`]). All are re-exported here.
+//!
+//! # Units
+//!
+//! A [`Price`] is an `i64` in micro-units (`price × 1_000_000`, [`PRICE_SCALE`]); a
+//! [`Qty`] is a `u64` count of whole lots (lot normalization happens upstream).
+//!
+//! # Rules
+//!
+//! - **Validation**, in this order, each a [`Event::Rejected`] that leaves the book as it
+//!   was: quantity zero ([`RejectReason::ZeroQuantity`]); a *live* (resting) order has the
+//!   same client order id ([`RejectReason::DuplicateOrderId`]; ids of filled or cancelled
+//!   orders may be reused); a limit price outside the price band
+//!   ([`RejectReason::OutsidePriceBand`]); a market order with nothing to execute against
+//!   ([`RejectReason::NoLiquidity`]).
+//! - **Price band**: `band_bps` basis points either side of the reference price, edges
+//!   included (see [`OrderBook::band`]). The reference price is the last trade's price or
+//!   the last [`OrderBook::on_tick`], whichever came last. There is no band when
+//!   `band_bps` is 0 or when there is no reference price yet. The band is taken once, when
+//!   an order arrives; it does not move while that order executes. Resting orders are
+//!   never re-checked against a moved band.
+//! - **Limit orders** execute while they cross the best opposite level, then rest the
+//!   remainder at their price, behind the orders already there.
+//! - **Market orders** execute level by level but never beyond the band edge (the high edge
+//!   for a buy, the low edge for a sell) when a band applies; they never rest: the unfilled
+//!   remainder is cancelled ([`CancelReason::MarketRemainder`]). A market order that could
+//!   not execute at all, because the other side is empty or has nothing within the band,
+//!   is rejected with [`RejectReason::NoLiquidity`] instead of accepted and cancelled.
+//! - **Execution price**: always the resting (maker) order's price.
+//! - **Self-trade**: allowed. The book has no notion of an account or owner, so two orders
+//!   of the same trader match like any others; self-trade prevention, if wanted, belongs
+//!   upstream (where the owner is known) or in a later version of this crate.
+//! - **Cancel** of an order that is not live (unknown, filled, already cancelled) is
+//!   rejected with [`RejectReason::UnknownOrder`].
+//!
+//! # Events
+//!
+//! Every event carries `seq`, the book's sequence number: it grows by one per event and
+//! never repeats, so `(symbol, seq)` identifies an event. A submit yields `Accepted` or
+//! `Rejected`; after `Accepted`, each execution yields `Trade`, then the taker's `Fill`,
+//! then the maker's `Fill` (a `Fill` with `leaves_qty == 0` completes its order); a market
+//! order's remainder ends with `Cancelled`. A cancel yields `Cancelled` or `Rejected`.
+//! A tick yields nothing.
+//!
+//! # Snapshots
+//!
+//! [`OrderBook`] and [`Books`] implement `Serialize`/`Deserialize`; the snapshot is the
+//! whole state: `band_bps`, `last_price`, `sequence`, and `bids`/`asks` as lists of
+//! [`Resting`] orders in priority order (best price first, then arrival). The cancel index
+//! is not stored: it is rebuilt from the levels. Deserializing checks the snapshot (sides,
+//! quantities, price order, unique ids, not crossed) and fails with a [`SnapshotError`]
+//! message rather than restoring a book the matching code could trip over.
+
+pub mod book;
+pub mod stage;
+
+use streams_core::{App, ConsumeMode, InputFormat, Inputs, StageSpec};
+use tickflow_proto::topology;
+
+/// The engine stage's spec: owned partitions of the validated stream.
+pub fn spec() -> StageSpec {
+    StageSpec {
+        group: topology::ENGINE_GROUP.into(),
+        inputs: Inputs::Partitioned(topology::VALIDATED.into()),
+        mode: ConsumeMode::Owned,
+        format: InputFormat::Envelope,
+    }
+}
+
+/// Runs the engine until shutdown, serving the admin router on `http`.
+pub async fn run(app: App, http: tokio::net::TcpListener) -> anyhow::Result<()> {
+    let stage = app.stage(spec(), stage::Matching::new(app.config.keys.clone()));
+    app.serve(http, axum::Router::new(), async move { Ok(stage.run().await?) })
+        .await
+}
+
+pub use book::{
+    Books, CancelReason, Command, Event, NewOrder, OrderBook, OrderKind, PRICE_SCALE, Price, Qty,
+    RejectReason, Resting, Side, SnapshotError,
+};
