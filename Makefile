@@ -17,10 +17,10 @@ build:
 	$(CARGO) build --workspace --release
 
 bench:
-	$(CARGO) run --release -p streams-core --example stage_bench
+	$(CARGO) run --release -p streams-core --features test-util --example stage_bench
 
 run:
-	@echo "make run arrives with the services (issue 3)"; exit 1
+	bash scripts/run-local.sh
 
 clean:
 	$(CARGO) clean

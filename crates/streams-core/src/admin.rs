@@ -148,7 +148,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Result<Json<Status>, Ap
 }
 
 fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = &state.admin_token else {
+    let Some(expected) = state.admin_token.as_ref().filter(|t| !t.is_empty()) else {
         return Err(ApiError(
             StatusCode::FORBIDDEN,
             "admin actions are disabled: ADMIN_TOKEN is not set".into(),

@@ -206,7 +206,9 @@ return {next_cursor, entries, counts}
 ///
 /// KEYS[1] stream. ARGV[1] max length (0 = no cap). The safe point is the smallest, over
 /// all groups, of the oldest pending id and the last-delivered id; entries below it were
-/// acknowledged by every group. Returns {deleted safely, deleted by the cap, safe point}.
+/// acknowledged by every group, and so was the entry at it unless it is some group's oldest
+/// pending entry. Returns {deleted safely, deleted by the cap, safe point}: an acknowledged
+/// entry the cap deletes counts as deleted safely.
 const TRIM: &str = r#"
 local stream, max_len = KEYS[1], tonumber(ARGV[1])
 if redis.call('EXISTS', stream) == 0 then return {0, 0, ''} end
@@ -220,12 +222,14 @@ local function less(a, b)
   return am < bm or (am == bm and as < bs)
 end
 local floor = nil
+local oldest_pending = {}
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
   local info = {}
   for k = 1, #g, 2 do info[g[k]] = g[k + 1] end
   local candidate = info['last-delivered-id']
   if tonumber(info['pending']) > 0 then
     local summary = redis.call('XPENDING', stream, info['name'])
+    oldest_pending[summary[2]] = true
     if less(summary[2], candidate) then candidate = summary[2] end
   end
   if floor == nil or less(candidate, floor) then floor = candidate end
@@ -234,7 +238,13 @@ local safe = 0
 if floor ~= nil then safe = redis.call('XTRIM', stream, 'MINID', floor) end
 local forced = 0
 if max_len > 0 and redis.call('XLEN', stream) > max_len then
+  local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
   forced = redis.call('XTRIM', stream, 'MAXLEN', max_len)
+  -- MINID keeps the entry at the floor; the cap deletes it first. Every group has
+  -- acknowledged it unless it is a group's oldest pending entry.
+  if first[1] == floor and not oldest_pending[floor] then
+    safe, forced = safe + 1, forced - 1
+  end
 end
 return {safe, forced, floor or ''}
 "#;

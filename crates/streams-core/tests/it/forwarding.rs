@@ -165,9 +165,8 @@ async fn a_stage_killed_mid_batch_loses_and_doubles_nothing() {
     let expected: Vec<String> = (0..2u64)
         .flat_map(|p| {
             tags(&format!("p{p}"), 0..300)
-                .map(String::from)
-                .chain(tags("slow", p * 10..p * 10 + 3).map(String::from))
-                .chain(tags(&format!("q{p}"), 0..300).map(String::from))
+                .chain(tags("slow", p * 10..p * 10 + 3))
+                .chain(tags(&format!("q{p}"), 0..300))
                 .collect::<Vec<_>>()
         })
         .collect();
