@@ -34,6 +34,10 @@ use crate::{
 pub(crate) struct Ownership {
     shared: Arc<Shared>,
     task: JoinHandle<()>,
+    /// Ends the manager. Separate from the stage's shutdown: leases must be renewed until
+    /// the loop has finished the batch in hand, or its commit would be refused.
+    stop: CancellationToken,
+    ttl: Duration,
     redis: Redis,
     leases: BTreeMap<Partition, String>,
     members_key: String,
@@ -68,7 +72,8 @@ pub(crate) struct OwnershipChanges {
 }
 
 impl Ownership {
-    /// Starts the membership/lease task for `consumer` in `group`.
+    /// Starts the membership/lease task for `consumer` in `group`. Once `shutdown` is
+    /// cancelled it takes no new partition, but renews those it holds until [`Self::stop`].
     pub(crate) fn start(
         redis: Redis,
         keys: &KeySpace,
@@ -83,6 +88,7 @@ impl Ownership {
             notify: Notify::new(),
         });
         let members_key = keys.members(group);
+        let stop = CancellationToken::new();
         let task = tokio::spawn(manage(
             redis.clone(),
             shared.clone(),
@@ -91,10 +97,13 @@ impl Ownership {
             consumer.to_owned(),
             ttl,
             shutdown,
+            stop.clone(),
         ));
         Self {
             shared,
             task,
+            stop,
+            ttl,
             redis,
             leases,
             members_key,
@@ -130,7 +139,7 @@ impl Ownership {
 
     /// Gives up `partition` (after its batch is finished): deletes the lease if still ours.
     pub(crate) async fn release(&self, partition: Partition, token: &str) {
-        self.forget(partition);
+        self.forget(partition, token);
         let Some(lease) = self.leases.get(&partition) else {
             return;
         };
@@ -147,19 +156,38 @@ impl Ownership {
         }
     }
 
-    /// Stops tracking `partition` (its lease is gone).
-    pub(crate) fn forget(&self, partition: Partition) {
-        self.shared
-            .state
-            .lock()
-            .expect("ownership state poisoned")
-            .held
-            .remove(&partition);
+    /// Stops tracking `partition` under `token` (that lease is gone). A newer lease on it,
+    /// taken since, is kept: the loop learns of it as acquired.
+    pub(crate) fn forget(&self, partition: Partition, token: &str) {
+        let mut state = self.shared.state.lock().expect("ownership state poisoned");
+        if state.held.get(&partition).is_some_and(|h| h.token == token) {
+            state.held.remove(&partition);
+        }
     }
 
-    /// Stops the manager and leaves the membership, so peers rebalance at once.
-    pub(crate) async fn stop(self) {
-        self.task.abort();
+    /// Stops the manager, releases every lease it still holds (also those taken while the
+    /// last batch was in hand, which the loop never read) and leaves the membership, so
+    /// peers rebalance at once.
+    pub(crate) async fn stop(mut self) {
+        self.stop.cancel();
+        // Wait for the manager's round to end, so that it cannot take a lease after the
+        // releases below; a round stuck on an unreachable Redis is cut short.
+        if tokio::time::timeout(self.ttl, &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+        }
+        let held: Vec<(Partition, String)> = {
+            let mut state = self.shared.state.lock().expect("ownership state poisoned");
+            std::mem::take(&mut state.held)
+                .into_iter()
+                .map(|(p, h)| (p, h.token))
+                .collect()
+        };
+        for (partition, token) in held {
+            self.release(partition, &token).await;
+        }
         let result = async {
             let mut conn = self.redis.pooled().await?;
             scripts()
@@ -190,11 +218,15 @@ pub(crate) fn assignment(
     me: &str,
     partitions: impl Iterator<Item = Partition>,
 ) -> BTreeSet<Partition> {
+    // The membership script returns members by score (their expiry), which differs from
+    // one consumer's view to another's as they refresh at different times: sort by name so
+    // that every member computes the same assignment.
     let mut members = members.to_vec();
     if !members.iter().any(|m| m == me) {
         members.push(me.to_owned());
-        members.sort();
     }
+    members.sort();
+    members.dedup();
     let index = members.iter().position(|m| m == me).unwrap_or(0);
     let count = members.len() as u32;
     partitions
@@ -204,6 +236,7 @@ pub(crate) fn assignment(
         .collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn manage(
     redis: Redis,
     shared: Arc<Shared>,
@@ -212,24 +245,36 @@ async fn manage(
     consumer: String,
     ttl: Duration,
     shutdown: CancellationToken,
+    stop: CancellationToken,
 ) {
     let tick = ttl / 3;
     let ttl_ms = (ttl.as_millis() as u64).to_string();
     loop {
-        match tick_once(&redis, &shared, &leases, &members_key, &consumer, &ttl_ms).await {
+        let acquire = !shutdown.is_cancelled();
+        match tick_once(
+            &redis,
+            &shared,
+            &leases,
+            &members_key,
+            &consumer,
+            &ttl_ms,
+            acquire,
+        )
+        .await
+        {
             Ok(true) => shared.notify.notify_one(),
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "lease maintenance failed; retrying"),
         }
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
-            _ = shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
         }
     }
 }
 
-/// One round: refresh membership, renew held leases, take free assigned partitions.
-/// Returns whether anything changed.
+/// One round: refresh membership, renew held leases, take free assigned partitions (if
+/// `acquire`). Returns whether anything changed.
 async fn tick_once(
     redis: &Redis,
     shared: &Shared,
@@ -237,6 +282,7 @@ async fn tick_once(
     members_key: &str,
     consumer: &str,
     ttl_ms: &str,
+    acquire: bool,
 ) -> crate::error::Result<bool> {
     let mut conn = redis.pooled().await?;
     let reply = scripts()
@@ -292,6 +338,9 @@ async fn tick_once(
             Err(e) => return Err(e),
         }
     }
+    if !acquire {
+        return Ok(changed);
+    }
     let held_now: BTreeSet<Partition> = held.iter().map(|(p, _)| *p).collect();
     for partition in assigned.difference(&held_now) {
         let token = format!("{consumer}#{:016x}", rand::random::<u64>());
@@ -340,6 +389,17 @@ mod tests {
         assert_eq!(all, (0..16).collect());
         sizes.sort();
         assert_eq!(sizes, vec![5, 5, 6]);
+    }
+
+    #[test]
+    fn every_member_computes_the_same_assignment_whatever_the_list_order() {
+        // As ZRANGE by expiry returns them: each member sees itself last after refreshing.
+        let seen_by_a: Vec<String> = ["b", "a"].map(String::from).to_vec();
+        let seen_by_b: Vec<String> = ["a", "b"].map(String::from).to_vec();
+        let a = assignment(&seen_by_a, "a", 0..4);
+        let b = assignment(&seen_by_b, "b", 0..4);
+        assert!(a.is_disjoint(&b), "{a:?} {b:?}");
+        assert_eq!(a.len() + b.len(), 4);
     }
 
     #[test]

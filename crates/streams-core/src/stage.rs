@@ -533,13 +533,12 @@ impl<H: Handler> Stage<H> {
                 }
             }
         }
-        for (source, token) in std::mem::take(&mut active) {
+        for source in std::mem::take(&mut active).into_keys() {
             self.handler
                 .partition_released(self.sources[source].partition);
-            ownership
-                .release(self.sources[source].partition, &token)
-                .await;
         }
+        // Releases every lease the manager holds (renewed until now, so the last batch could
+        // still commit), including any taken while that batch was in hand.
         ownership.stop().await;
         Ok(())
     }
@@ -571,6 +570,11 @@ impl<H: Handler> Stage<H> {
             let Some(source) = self.source_index(partition) else {
                 continue;
             };
+            if active.remove(&source).is_some() {
+                // Lost and taken again since the loop last looked: the old ownership ended.
+                needs_drain.remove(&source);
+                self.handler.partition_released(partition);
+            }
             match self.handler.partition_acquired(partition).await {
                 Ok(()) => {
                     tracing::info!(group = %self.spec.group, partition, "partition acquired");
@@ -587,11 +591,12 @@ impl<H: Handler> Stage<H> {
 
     fn lose(&mut self, ownership: &Ownership, source: usize, active: &mut BTreeMap<usize, String>) {
         let partition = self.sources[source].partition;
-        if active.remove(&source).is_some() {
+        if let Some(token) = active.remove(&source) {
             tracing::warn!(group = %self.spec.group, partition, "lease lost; dropping partition");
             self.handler.partition_released(partition);
+            // Only the lease this token named: the manager may hold a newer one already.
+            ownership.forget(partition, &token);
         }
-        ownership.forget(partition);
     }
 
     fn source_index(&self, partition: Partition) -> Option<usize> {
