@@ -33,6 +33,7 @@ pub struct App {
     /// Cancelled on SIGTERM/SIGINT (or by a test).
     pub shutdown: CancellationToken,
     metrics: PrometheusHandle,
+    telemetry: telemetry::Telemetry,
 }
 
 impl App {
@@ -44,7 +45,7 @@ impl App {
         default_http_addr: &str,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
-        telemetry::init_logging(&env);
+        let telemetry = telemetry::init(&env, name)?;
         let config = Config::from_env(&env, default_http_addr)?;
         let redis = Redis::from_config(&config)?;
         tracing::info!(
@@ -62,6 +63,7 @@ impl App {
             stats: Stats::default(),
             shutdown,
             metrics: telemetry::install_metrics(),
+            telemetry,
         })
     }
 
@@ -114,6 +116,9 @@ impl App {
         // The server returns once shutdown began; the stages finish their batches.
         self.shutdown.cancel();
         let worked = work.await.map_err(|e| anyhow::anyhow!("stage task failed: {e}"))?;
+        // Flushing spans blocks; do it off the async threads.
+        let telemetry = self.telemetry.clone();
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
         served?;
         worked?;
         tracing::info!(service = %self.name, "stopped");

@@ -37,6 +37,7 @@ pub mod shutdown;
 pub mod stage;
 pub mod stats;
 pub mod telemetry;
+pub mod trace_context;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 

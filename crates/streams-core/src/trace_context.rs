@@ -1,0 +1,83 @@
+//! W3C trace context carried in stream entries (the envelope's `traceparent` and
+//! `tracestate`), so one trace follows an event through every stage.
+//!
+//! A stage handles each entry inside a span whose parent is the context extracted from the
+//! entry; whatever it appends carries that span's context ([`Envelope::derive`] copies the
+//! input's, and the stage loop overwrites it with the handling span's before writing).
+
+use std::collections::HashMap;
+
+use opentelemetry::{
+    propagation::TextMapPropagator,
+    trace::{TraceContextExt, TraceFlags},
+};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::envelope::Envelope;
+
+/// The OpenTelemetry context an entry was written in (empty when it carries none).
+pub fn extract(traceparent: Option<&str>, tracestate: Option<&str>) -> opentelemetry::Context {
+    let Some(traceparent) = traceparent else {
+        return opentelemetry::Context::new();
+    };
+    let mut carrier = HashMap::with_capacity(2);
+    carrier.insert("traceparent".to_owned(), traceparent.to_owned());
+    if let Some(state) = tracestate {
+        carrier.insert("tracestate".to_owned(), state.to_owned());
+    }
+    TraceContextPropagator::new().extract(&carrier)
+}
+
+/// The W3C headers of `span`, if it is part of a valid trace.
+pub fn headers_of(span: &tracing::Span) -> Option<(String, Option<String>)> {
+    let cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier: HashMap<String, String> = HashMap::with_capacity(2);
+    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+    let traceparent = carrier.remove("traceparent")?;
+    Some((traceparent, carrier.remove("tracestate").filter(|s| !s.is_empty())))
+}
+
+/// Makes `span` a child of the context carried by `envelope` (no-op without one).
+pub fn set_parent(span: &tracing::Span, envelope: &Envelope) {
+    let parent = extract(envelope.traceparent.as_deref(), envelope.tracestate.as_deref());
+    if parent.span().span_context().is_valid() {
+        // Fails only if the span was already entered; callers set the parent first.
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// Writes `span`'s context into `envelope`, so what it carries continues the trace. When
+/// tracing is off in this process the envelope keeps the context it was derived with.
+pub fn inject(span: &tracing::Span, envelope: &mut Envelope) {
+    if let Some((traceparent, tracestate)) = headers_of(span) {
+        envelope.traceparent = Some(traceparent);
+        envelope.tracestate = tracestate;
+    }
+}
+
+/// Whether a `traceparent` value is sampled (flags bit 0).
+pub fn is_sampled(traceparent: &str) -> bool {
+    let cx = extract(Some(traceparent), None);
+    cx.span().span_context().trace_flags() & TraceFlags::SAMPLED == TraceFlags::SAMPLED
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extracts_a_valid_traceparent_and_ignores_garbage() {
+        let cx = extract(Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"), Some("congo=t61"));
+        let sc = cx.span().span_context().clone();
+        assert!(sc.is_valid() && sc.is_remote());
+        assert_eq!(sc.trace_id().to_string(), "0af7651916cd43dd8448eb211c80319c");
+        assert!(is_sampled("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
+        assert!(!is_sampled("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"));
+        assert!(!extract(Some("garbage"), None).span().span_context().is_valid());
+        assert!(!extract(None, None).span().span_context().is_valid());
+    }
+}
