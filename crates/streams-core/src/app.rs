@@ -115,7 +115,9 @@ impl App {
         let served = server.await;
         // The server returns once shutdown began; the stages finish their batches.
         self.shutdown.cancel();
-        let worked = work.await.map_err(|e| anyhow::anyhow!("stage task failed: {e}"))?;
+        let worked = work
+            .await
+            .map_err(|e| anyhow::anyhow!("stage task failed: {e}"))?;
         // Flushing spans blocks; do it off the async threads.
         let telemetry = self.telemetry.clone();
         let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;

@@ -10,7 +10,6 @@
 //! tickflow:{3}:dlq:orders          its dead-letter stream
 //! tickflow:{3}:lease:engine        the lease on partition 3 for the `engine` group
 //! tickflow:members:engine          live consumers of the `engine` group (sorted set)
-//! tickflow:lease-seq:engine        fencing-token counter of the `engine` group
 //! ```
 
 use std::fmt;
@@ -78,11 +77,6 @@ impl KeySpace {
     /// The sorted set of live consumers of `group` (score: expiry, ms since the epoch).
     pub fn members(&self, group: &str) -> String {
         format!("{}:members:{group}", self.namespace)
-    }
-
-    /// The counter that makes lease fencing tokens unique within `group`.
-    pub fn lease_sequence(&self, group: &str) -> String {
-        format!("{}:lease-seq:{group}", self.namespace)
     }
 
     /// A key outside any partition, for stage data such as reference tables.

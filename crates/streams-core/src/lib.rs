@@ -37,12 +37,12 @@ pub mod shutdown;
 pub mod stage;
 pub mod stats;
 pub mod telemetry;
-pub mod trace_context;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
+pub mod trace_context;
 
-pub use app::App;
 pub use admin_ops::{ConsumerStatus, PartitionStatus, TrimOutcome, trim_stream};
+pub use app::App;
 pub use config::{Config, Env};
 pub use connection::Redis;
 pub use envelope::Envelope;

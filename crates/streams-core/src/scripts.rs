@@ -137,14 +137,19 @@ return result
 ///
 /// KEYS: stream1, lease1, stream2, lease2, ... ARGV: group, consumer, count, token1, token2...
 /// Returns per partition {'ok', entries} | {'empty', last id in the stream} | {'fenced'} |
-/// {'nogroup'}.
+/// {'pending'} (entries are pending: claim them first) | {'nogroup'}.
 const READ_OWNED: &str = r#"
 local group, consumer, count = ARGV[1], ARGV[2], ARGV[3]
 local out = {}
 for p = 1, #KEYS / 2 do
   local stream, lease, token = KEYS[2 * p - 1], KEYS[2 * p], ARGV[3 + p]
+  local pending = redis.pcall('XPENDING', stream, group)
   if redis.call('GET', lease) ~= token then
     out[p] = {'fenced'}
+  elseif type(pending) == 'table' and not pending.err and tonumber(pending[1]) > 0 then
+    -- The owner handles a batch completely before reading again, so anything pending here
+    -- was left over (a lost reply, a failed commit): it must be handled first, in order.
+    out[p] = {'pending'}
   else
     local r = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS', stream, '>')
     if type(r) == 'table' and r.err then
@@ -266,7 +271,7 @@ return 0
 "#;
 
 /// KEYS[1] members (sorted set, score = expiry in ms by the Redis clock). ARGV: consumer,
-/// ttl ms, 'join' or 'leave'. Returns the live members, sorted.
+/// ttl ms, 'join' or 'leave'. Returns the live members (ordered by expiry; callers sort).
 const MEMBERSHIP: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -398,7 +403,13 @@ mod tests {
                 cmd.arg("in").arg(lease).arg("out");
                 cmd.arg("g").arg(token).arg(ids.len());
                 for id in ids {
-                    cmd.arg(id).arg(1).arg("X").arg(3).arg(2).arg("from").arg(id);
+                    cmd.arg(id)
+                        .arg(1)
+                        .arg("X")
+                        .arg(3)
+                        .arg(2)
+                        .arg("from")
+                        .arg(id);
                 }
             })
             .await?;
@@ -506,7 +517,9 @@ mod tests {
             .query_async(&mut conn)
             .await
             .unwrap();
-        let err = ack_forward(&mut conn, &ids, "old-owner#1").await.unwrap_err();
+        let err = ack_forward(&mut conn, &ids, "old-owner#1")
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains(FENCED), "{err}");
         let out_len: u64 = redis::cmd("XLEN")
             .arg("out")
@@ -514,6 +527,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(out_len, 0);
-        assert_eq!(ack_forward(&mut conn, &ids, "new-owner#2").await.unwrap(), vec![1]);
+        assert_eq!(
+            ack_forward(&mut conn, &ids, "new-owner#2").await.unwrap(),
+            vec![1]
+        );
     }
 }

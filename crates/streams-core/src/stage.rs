@@ -429,6 +429,7 @@ impl<H: Handler> Stage<H> {
     ) {
         if error.is_no_group() {
             tracing::warn!(group = %self.spec.group, "consumer group vanished (Redis restarted empty?); recreating it");
+            self.stats.groups_ready.store(false, Ordering::Relaxed);
             self.ensure_groups().await;
             return;
         }
@@ -505,14 +506,23 @@ impl<H: Handler> Stage<H> {
             }
             match self.read_owned(&readable).await {
                 Ok(read) => {
+                    let changed =
+                        !read.fenced.is_empty() || !read.pending.is_empty() || read.no_group;
                     for source in read.fenced {
                         self.lose(&ownership, source, &mut active);
                     }
+                    for source in read.pending {
+                        needs_drain.entry(source).or_insert_with(Instant::now);
+                    }
                     if read.no_group {
+                        self.stats.groups_ready.store(false, Ordering::Relaxed);
                         self.ensure_groups().await;
                     }
                     if read.batch.is_empty() {
                         last_ids.extend(read.last_ids);
+                        if changed {
+                            continue;
+                        }
                         self.wait_for_entries(&mut reader, &readable, &last_ids, &ownership)
                             .await;
                         continue;
@@ -645,6 +655,7 @@ impl<H: Handler> Stage<H> {
                     read.last_ids.insert(source, as_string(parts.remove(0))?);
                 }
                 "fenced" => read.fenced.push(source),
+                "pending" => read.pending.push(source),
                 "nogroup" => read.no_group = true,
                 other => return Err(StreamsError::Protocol(format!("read_owned status {other}"))),
             }
@@ -1171,6 +1182,8 @@ struct OwnedRead {
     batch: Vec<Pending>,
     last_ids: HashMap<usize, String>,
     fenced: Vec<usize>,
+    /// Partitions with leftover pending entries: drain them before reading on.
+    pending: Vec<usize>,
     no_group: bool,
 }
 

@@ -74,7 +74,11 @@ impl TracingConfig {
             .map(|e| {
                 // The OTLP spec defaults to https without a scheme; local collectors (Jaeger)
                 // are plain gRPC, so an address without a scheme means http.
-                if e.contains("://") { e } else { format!("http://{e}") }
+                if e.contains("://") {
+                    e
+                } else {
+                    format!("http://{e}")
+                }
             });
         let ratio = || -> Result<f64, ConfigError> {
             let ratio: f64 = env.parse_or("OTEL_TRACES_SAMPLER_ARG", 1.0)?;
@@ -87,7 +91,9 @@ impl TracingConfig {
             }
             Ok(ratio)
         };
-        let name = env.get("OTEL_TRACES_SAMPLER").unwrap_or_else(|| "parentbased_always_on".into());
+        let name = env
+            .get("OTEL_TRACES_SAMPLER")
+            .unwrap_or_else(|| "parentbased_always_on".into());
         let parent = |inner| SamplerConfig::ParentBased(Box::new(inner));
         let sampler = match name.as_str() {
             "always_on" => SamplerConfig::AlwaysOn,
@@ -116,7 +122,9 @@ impl TracingConfig {
             .unwrap_or_default();
         Ok(Self {
             endpoint,
-            service_name: env.get("OTEL_SERVICE_NAME").unwrap_or_else(|| default_service_name.to_owned()),
+            service_name: env
+                .get("OTEL_SERVICE_NAME")
+                .unwrap_or_else(|| default_service_name.to_owned()),
             sampler,
             resource_attributes,
         })
@@ -172,9 +180,13 @@ pub fn init(env: &Env, service_name: &str) -> anyhow::Result<Telemetry> {
     let provider = tracer_provider(&tracing_config)?;
     let filter = EnvFilter::try_new(env.get("RUST_LOG").unwrap_or_else(|| "info".into()))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = env.get("LOG_FORMAT").is_some_and(|f| f.eq_ignore_ascii_case("json"));
+    let json = env
+        .get("LOG_FORMAT")
+        .is_some_and(|f| f.eq_ignore_ascii_case("json"));
     let fmt_layer = if json {
-        tracing_subscriber::fmt::layer().event_format(JsonWithTrace).boxed()
+        tracing_subscriber::fmt::layer()
+            .event_format(JsonWithTrace)
+            .boxed()
     } else {
         tracing_subscriber::fmt::layer().boxed()
     };
@@ -220,14 +232,25 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
         use opentelemetry::trace::TraceContextExt;
         use tracing_opentelemetry::OpenTelemetrySpanExt;
 
         let mut object = Map::new();
         object.insert("timestamp".into(), Value::String(timestamp()));
-        object.insert("level".into(), Value::String(event.metadata().level().to_string()));
-        object.insert("target".into(), Value::String(event.metadata().target().to_owned()));
+        object.insert(
+            "level".into(),
+            Value::String(event.metadata().level().to_string()),
+        );
+        object.insert(
+            "target".into(),
+            Value::String(event.metadata().target().to_owned()),
+        );
         let mut visitor = JsonVisitor(&mut object);
         event.record(&mut visitor);
         if let Some(span) = ctx.lookup_current() {
@@ -235,8 +258,14 @@ where
             let cx = tracing::Span::current().context();
             let span_context = cx.span().span_context().clone();
             if span_context.is_valid() {
-                object.insert("trace_id".into(), Value::String(span_context.trace_id().to_string()));
-                object.insert("span_id".into(), Value::String(span_context.span_id().to_string()));
+                object.insert(
+                    "trace_id".into(),
+                    Value::String(span_context.trace_id().to_string()),
+                );
+                object.insert(
+                    "span_id".into(),
+                    Value::String(span_context.span_id().to_string()),
+                );
             }
         }
         let line = serde_json::to_string(&object).map_err(|_| fmt::Error)?;
@@ -248,10 +277,12 @@ struct JsonVisitor<'a>(&'a mut Map<String, Value>);
 
 impl tracing::field::Visit for JsonVisitor<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0.insert(field.name().to_owned(), Value::String(format!("{value:?}")));
+        self.0
+            .insert(field.name().to_owned(), Value::String(format!("{value:?}")));
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_owned(), Value::String(value.to_owned()));
+        self.0
+            .insert(field.name().to_owned(), Value::String(value.to_owned()));
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
         self.0.insert(field.name().to_owned(), Value::from(value));
@@ -301,19 +332,25 @@ pub fn install_metrics() -> PrometheusHandle {
                 0.000_05, 0.0001, 0.000_25, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                 0.25, 0.5, 1.0, 2.5, 5.0,
             ];
-            let sizes = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+            let sizes = [
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+            ];
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("tickflow_batch_size".into()), &sizes))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full("tickflow_batch_size".into()), &sizes)
+                })
                 .expect("static buckets are valid")
                 .install_recorder()
                 .expect("the Prometheus recorder is installed once");
             let upkeep = handle.clone();
             std::thread::Builder::new()
                 .name("metrics-upkeep".into())
-                .spawn(move || loop {
-                    std::thread::sleep(Duration::from_secs(5));
-                    upkeep.run_upkeep();
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
                 })
                 .expect("spawn metrics upkeep thread");
             handle
@@ -329,7 +366,10 @@ mod tests {
     fn tracing_is_off_without_an_endpoint() {
         let config = TracingConfig::from_env(&Env::from_pairs::<&str, &str>([]), "svc").unwrap();
         assert_eq!(config.endpoint, None);
-        assert_eq!(config.sampler, SamplerConfig::ParentBased(Box::new(SamplerConfig::AlwaysOn)));
+        assert_eq!(
+            config.sampler,
+            SamplerConfig::ParentBased(Box::new(SamplerConfig::AlwaysOn))
+        );
         assert!(tracer_provider(&config).unwrap().is_none());
     }
 
@@ -340,23 +380,41 @@ mod tests {
             ("OTEL_SERVICE_NAME", "ingest-eu"),
             ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
             ("OTEL_TRACES_SAMPLER_ARG", "0.01"),
-            ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod, team=markets"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment=prod, team=markets",
+            ),
         ]);
         let config = TracingConfig::from_env(&env, "ingest").unwrap();
         assert_eq!(config.endpoint.as_deref(), Some("http://jaeger:4317"));
         assert_eq!(config.service_name, "ingest-eu");
-        assert_eq!(config.sampler, SamplerConfig::ParentBased(Box::new(SamplerConfig::Ratio(0.01))));
+        assert_eq!(
+            config.sampler,
+            SamplerConfig::ParentBased(Box::new(SamplerConfig::Ratio(0.01)))
+        );
         assert_eq!(config.resource_attributes.len(), 2);
         let bad = Env::from_pairs([("OTEL_TRACES_SAMPLER", "sometimes")]);
-        assert_eq!(TracingConfig::from_env(&bad, "x").unwrap_err().variable, "OTEL_TRACES_SAMPLER");
-        let bad = Env::from_pairs([("OTEL_TRACES_SAMPLER", "traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "2")]);
-        assert_eq!(TracingConfig::from_env(&bad, "x").unwrap_err().variable, "OTEL_TRACES_SAMPLER_ARG");
+        assert_eq!(
+            TracingConfig::from_env(&bad, "x").unwrap_err().variable,
+            "OTEL_TRACES_SAMPLER"
+        );
+        let bad = Env::from_pairs([
+            ("OTEL_TRACES_SAMPLER", "traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "2"),
+        ]);
+        assert_eq!(
+            TracingConfig::from_env(&bad, "x").unwrap_err().variable,
+            "OTEL_TRACES_SAMPLER_ARG"
+        );
     }
 
     #[test]
     fn timestamps_are_rfc3339() {
         let ts = timestamp();
         assert_eq!(ts.len(), 27, "{ts}");
-        assert!(ts.starts_with("20") && ts.ends_with('Z') && ts.as_bytes()[10] == b'T', "{ts}");
+        assert!(
+            ts.starts_with("20") && ts.ends_with('Z') && ts.as_bytes()[10] == b'T',
+            "{ts}"
+        );
     }
 }

@@ -38,12 +38,18 @@ pub fn headers_of(span: &tracing::Span) -> Option<(String, Option<String>)> {
     let mut carrier: HashMap<String, String> = HashMap::with_capacity(2);
     TraceContextPropagator::new().inject_context(&cx, &mut carrier);
     let traceparent = carrier.remove("traceparent")?;
-    Some((traceparent, carrier.remove("tracestate").filter(|s| !s.is_empty())))
+    Some((
+        traceparent,
+        carrier.remove("tracestate").filter(|s| !s.is_empty()),
+    ))
 }
 
 /// Makes `span` a child of the context carried by `envelope` (no-op without one).
 pub fn set_parent(span: &tracing::Span, envelope: &Envelope) {
-    let parent = extract(envelope.traceparent.as_deref(), envelope.tracestate.as_deref());
+    let parent = extract(
+        envelope.traceparent.as_deref(),
+        envelope.tracestate.as_deref(),
+    );
     if parent.span().span_context().is_valid() {
         // Fails only if the span was already entered; callers set the parent first.
         let _ = span.set_parent(parent);
@@ -71,13 +77,28 @@ mod tests {
 
     #[test]
     fn extracts_a_valid_traceparent_and_ignores_garbage() {
-        let cx = extract(Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"), Some("congo=t61"));
+        let cx = extract(
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            Some("congo=t61"),
+        );
         let sc = cx.span().span_context().clone();
         assert!(sc.is_valid() && sc.is_remote());
-        assert_eq!(sc.trace_id().to_string(), "0af7651916cd43dd8448eb211c80319c");
-        assert!(is_sampled("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
-        assert!(!is_sampled("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"));
-        assert!(!extract(Some("garbage"), None).span().span_context().is_valid());
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "0af7651916cd43dd8448eb211c80319c"
+        );
+        assert!(is_sampled(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        ));
+        assert!(!is_sampled(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+        ));
+        assert!(
+            !extract(Some("garbage"), None)
+                .span()
+                .span_context()
+                .is_valid()
+        );
         assert!(!extract(None, None).span().span_context().is_valid());
     }
 }

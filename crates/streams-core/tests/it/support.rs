@@ -184,7 +184,6 @@ pub(crate) struct Forward {
     pub(crate) slow_for: Duration,
     pub(crate) seen: Arc<Mutex<Vec<String>>>,
     pub(crate) events: Arc<Mutex<Vec<String>>>,
-    pub(crate) consumer: String,
 }
 
 impl Forward {
@@ -194,7 +193,6 @@ impl Forward {
             slow_for: Duration::from_millis(0),
             seen: Arc::default(),
             events: Arc::default(),
-            consumer: config.consumer_name.clone(),
         }
     }
 
