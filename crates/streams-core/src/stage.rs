@@ -24,8 +24,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use opentelemetry::trace::TraceContextExt;
 use redis::{Cmd, Value, aio::MultiplexedConnection};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
     config::{Config, StageTuning},
@@ -142,7 +145,21 @@ enum Op {
 
 impl Outputs {
     /// Append `envelope` to the stream `key` (from [`KeySpace::stream`]).
+    /// The entry carries the trace context of the span handling the input (when traced),
+    /// so the next stage continues the trace.
     pub fn append(&mut self, key: impl Into<String>, envelope: &Envelope) {
+        let traced;
+        let envelope = match crate::trace_context::headers_of(&tracing::Span::current()) {
+            Some((traceparent, tracestate)) => {
+                traced = Envelope {
+                    traceparent: Some(traceparent),
+                    tracestate,
+                    ..envelope.clone()
+                };
+                &traced
+            }
+            None => envelope,
+        };
         let fields = envelope
             .to_fields()
             .into_iter()
@@ -201,6 +218,8 @@ pub trait Handler: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub(crate) struct Source {
     pub(crate) partition: Partition,
+    /// The logical stream (or external key) it is a partition of.
+    pub(crate) logical: Arc<str>,
     pub(crate) stream: Arc<str>,
     pub(crate) dead_letter: String,
     pub(crate) lease: String,
@@ -214,6 +233,7 @@ impl StageSpec {
                 .all_partitions()
                 .map(|p| Source {
                     partition: p,
+                    logical: logical.as_str().into(),
                     stream: keys.stream(logical, p).into(),
                     dead_letter: keys.dead_letter(logical, p),
                     lease: keys.lease(&self.group, p),
@@ -224,6 +244,7 @@ impl StageSpec {
                 .enumerate()
                 .map(|(i, key)| Source {
                     partition: i as Partition,
+                    logical: key.as_str().into(),
                     stream: key.as_str().into(),
                     dead_letter: format!("{key}:dlq"),
                     lease: format!("{key}:lease:{}", self.group),
@@ -267,6 +288,8 @@ struct Pending {
 #[derive(Default)]
 struct Commit {
     entries: Vec<(String, Vec<Op>)>,
+    /// Span contexts of the traced entries: the commit span's parent and links.
+    traces: Vec<opentelemetry::trace::SpanContext>,
     processed: u64,
     dead_lettered: u64,
 }
@@ -875,8 +898,14 @@ impl<H: Handler> Stage<H> {
                 Ok(())
             };
             let mut outputs = Outputs::default();
+            let span = self.entry_span(&delivery);
             let verdict = match verdict {
-                Ok(()) => match self.handler.handle(&delivery, &mut outputs).await {
+                Ok(()) => match self
+                    .handler
+                    .handle(&delivery, &mut outputs)
+                    .instrument(span.clone())
+                    .await
+                {
                     Ok(()) => Ok(()),
                     Err(HandlerError::Permanent(reason)) => Err(reason),
                     Err(HandlerError::Retry(reason)) => {
@@ -892,6 +921,10 @@ impl<H: Handler> Stage<H> {
                 Err(reason) => Err(reason),
             };
             let commit = commits.entry(pending.source).or_default();
+            let span_context = span.context().span().span_context().clone();
+            if span_context.is_valid() && commit.traces.len() < 128 {
+                commit.traces.push(span_context);
+            }
             match verdict {
                 Ok(()) => {
                     commit.processed += 1;
@@ -922,6 +955,32 @@ impl<H: Handler> Stage<H> {
             halted: halted.into_iter().collect(),
             fenced,
         }
+    }
+
+    /// The span an entry is handled in (OpenTelemetry messaging conventions), a child of
+    /// the context the entry carries. Disabled, and free, unless tracing is on.
+    fn entry_span(&self, delivery: &Delivery) -> tracing::Span {
+        let source = self
+            .sources
+            .iter()
+            .find(|s| s.partition == delivery.partition)
+            .map_or("", |s| &*s.logical);
+        let span = tracing::debug_span!(
+            "process",
+            otel.name = %format_args!("process {source}"),
+            otel.kind = "consumer",
+            messaging.system = "redis",
+            messaging.operation.type = "process",
+            messaging.destination.name = %delivery.stream,
+            messaging.destination.partition.id = delivery.partition,
+            messaging.message.id = %delivery.id,
+            messaging.consumer.group.name = %self.spec.group,
+            messaging.message.delivery_count = delivery.deliveries,
+        );
+        if let Some(envelope) = &delivery.envelope {
+            crate::trace_context::set_parent(&span, envelope);
+        }
+        span
     }
 
     fn dead_letter_op(&self, source: usize, delivery: &Delivery, reason: &str) -> Op {
@@ -1045,6 +1104,22 @@ impl<H: Handler> Stage<H> {
                 }
             }
         }
+        let span = tracing::debug_span!(
+            "ack_forward",
+            otel.name = "EVALSHA ack_forward",
+            otel.kind = "client",
+            db.system = "redis",
+            db.operation.name = "EVALSHA",
+            messaging.destination.name = %src.stream,
+            messaging.batch.message_count = commit.entries.len(),
+        );
+        if let Some((first, rest)) = commit.traces.split_first() {
+            let _ = span
+                .set_parent(opentelemetry::Context::new().with_remote_span_context(first.clone()));
+            for other in rest {
+                span.add_link(other.clone());
+            }
+        }
         let key_index = |key: &str| {
             keys[2..]
                 .iter()
@@ -1080,6 +1155,7 @@ impl<H: Handler> Stage<H> {
                     }
                 }
             })
+            .instrument(span)
             .await
             .map_err(|e| fenced_or(e, src.partition))?;
         match reply {

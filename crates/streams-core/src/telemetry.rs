@@ -190,9 +190,19 @@ pub fn init(env: &Env, service_name: &str) -> anyhow::Result<Telemetry> {
     } else {
         tracing_subscriber::fmt::layer().boxed()
     };
-    let otel_layer = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("tickflow")));
+    // Pipeline spans are at debug level: the log filter hides them, this layer takes them,
+    // so they cost nothing unless tracing is on. Dependencies' spans stay out below info.
+    let otel_filter = tracing_subscriber::filter::Targets::new()
+        .with_default(tracing::Level::INFO)
+        .with_targets(
+            ["streams_core", "ingest", "transform", "engine", "analytics"]
+                .map(|target| (target, tracing::Level::DEBUG)),
+        );
+    let otel_layer = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("tickflow"))
+            .with_filter(otel_filter)
+    });
     // A test harness may have installed a subscriber already: keep it.
     let installed = tracing_subscriber::registry()
         .with(otel_layer)

@@ -23,7 +23,8 @@ impl ExternalEvents {
 
 impl Handler for ExternalEvents {
     async fn handle(&mut self, delivery: &Delivery, out: &mut Outputs) -> Result<(), HandlerError> {
-        let event = validate::event_from_fields(&delivery.fields).map_err(HandlerError::Permanent)?;
+        let event =
+            validate::event_from_fields(&delivery.fields).map_err(HandlerError::Permanent)?;
         let symbol = validate::symbol(&event).to_owned();
         let payload = match &event.kind {
             Some(v1::event::Kind::NewOrder(m)) => m.encode_to_vec(),

@@ -24,12 +24,18 @@ pub struct Ingest {
 
 /// The tonic server for the ingest service.
 pub fn service(publisher: Publisher, max_events: usize) -> IngestServiceServer<Ingest> {
-    IngestServiceServer::new(Ingest { publisher, max_events })
+    IngestServiceServer::new(Ingest {
+        publisher,
+        max_events,
+    })
 }
 
 #[tonic::async_trait]
 impl IngestService for Ingest {
-    async fn publish(&self, request: Request<PublishRequest>) -> Result<Response<PublishResponse>, Status> {
+    async fn publish(
+        &self,
+        request: Request<PublishRequest>,
+    ) -> Result<Response<PublishResponse>, Status> {
         let (traceparent, tracestate) = trace_context(request.metadata());
         let mut events = request.into_inner().events;
         if events.is_empty() {
@@ -47,7 +53,12 @@ impl IngestService for Ingest {
         }
         let ids = self
             .publisher
-            .publish(&events, traceparent.as_deref(), tracestate.as_deref())
+            .publish(
+                "tickflow.v1.IngestService/Publish",
+                &events,
+                traceparent.as_deref(),
+                tracestate.as_deref(),
+            )
             .await
             .map_err(to_status)?;
         Ok(Response::new(PublishResponse {
@@ -73,7 +84,8 @@ impl IngestService for Ingest {
                 match futures::FutureExt::now_or_never(stream.next()) {
                     Some(item) => item,
                     None => {
-                        self.flush(&mut chunk, &mut ids, &traceparent, &tracestate).await?;
+                        self.flush(&mut chunk, &mut ids, &traceparent, &tracestate)
+                            .await?;
                         continue;
                     }
                 }
@@ -84,14 +96,16 @@ impl IngestService for Ingest {
                     index += 1;
                     chunk.push(event);
                     if chunk.len() >= STREAM_CHUNK {
-                        self.flush(&mut chunk, &mut ids, &traceparent, &tracestate).await?;
+                        self.flush(&mut chunk, &mut ids, &traceparent, &tracestate)
+                            .await?;
                     }
                 }
                 Some(Err(status)) => return Err(status),
                 None => break,
             }
         }
-        self.flush(&mut chunk, &mut ids, &traceparent, &tracestate).await?;
+        self.flush(&mut chunk, &mut ids, &traceparent, &tracestate)
+            .await?;
         Ok(Response::new(PublishResponse {
             accepted: ids.len() as u32,
             ids,
@@ -112,12 +126,20 @@ impl Ingest {
         }
         let appended = self
             .publisher
-            .publish(chunk, traceparent.as_deref(), tracestate.as_deref())
+            .publish(
+                "tickflow.v1.IngestService/PublishStream",
+                chunk,
+                traceparent.as_deref(),
+                tracestate.as_deref(),
+            )
             .await
             .map_err(|e| {
                 let status = to_status(e);
                 // Events before this chunk are in; say how many so the client can resume.
-                Status::new(status.code(), format!("{} (accepted before this: {})", status.message(), ids.len()))
+                Status::new(
+                    status.code(),
+                    format!("{} (accepted before this: {})", status.message(), ids.len()),
+                )
             })?;
         ids.extend(appended);
         chunk.clear();
@@ -152,8 +174,11 @@ fn trace_context(metadata: &tonic::metadata::MetadataMap) -> (Option<String>, Op
         .and_then(|v| v.to_str().ok())
         .filter(|t| crate::http::is_valid_traceparent(t))
         .map(str::to_owned);
-    let tracestate = traceparent
-        .as_ref()
-        .and(metadata.get("tracestate").and_then(|v| v.to_str().ok()).map(str::to_owned));
+    let tracestate = traceparent.as_ref().and(
+        metadata
+            .get("tracestate")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    );
     (traceparent, tracestate)
 }

@@ -67,7 +67,9 @@ impl IntoResponse for ApiError {
         match self {
             ApiError::Invalid(details) => (
                 StatusCode::BAD_REQUEST,
-                Json(json!({ "error": "invalid request; nothing was accepted", "details": details })),
+                Json(
+                    json!({ "error": "invalid request; nothing was accepted", "details": details }),
+                ),
             )
                 .into_response(),
             ApiError::TooLarge(limit) => (
@@ -98,16 +100,28 @@ impl IntoResponse for ApiError {
     }
 }
 
-async fn orders(State(state): State<HttpState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Response, ApiError> {
-    accept(&state, &headers, body, JsonKind::Order).await
+async fn orders(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    accept(&state, &headers, body, JsonKind::Order, "POST /v1/orders").await
 }
 
-async fn ticks(State(state): State<HttpState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Response, ApiError> {
-    accept(&state, &headers, body, JsonKind::Tick).await
+async fn ticks(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    accept(&state, &headers, body, JsonKind::Tick, "POST /v1/ticks").await
 }
 
-async fn cancels(State(state): State<HttpState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Response, ApiError> {
-    accept(&state, &headers, body, JsonKind::Cancel).await
+async fn cancels(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    accept(&state, &headers, body, JsonKind::Cancel, "POST /v1/cancels").await
 }
 
 async fn cancel_one(
@@ -116,10 +130,20 @@ async fn cancel_one(
     Path((symbol, client_order_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let mut event = v1::Event {
-        kind: Some(v1::event::Kind::Cancel(v1::CancelOrder { symbol, client_order_id })),
+        kind: Some(v1::event::Kind::Cancel(v1::CancelOrder {
+            symbol,
+            client_order_id,
+        })),
     };
-    validate::normalize(&mut event).map_err(|problems| ApiError::Invalid(to_field_errors(problems)))?;
-    publish(&state, &headers, vec![event]).await
+    validate::normalize(&mut event)
+        .map_err(|problems| ApiError::Invalid(to_field_errors(problems)))?;
+    publish(
+        &state,
+        &headers,
+        "DELETE /v1/orders/{symbol}/{client_order_id}",
+        vec![event],
+    )
+    .await
 }
 
 async fn accept(
@@ -127,6 +151,7 @@ async fn accept(
     headers: &HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
     kind: JsonKind,
+    route: &str,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -144,16 +169,22 @@ async fn accept(
         .publisher
         .check_capacity()
         .map_err(|e| ApiError::Publish(e.into()))?;
-    let events = validate::events_from_json(&body, kind, state.limits.max_events).map_err(ApiError::Invalid)?;
-    publish(state, headers, events).await
+    let events = validate::events_from_json(&body, kind, state.limits.max_events)
+        .map_err(ApiError::Invalid)?;
+    publish(state, headers, route, events).await
 }
 
-async fn publish(state: &HttpState, headers: &HeaderMap, events: Vec<v1::Event>) -> Result<Response, ApiError> {
+async fn publish(
+    state: &HttpState,
+    headers: &HeaderMap,
+    route: &str,
+    events: Vec<v1::Event>,
+) -> Result<Response, ApiError> {
     let traceparent = header_text(headers, "traceparent").filter(|t| is_valid_traceparent(t));
     let tracestate = traceparent.and(header_text(headers, "tracestate"));
     let ids = state
         .publisher
-        .publish(&events, traceparent, tracestate)
+        .publish(route, &events, traceparent, tracestate)
         .await
         .map_err(ApiError::Publish)?;
     Ok((

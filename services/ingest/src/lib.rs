@@ -41,21 +41,36 @@ impl IngestConfig {
         let external_streams = match env.get("INGEST_STREAMS") {
             None => vec!["ingest_stream".to_owned()],
             Some(v) if v.trim() == "-" => Vec::new(),
-            Some(v) => v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+            Some(v) => v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
         };
         Ok(Self {
             grpc_addr: env.addr_or("GRPC_ADDR", "0.0.0.0:50051")?,
             external_streams,
             max_backlog: env.ranged_or("INGEST_MAX_BACKLOG", 100_000, 1, u64::MAX / 2)?,
-            max_body_bytes: env.ranged_or("INGEST_MAX_BODY_BYTES", 1 << 20, 1024, 64 << 20)? as usize,
+            max_body_bytes: env.ranged_or("INGEST_MAX_BODY_BYTES", 1 << 20, 1024, 64 << 20)?
+                as usize,
             max_events: env.ranged_or("INGEST_MAX_EVENTS", 10_000, 1, 1_000_000)? as usize,
         })
     }
 }
 
 /// Runs ingest: HTTP on `http`, gRPC on `grpc`, the external-stream stage, until shutdown.
-pub async fn run(app: App, settings: IngestConfig, http: TcpListener, grpc: TcpListener) -> anyhow::Result<()> {
-    let publisher = publish::Publisher::new(app.redis.clone(), app.config.keys.clone(), settings.max_backlog);
+pub async fn run(
+    app: App,
+    settings: IngestConfig,
+    http: TcpListener,
+    grpc: TcpListener,
+) -> anyhow::Result<()> {
+    let publisher = publish::Publisher::new(
+        app.redis.clone(),
+        app.config.keys.clone(),
+        settings.max_backlog,
+    );
     let monitor = publisher
         .backlog()
         .spawn_monitor(Duration::from_millis(100), app.shutdown.clone());

@@ -6,6 +6,7 @@ use streams_core::{
     backpressure::{Backlog, Overloaded},
 };
 use tickflow_proto::{topology, v1};
+use tracing::Instrument;
 
 use crate::validate;
 
@@ -32,7 +33,12 @@ pub struct Publisher {
 impl Publisher {
     /// A publisher refusing work while transform's backlog exceeds `backlog_limit`.
     pub fn new(redis: Redis, keys: KeySpace, backlog_limit: u64) -> Self {
-        let backlog = Backlog::new(redis.clone(), &keys, topology::INBOUND, topology::TRANSFORM_GROUP);
+        let backlog = Backlog::new(
+            redis.clone(),
+            &keys,
+            topology::INBOUND,
+            topology::TRANSFORM_GROUP,
+        );
         Self {
             redis,
             keys,
@@ -52,8 +58,46 @@ impl Publisher {
     }
 
     /// Appends `events` (already validated) atomically; returns their stream ids in order.
-    /// `traceparent`/`tracestate` are the caller's W3C trace context, carried in each entry.
+    /// `traceparent`/`tracestate` are the caller's W3C trace context: the append happens in
+    /// a server span continuing it (or starting a trace), whose context each entry carries;
+    /// with tracing off, the caller's context is carried unchanged.
     pub async fn publish(
+        &self,
+        route: &str,
+        events: &[v1::Event],
+        traceparent: Option<&str>,
+        tracestate: Option<&str>,
+    ) -> Result<Vec<String>, PublishError> {
+        let span = tracing::debug_span!(
+            "ingest",
+            otel.name = %route,
+            otel.kind = "server",
+            messaging.system = "redis",
+            messaging.operation.type = "send",
+            messaging.destination.name = topology::INBOUND,
+            messaging.batch.message_count = events.len(),
+        );
+        let parent = streams_core::trace_context::extract(traceparent, tracestate);
+        {
+            use opentelemetry::trace::TraceContextExt;
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            if parent.span().span_context().is_valid() {
+                let _ = span.set_parent(parent);
+            }
+        }
+        let (traceparent, tracestate) = match streams_core::trace_context::headers_of(&span) {
+            Some((tp, ts)) => (Some(tp), ts),
+            None => (
+                traceparent.map(str::to_owned),
+                tracestate.map(str::to_owned),
+            ),
+        };
+        self.append(events, traceparent.as_deref(), tracestate.as_deref())
+            .instrument(span)
+            .await
+    }
+
+    async fn append(
         &self,
         events: &[v1::Event],
         traceparent: Option<&str>,

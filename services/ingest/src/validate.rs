@@ -41,7 +41,11 @@ pub enum JsonKind {
 }
 
 /// Parses a JSON body (one object or an array of them) into events, or every field error.
-pub fn events_from_json(body: &[u8], kind: JsonKind, max_events: usize) -> Result<Vec<v1::Event>, Vec<FieldError>> {
+pub fn events_from_json(
+    body: &[u8],
+    kind: JsonKind,
+    max_events: usize,
+) -> Result<Vec<v1::Event>, Vec<FieldError>> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         vec![FieldError {
             index: 0,
@@ -64,7 +68,14 @@ pub fn events_from_json(body: &[u8], kind: JsonKind, max_events: usize) -> Resul
         return Err(vec![error(0, "body", "must hold at least one event")]);
     }
     if items.len() > max_events {
-        return Err(vec![error(0, "body", &format!("holds {} events; at most {max_events} per request", items.len()))]);
+        return Err(vec![error(
+            0,
+            "body",
+            &format!(
+                "holds {} events; at most {max_events} per request",
+                items.len()
+            ),
+        )]);
     }
     let mut events = Vec::with_capacity(items.len());
     let mut errors = Vec::new();
@@ -91,8 +102,12 @@ pub fn events_from_json(body: &[u8], kind: JsonKind, max_events: usize) -> Resul
                 };
                 let order_type = match get("type") {
                     None => v1::OrderType::Limit,
-                    Some(Value::String(s)) if s.eq_ignore_ascii_case("limit") => v1::OrderType::Limit,
-                    Some(Value::String(s)) if s.eq_ignore_ascii_case("market") => v1::OrderType::Market,
+                    Some(Value::String(s)) if s.eq_ignore_ascii_case("limit") => {
+                        v1::OrderType::Limit
+                    }
+                    Some(Value::String(s)) if s.eq_ignore_ascii_case("market") => {
+                        v1::OrderType::Market
+                    }
                     Some(_) => {
                         problems.push(("type", "must be \"limit\" or \"market\"".to_owned()));
                         v1::OrderType::Limit
@@ -122,7 +137,11 @@ pub fn events_from_json(body: &[u8], kind: JsonKind, max_events: usize) -> Resul
             }),
             JsonKind::Cancel => Kind::Cancel(v1::CancelOrder {
                 symbol: string_field(get("symbol"), "symbol", &mut problems),
-                client_order_id: string_field(get("client_order_id"), "client_order_id", &mut problems),
+                client_order_id: string_field(
+                    get("client_order_id"),
+                    "client_order_id",
+                    &mut problems,
+                ),
             }),
         };
         let mut event = v1::Event { kind: Some(event) };
@@ -142,7 +161,11 @@ pub fn events_from_json(body: &[u8], kind: JsonKind, max_events: usize) -> Resul
             message,
         }));
     }
-    if errors.is_empty() { Ok(events) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(events)
+    } else {
+        Err(errors)
+    }
 }
 
 /// Checks an event (from any source) and fills defaults: symbol trimmed and upper-cased, a
@@ -153,7 +176,8 @@ pub fn normalize(event: &mut v1::Event) -> Result<(), Vec<(&'static str, String)
         None => problems.push(("kind", "is required (new_order, cancel or tick)".to_owned())),
         Some(Kind::NewOrder(order)) => {
             check_symbol(&mut order.symbol, &mut problems);
-            if order.side == v1::Side::Unspecified as i32 || v1::Side::try_from(order.side).is_err() {
+            if order.side == v1::Side::Unspecified as i32 || v1::Side::try_from(order.side).is_err()
+            {
                 problems.push(("side", "must be buy or sell".to_owned()));
             }
             let market = order.r#type == v1::OrderType::Market as i32;
@@ -162,10 +186,16 @@ pub fn normalize(event: &mut v1::Event) -> Result<(), Vec<(&'static str, String)
             }
             let positive_price = order.price.is_finite() && order.price > 0.0;
             if !market && !positive_price {
-                problems.push(("price", "must be a finite number > 0 for a limit order".to_owned()));
+                problems.push((
+                    "price",
+                    "must be a finite number > 0 for a limit order".to_owned(),
+                ));
             }
             if market && !(order.price.is_finite() && order.price >= 0.0) {
-                problems.push(("price", "must be a finite number (or absent) for a market order".to_owned()));
+                problems.push((
+                    "price",
+                    "must be a finite number (or absent) for a market order".to_owned(),
+                ));
             }
             check_positive(order.qty, "qty", &mut problems);
             if order.client_order_id.is_empty() {
@@ -188,7 +218,11 @@ pub fn normalize(event: &mut v1::Event) -> Result<(), Vec<(&'static str, String)
             check_positive(tick.qty, "qty", &mut problems);
         }
     }
-    if problems.is_empty() { Ok(()) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
 }
 
 /// The symbol of an event (its partition key).
@@ -228,7 +262,9 @@ pub fn event_from_fields(fields: &[(Vec<u8>, Vec<u8>)]) -> Result<v1::Event, Str
         text.parse::<f64>()
             .map_err(|_| format!("field `{name}` is not a number: {text:?}"))
     };
-    let symbol = get("symbol")?.ok_or("field `symbol` is required")?.to_owned();
+    let symbol = get("symbol")?
+        .ok_or("field `symbol` is required")?
+        .to_owned();
     let kind = if get("action")?.is_some_and(|a| a.eq_ignore_ascii_case("cancel")) {
         Kind::Cancel(v1::CancelOrder {
             symbol,
@@ -243,7 +279,11 @@ pub fn event_from_fields(fields: &[(Vec<u8>, Vec<u8>)]) -> Result<v1::Event, Str
         let order_type = match get("type")?.map(str::to_ascii_lowercase).as_deref() {
             None | Some("limit") => v1::OrderType::Limit,
             Some("market") => v1::OrderType::Market,
-            Some(other) => return Err(format!("field `type` must be limit or market, not {other:?}")),
+            Some(other) => {
+                return Err(format!(
+                    "field `type` must be limit or market, not {other:?}"
+                ));
+            }
         };
         let price = if order_type == v1::OrderType::Market && get("price")?.is_none() {
             0.0
@@ -284,7 +324,11 @@ fn error(index: usize, field: &str, message: &str) -> FieldError {
     }
 }
 
-fn string_field(value: Option<&Value>, name: &'static str, problems: &mut Vec<(&'static str, String)>) -> String {
+fn string_field(
+    value: Option<&Value>,
+    name: &'static str,
+    problems: &mut Vec<(&'static str, String)>,
+) -> String {
     match value {
         Some(Value::String(s)) => s.clone(),
         Some(_) => {
@@ -298,7 +342,12 @@ fn string_field(value: Option<&Value>, name: &'static str, problems: &mut Vec<(&
     }
 }
 
-fn number_field(value: Option<&Value>, name: &'static str, required: bool, problems: &mut Vec<(&'static str, String)>) -> f64 {
+fn number_field(
+    value: Option<&Value>,
+    name: &'static str,
+    required: bool,
+    problems: &mut Vec<(&'static str, String)>,
+) -> f64 {
     match value {
         Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
         Some(_) => {
@@ -318,9 +367,18 @@ fn check_symbol(symbol: &mut String, problems: &mut Vec<(&'static str, String)>)
     if trimmed.is_empty() {
         problems.push(("symbol", "must not be empty".to_owned()));
     } else if trimmed.len() > MAX_SYMBOL_LEN {
-        problems.push(("symbol", format!("is longer than {MAX_SYMBOL_LEN} characters")));
-    } else if !trimmed.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/')) {
-        problems.push(("symbol", "may hold only letters, digits and . - _ /".to_owned()));
+        problems.push((
+            "symbol",
+            format!("is longer than {MAX_SYMBOL_LEN} characters"),
+        ));
+    } else if !trimmed
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'))
+    {
+        problems.push((
+            "symbol",
+            "may hold only letters, digits and . - _ /".to_owned(),
+        ));
     } else {
         // Symbols are case-insensitive: one spelling, so one partition, per instrument.
         *symbol = trimmed.to_ascii_uppercase();
@@ -340,14 +398,24 @@ fn check_positive(value: f64, name: &'static str, problems: &mut Vec<(&'static s
 
 fn check_order_id(id: &str, problems: &mut Vec<(&'static str, String)>) {
     if id.len() > MAX_ORDER_ID_LEN {
-        problems.push(("client_order_id", format!("is longer than {MAX_ORDER_ID_LEN} characters")));
+        problems.push((
+            "client_order_id",
+            format!("is longer than {MAX_ORDER_ID_LEN} characters"),
+        ));
     } else if id.chars().any(|c| c.is_control()) {
-        problems.push(("client_order_id", "must not contain control characters".to_owned()));
+        problems.push((
+            "client_order_id",
+            "must not contain control characters".to_owned(),
+        ));
     }
 }
 
 fn generate_order_id() -> String {
-    format!("tf-{:016x}{:08x}", rand::random::<u64>(), rand::random::<u32>())
+    format!(
+        "tf-{:016x}{:08x}",
+        rand::random::<u64>(),
+        rand::random::<u32>()
+    )
 }
 
 #[cfg(test)]
@@ -356,8 +424,15 @@ mod tests {
 
     #[test]
     fn a_valid_order_gets_defaults() {
-        let events = events_from_json(br#"{"symbol":" aapl ","side":"buy","price":172.5,"qty":10}"#, JsonKind::Order, 10).unwrap();
-        let Some(Kind::NewOrder(order)) = &events[0].kind else { panic!() };
+        let events = events_from_json(
+            br#"{"symbol":" aapl ","side":"buy","price":172.5,"qty":10}"#,
+            JsonKind::Order,
+            10,
+        )
+        .unwrap();
+        let Some(Kind::NewOrder(order)) = &events[0].kind else {
+            panic!()
+        };
         assert_eq!(order.symbol, "AAPL");
         assert_eq!(order.r#type, v1::OrderType::Limit as i32);
         assert!(order.client_order_id.starts_with("tf-"));
@@ -367,42 +442,105 @@ mod tests {
     fn every_bad_field_is_named() {
         let body = br#"[{"symbol":"A","side":"buy","price":1,"qty":1},{"symbol":5,"side":"up","price":-1,"qty":"x"}]"#;
         let errors = events_from_json(body, JsonKind::Order, 10).unwrap_err();
-        let fields: Vec<(usize, &str)> = errors.iter().map(|e| (e.index, e.field.as_str())).collect();
-        assert_eq!(fields, vec![(1, "side"), (1, "symbol"), (1, "qty"), (1, "price")]);
+        let fields: Vec<(usize, &str)> =
+            errors.iter().map(|e| (e.index, e.field.as_str())).collect();
+        assert_eq!(
+            fields,
+            vec![(1, "side"), (1, "symbol"), (1, "qty"), (1, "price")]
+        );
     }
 
     #[test]
     fn market_orders_need_no_price_and_limits_do() {
-        assert!(events_from_json(br#"{"symbol":"A","side":"sell","type":"market","qty":3}"#, JsonKind::Order, 1).is_ok());
-        let errors = events_from_json(br#"{"symbol":"A","side":"sell","qty":3}"#, JsonKind::Order, 1).unwrap_err();
+        assert!(
+            events_from_json(
+                br#"{"symbol":"A","side":"sell","type":"market","qty":3}"#,
+                JsonKind::Order,
+                1
+            )
+            .is_ok()
+        );
+        let errors = events_from_json(
+            br#"{"symbol":"A","side":"sell","qty":3}"#,
+            JsonKind::Order,
+            1,
+        )
+        .unwrap_err();
         assert_eq!(errors[0].field, "price");
     }
 
     #[test]
     fn malformed_and_oversized_bodies_are_refused() {
-        assert_eq!(events_from_json(b"{not json", JsonKind::Tick, 1).unwrap_err()[0].field, "body");
-        assert_eq!(events_from_json(b"[]", JsonKind::Tick, 1).unwrap_err()[0].field, "body");
+        assert_eq!(
+            events_from_json(b"{not json", JsonKind::Tick, 1).unwrap_err()[0].field,
+            "body"
+        );
+        assert_eq!(
+            events_from_json(b"[]", JsonKind::Tick, 1).unwrap_err()[0].field,
+            "body"
+        );
         let two = br#"[{"symbol":"A","price":1,"qty":1},{"symbol":"A","price":1,"qty":1}]"#;
-        assert!(events_from_json(two, JsonKind::Tick, 1).unwrap_err()[0].message.contains("at most 1"));
+        assert!(
+            events_from_json(two, JsonKind::Tick, 1).unwrap_err()[0]
+                .message
+                .contains("at most 1")
+        );
         let nested = format!("{}{}", "[".repeat(500), "]".repeat(500));
-        assert_eq!(events_from_json(nested.as_bytes(), JsonKind::Tick, 1).unwrap_err()[0].field, "body");
+        assert_eq!(
+            events_from_json(nested.as_bytes(), JsonKind::Tick, 1).unwrap_err()[0].field,
+            "body"
+        );
     }
 
     #[test]
     fn flat_fields_read_like_redis_cli_writes_them() {
         let fields = |pairs: &[(&str, &str)]| -> Vec<(Vec<u8>, Vec<u8>)> {
-            pairs.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect()
+            pairs
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect()
         };
-        let tick = event_from_fields(&fields(&[("symbol", "AAPL"), ("price", "172.5"), ("qty", "10")])).unwrap();
+        let tick = event_from_fields(&fields(&[
+            ("symbol", "AAPL"),
+            ("price", "172.5"),
+            ("qty", "10"),
+        ]))
+        .unwrap();
         assert!(matches!(tick.kind, Some(Kind::Tick(_))));
-        let order = event_from_fields(&fields(&[("symbol", "AAPL"), ("price", "172.5"), ("qty", "10"), ("side", "buy")])).unwrap();
+        let order = event_from_fields(&fields(&[
+            ("symbol", "AAPL"),
+            ("price", "172.5"),
+            ("qty", "10"),
+            ("side", "buy"),
+        ]))
+        .unwrap();
         assert!(matches!(order.kind, Some(Kind::NewOrder(_))));
-        let cancel = event_from_fields(&fields(&[("action", "cancel"), ("symbol", "AAPL"), ("client_order_id", "o1")])).unwrap();
+        let cancel = event_from_fields(&fields(&[
+            ("action", "cancel"),
+            ("symbol", "AAPL"),
+            ("client_order_id", "o1"),
+        ]))
+        .unwrap();
         assert!(matches!(cancel.kind, Some(Kind::Cancel(_))));
-        assert_eq!(event_from_fields(&fields(&[("price", "1")])).unwrap_err(), "field `symbol` is required");
-        assert!(event_from_fields(&fields(&[("symbol", "A"), ("price", "abc"), ("qty", "1")])).unwrap_err().contains("not a number"));
-        assert!(event_from_fields(&fields(&[("symbol", "A"), ("price", "-1"), ("qty", "1")])).unwrap_err().contains("price"));
-        assert!(event_from_fields(&fields(&[("symbol", "A"), ("price", "inf"), ("qty", "1")])).is_err());
-        assert!(event_from_fields(&fields(&[("symbol", "A"), ("price", "NaN"), ("qty", "1")])).is_err());
+        assert_eq!(
+            event_from_fields(&fields(&[("price", "1")])).unwrap_err(),
+            "field `symbol` is required"
+        );
+        assert!(
+            event_from_fields(&fields(&[("symbol", "A"), ("price", "abc"), ("qty", "1")]))
+                .unwrap_err()
+                .contains("not a number")
+        );
+        assert!(
+            event_from_fields(&fields(&[("symbol", "A"), ("price", "-1"), ("qty", "1")]))
+                .unwrap_err()
+                .contains("price")
+        );
+        assert!(
+            event_from_fields(&fields(&[("symbol", "A"), ("price", "inf"), ("qty", "1")])).is_err()
+        );
+        assert!(
+            event_from_fields(&fields(&[("symbol", "A"), ("price", "NaN"), ("qty", "1")])).is_err()
+        );
     }
 }
