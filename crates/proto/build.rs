@@ -6,7 +6,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // tonic-prost-build runs the protoc named by PROTOC.
     unsafe_env_set("PROTOC", protoc);
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = [root.join("tickflow/v1/events.proto"), root.join("tickflow/v1/ingest.proto")];
+    let files = [
+        root.join("tickflow/v1/events.proto"),
+        root.join("tickflow/v1/ingest.proto"),
+    ];
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());
     }

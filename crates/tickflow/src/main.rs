@@ -24,7 +24,9 @@ fn parse_load(args: &[String]) -> anyhow::Result<LoadOptions> {
         grpc: std::env::var("INGEST_GRPC").unwrap_or_else(|_| "http://127.0.0.1:50051".into()),
         rate: 200,
         seconds: None,
-        symbols: ["AAPL", "MSFT", "NVDA", "TSLA", "AMZN"].map(String::from).to_vec(),
+        symbols: ["AAPL", "MSFT", "NVDA", "TSLA", "AMZN"]
+            .map(String::from)
+            .to_vec(),
         seed: 7,
     };
     let mut it = args.iter();
@@ -33,7 +35,9 @@ fn parse_load(args: &[String]) -> anyhow::Result<LoadOptions> {
         match flag.as_str() {
             "--grpc" => options.grpc = value()?.clone(),
             "--rate" => options.rate = value()?.parse().context("--rate: events per second")?,
-            "--seconds" => options.seconds = Some(value()?.parse().context("--seconds: a whole number")?),
+            "--seconds" => {
+                options.seconds = Some(value()?.parse().context("--seconds: a whole number")?)
+            }
             "--symbols" => options.symbols = value()?.split(',').map(str::to_owned).collect(),
             "--seed" => options.seed = value()?.parse().context("--seed: a number")?,
             other => bail!("unknown option {other}; see `tickflow help`"),
@@ -96,8 +100,16 @@ fn next_event(market: &mut Market, rng: &mut StdRng, counter: &mut u64) -> v1::E
         Kind::NewOrder(v1::NewOrder {
             symbol: market.symbol.clone(),
             side: if buy { v1::Side::Buy } else { v1::Side::Sell } as i32,
-            r#type: if market_order { v1::OrderType::Market } else { v1::OrderType::Limit } as i32,
-            price: if market_order { 0.0 } else { (market.mid_cents + offset) as f64 / 100.0 },
+            r#type: if market_order {
+                v1::OrderType::Market
+            } else {
+                v1::OrderType::Limit
+            } as i32,
+            price: if market_order {
+                0.0
+            } else {
+                (market.mid_cents + offset) as f64 / 100.0
+            },
             qty: rng.random_range(1..50) as f64,
             client_order_id: id,
         })
@@ -125,7 +137,10 @@ async fn load(options: LoadOptions) -> anyhow::Result<()> {
             }
         }
     };
-    println!("tickflow load: {} events/s over {:?} to {}", options.rate, options.symbols, options.grpc);
+    println!(
+        "tickflow load: {} events/s over {:?} to {}",
+        options.rate, options.symbols, options.grpc
+    );
     let started = Instant::now();
     let mut counter = 0u64;
     let mut sent = 0u64;
@@ -134,7 +149,10 @@ async fn load(options: LoadOptions) -> anyhow::Result<()> {
     let per_slice = (options.rate / 10).max(1);
     let mut next = Instant::now();
     loop {
-        if options.seconds.is_some_and(|s| started.elapsed() >= Duration::from_secs(s)) {
+        if options
+            .seconds
+            .is_some_and(|s| started.elapsed() >= Duration::from_secs(s))
+        {
             break;
         }
         let events: Vec<v1::Event> = (0..per_slice)
@@ -156,9 +174,15 @@ async fn load(options: LoadOptions) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
         }
         if sent > 0 && sent % (options.rate * 10) < per_slice {
-            println!("sent {sent} events in {:.0} s", started.elapsed().as_secs_f64());
+            println!(
+                "sent {sent} events in {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
         }
     }
-    println!("sent {sent} events in {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "sent {sent} events in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

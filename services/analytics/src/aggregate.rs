@@ -13,7 +13,10 @@ use std::collections::HashMap;
 
 use prost::Message;
 use serde::{Deserialize, Serialize};
-use streams_core::{Delivery, Envelope, Handler, HandlerError, KeySpace, Outputs, Partition, Redis, envelope::now_micros};
+use streams_core::{
+    Delivery, Envelope, Handler, HandlerError, KeySpace, Outputs, Partition, Redis,
+    envelope::now_micros,
+};
 use tickflow_proto::{event_type as types, v1};
 
 use crate::latency;
@@ -97,8 +100,11 @@ impl AnalyticsKeys {
 
     /// The stats hash of `symbol`.
     pub fn stats(&self, symbol: &str) -> String {
-        self.keys
-            .partition_state(tickflow_proto::topology::ANALYTICS_GROUP, &format!("stats:{symbol}"), self.partition(symbol))
+        self.keys.partition_state(
+            tickflow_proto::topology::ANALYTICS_GROUP,
+            &format!("stats:{symbol}"),
+            self.partition(symbol),
+        )
     }
 
     /// The bar set of `symbol` at `interval`.
@@ -112,7 +118,11 @@ impl AnalyticsKeys {
 
     /// The latency histogram of `partition`.
     pub fn latency(&self, partition: Partition) -> String {
-        self.keys.partition_state(tickflow_proto::topology::ANALYTICS_GROUP, "latency", partition)
+        self.keys.partition_state(
+            tickflow_proto::topology::ANALYTICS_GROUP,
+            "latency",
+            partition,
+        )
     }
 
     /// Every partition.
@@ -152,12 +162,22 @@ impl Aggregator {
         }
     }
 
-    async fn bar(&mut self, partition: Partition, symbol: &str, interval: Interval, bucket: u64) -> Result<Bar, HandlerError> {
+    async fn bar(
+        &mut self,
+        partition: Partition,
+        symbol: &str,
+        interval: Interval,
+        bucket: u64,
+    ) -> Result<Bar, HandlerError> {
         let key = (partition, symbol.to_owned(), interval, bucket);
         if let Some(bar) = self.bars.get(&key) {
             return Ok(bar.clone());
         }
-        let mut conn = self.redis.pooled().await.map_err(|e| HandlerError::Retry(e.to_string()))?;
+        let mut conn = self
+            .redis
+            .pooled()
+            .await
+            .map_err(|e| HandlerError::Retry(e.to_string()))?;
         let stored: Vec<String> = redis::cmd("ZRANGEBYSCORE")
             .arg(self.keys.bars(symbol, interval))
             .arg(bucket)
@@ -168,13 +188,29 @@ impl Aggregator {
         Ok(stored
             .first()
             .and_then(|json| serde_json::from_str(json).ok())
-            .unwrap_or(Bar { t: bucket, o: 0, h: 0, l: 0, c: 0, v: 0, n: 0 }))
+            .unwrap_or(Bar {
+                t: bucket,
+                o: 0,
+                h: 0,
+                l: 0,
+                c: 0,
+                v: 0,
+                n: 0,
+            }))
     }
 
-    async fn trade(&mut self, partition: Partition, envelope: &Envelope, trade: &v1::Trade, out: &mut Outputs) -> Result<(), HandlerError> {
+    async fn trade(
+        &mut self,
+        partition: Partition,
+        envelope: &Envelope,
+        trade: &v1::Trade,
+        out: &mut Outputs,
+    ) -> Result<(), HandlerError> {
         let symbol = trade.symbol.as_str();
         if symbol.is_empty() || trade.qty == 0 || trade.price_e6 <= 0 {
-            return Err(HandlerError::Permanent(format!("trade without symbol, price or qty: {trade:?}")));
+            return Err(HandlerError::Permanent(format!(
+                "trade without symbol, price or qty: {trade:?}"
+            )));
         }
         let at_ms = envelope.origin_us / 1000;
         // Compute every bar first, so a Redis error leaves the cache untouched.
@@ -197,22 +233,57 @@ impl Aggregator {
         for (interval, bucket, bar) in updated {
             let key = self.keys.bars(symbol, interval);
             let json = serde_json::to_vec(&bar).expect("bars serialize");
-            out.command("ZREMRANGEBYSCORE", key.clone(), vec![bucket.to_string().into_bytes(), bucket.to_string().into_bytes()]);
-            out.command("ZADD", key.clone(), vec![bucket.to_string().into_bytes(), json]);
+            out.command(
+                "ZREMRANGEBYSCORE",
+                key.clone(),
+                vec![
+                    bucket.to_string().into_bytes(),
+                    bucket.to_string().into_bytes(),
+                ],
+            );
+            out.command(
+                "ZADD",
+                key.clone(),
+                vec![bucket.to_string().into_bytes(), json],
+            );
             let keep_ms = match interval {
                 Interval::Second => self.retention.second_bars_ms,
                 Interval::Minute => self.retention.minute_bars_ms,
             };
             let oldest = bucket.saturating_sub(keep_ms);
-            out.command("ZREMRANGEBYSCORE", key, vec![b"-inf".to_vec(), format!("({oldest}").into_bytes()]);
-            self.bars.insert((partition, symbol.to_owned(), interval, bucket), bar);
+            out.command(
+                "ZREMRANGEBYSCORE",
+                key,
+                vec![b"-inf".to_vec(), format!("({oldest}").into_bytes()],
+            );
+            self.bars
+                .insert((partition, symbol.to_owned(), interval, bucket), bar);
         }
         let stats = self.keys.stats(symbol);
         let notional = trade.price_e6 as f64 / 1e6 * trade.qty as f64;
-        out.command("HINCRBY", stats.clone(), vec![b"trades".to_vec(), b"1".to_vec()]);
-        out.command("HINCRBY", stats.clone(), vec![b"volume".to_vec(), trade.qty.to_string().into_bytes()]);
-        out.command("HINCRBYFLOAT", stats.clone(), vec![b"notional".to_vec(), format!("{notional:.6}").into_bytes()]);
-        out.command("HSET", stats, vec![b"last_price_e6".to_vec(), trade.price_e6.to_string().into_bytes()]);
+        out.command(
+            "HINCRBY",
+            stats.clone(),
+            vec![b"trades".to_vec(), b"1".to_vec()],
+        );
+        out.command(
+            "HINCRBY",
+            stats.clone(),
+            vec![b"volume".to_vec(), trade.qty.to_string().into_bytes()],
+        );
+        out.command(
+            "HINCRBYFLOAT",
+            stats.clone(),
+            vec![b"notional".to_vec(), format!("{notional:.6}").into_bytes()],
+        );
+        out.command(
+            "HSET",
+            stats,
+            vec![
+                b"last_price_e6".to_vec(),
+                trade.price_e6.to_string().into_bytes(),
+            ],
+        );
         self.evict(at_ms);
         Ok(())
     }
@@ -220,14 +291,19 @@ impl Aggregator {
     /// Keeps the cache small: forgets bars more than two minutes older than `now_ms`.
     fn evict(&mut self, now_ms: u64) {
         if self.bars.len() > 4096 {
-            self.bars.retain(|(_, _, _, bucket), _| *bucket + 120_000 >= now_ms);
+            self.bars
+                .retain(|(_, _, _, bucket), _| *bucket + 120_000 >= now_ms);
         }
     }
 }
 
 fn decode<M: Message + Default>(envelope: &Envelope) -> Result<M, HandlerError> {
-    M::decode(envelope.payload.as_ref())
-        .map_err(|e| HandlerError::Permanent(format!("payload of {} is not valid: {e}", envelope.event_type)))
+    M::decode(envelope.payload.as_ref()).map_err(|e| {
+        HandlerError::Permanent(format!(
+            "payload of {} is not valid: {e}",
+            envelope.event_type
+        ))
+    })
 }
 
 impl Handler for Aggregator {
@@ -236,29 +312,56 @@ impl Handler for Aggregator {
         match envelope.event_type.as_str() {
             types::TRADE => {
                 let trade: v1::Trade = decode(envelope)?;
-                self.trade(delivery.partition, envelope, &trade, out).await?;
+                self.trade(delivery.partition, envelope, &trade, out)
+                    .await?;
             }
             types::VALIDATED_TICK => {
                 let tick: v1::ValidatedTick = decode(envelope)?;
                 let stats = self.keys.stats(&tick.symbol);
-                out.command("HINCRBY", stats.clone(), vec![b"ticks".to_vec(), b"1".to_vec()]);
-                out.command("HSET", stats, vec![b"last_tick_price_e6".to_vec(), tick.price_e6.to_string().into_bytes()]);
+                out.command(
+                    "HINCRBY",
+                    stats.clone(),
+                    vec![b"ticks".to_vec(), b"1".to_vec()],
+                );
+                out.command(
+                    "HSET",
+                    stats,
+                    vec![
+                        b"last_tick_price_e6".to_vec(),
+                        tick.price_e6.to_string().into_bytes(),
+                    ],
+                );
             }
             types::EXECUTION => {
                 let report: v1::ExecutionReport = decode(envelope)?;
                 let status = v1::ExecStatus::try_from(report.status)
-                    .map(|s| s.as_str_name().trim_start_matches("EXEC_STATUS_").to_ascii_lowercase())
+                    .map(|s| {
+                        s.as_str_name()
+                            .trim_start_matches("EXEC_STATUS_")
+                            .to_ascii_lowercase()
+                    })
                     .unwrap_or_else(|_| "unknown".into());
-                out.command("HINCRBY", self.keys.stats(&report.symbol), vec![format!("exec_{status}").into_bytes(), b"1".to_vec()]);
+                out.command(
+                    "HINCRBY",
+                    self.keys.stats(&report.symbol),
+                    vec![format!("exec_{status}").into_bytes(), b"1".to_vec()],
+                );
             }
-            other => return Err(HandlerError::Permanent(format!("analytics does not handle event type {other:?}"))),
+            other => {
+                return Err(HandlerError::Permanent(format!(
+                    "analytics does not handle event type {other:?}"
+                )));
+            }
         }
         let latency_us = now_micros().saturating_sub(envelope.origin_us);
         metrics::histogram!("tickflow_e2e_latency_seconds").record(latency_us as f64 / 1e6);
         out.command(
             "HINCRBY",
             self.keys.latency(delivery.partition),
-            vec![latency::bucket(latency_us).to_string().into_bytes(), b"1".to_vec()],
+            vec![
+                latency::bucket(latency_us).to_string().into_bytes(),
+                b"1".to_vec(),
+            ],
         );
         Ok(())
     }

@@ -48,10 +48,16 @@ enum ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match self {
-            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, Json(json!({ "error": m }))).into_response(),
+            ApiError::BadRequest(m) => {
+                (StatusCode::BAD_REQUEST, Json(json!({ "error": m }))).into_response()
+            }
             ApiError::Unavailable(m) => {
                 tracing::warn!(error = %m, "analytics query failed");
-                (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": "Redis is unavailable" }))).into_response()
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({ "error": "Redis is unavailable" })),
+                )
+                    .into_response()
             }
         }
     }
@@ -64,12 +70,17 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
 fn normalize_symbol(symbol: &str) -> Result<String, ApiError> {
     let symbol = symbol.trim().to_ascii_uppercase();
     if symbol.is_empty() || symbol.len() > 32 {
-        return Err(ApiError::BadRequest("symbol must be 1 to 32 characters".into()));
+        return Err(ApiError::BadRequest(
+            "symbol must be 1 to 32 characters".into(),
+        ));
     }
     Ok(symbol)
 }
 
-async fn stats(State(state): State<ApiState>, Path(symbol): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn stats(
+    State(state): State<ApiState>,
+    Path(symbol): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let symbol = normalize_symbol(&symbol)?;
     let mut conn = state.redis.pooled().await.map_err(unavailable)?;
     let hash: HashMap<String, String> = redis::cmd("HGETALL")
@@ -77,10 +88,21 @@ async fn stats(State(state): State<ApiState>, Path(symbol): Path<String>) -> Res
         .query_async(&mut *conn)
         .await
         .map_err(unavailable)?;
-    let int = |name: &str| hash.get(name).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+    let int = |name: &str| {
+        hash.get(name)
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0)
+    };
     let volume = int("volume");
-    let notional: f64 = hash.get("notional").and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    let price = |name: &str| hash.get(name).and_then(|v| v.parse::<i64>().ok()).map(|p| p as f64 / 1e6);
+    let notional: f64 = hash
+        .get("notional")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let price = |name: &str| {
+        hash.get(name)
+            .and_then(|v| v.parse::<i64>().ok())
+            .map(|p| p as f64 / 1e6)
+    };
     let executions: BTreeMap<String, i64> = hash
         .iter()
         .filter_map(|(k, v)| Some((k.strip_prefix("exec_")?.to_owned(), v.parse().ok()?)))
@@ -111,8 +133,9 @@ async fn bars(
 ) -> Result<Json<Value>, ApiError> {
     let symbol = normalize_symbol(&symbol)?;
     let interval_name = query.interval.as_deref().unwrap_or("1s");
-    let interval = Interval::parse(interval_name)
-        .ok_or_else(|| ApiError::BadRequest(format!("interval must be 1s or 1m, not {interval_name:?}")))?;
+    let interval = Interval::parse(interval_name).ok_or_else(|| {
+        ApiError::BadRequest(format!("interval must be 1s or 1m, not {interval_name:?}"))
+    })?;
     let now_ms = streams_core::envelope::now_micros() / 1000;
     let to = query.to.unwrap_or(now_ms);
     let from = query.from.unwrap_or(to.saturating_sub(3_600_000));
@@ -137,10 +160,14 @@ async fn bars(
             })
         })
         .collect();
-    Ok(Json(json!({ "symbol": symbol, "interval": interval.name(), "bars": bars })))
+    Ok(Json(
+        json!({ "symbol": symbol, "interval": interval.name(), "bars": bars }),
+    ))
 }
 
-async fn latency_percentiles(State(state): State<ApiState>) -> Result<Json<latency::Percentiles>, ApiError> {
+async fn latency_percentiles(
+    State(state): State<ApiState>,
+) -> Result<Json<latency::Percentiles>, ApiError> {
     let mut conn = state.redis.pooled().await.map_err(unavailable)?;
     let mut pipe = redis::pipe();
     for partition in state.keys.partitions() {

@@ -63,7 +63,10 @@ pub fn percentiles(counts: &[(u32, u64)]) -> Percentiles {
         p90_us: at(0.9),
         p99_us: at(0.99),
         p999_us: at(0.999),
-        max_us: sorted.last().map(|(b, _)| lower(b + 1).saturating_sub(1).max(lower(*b))).unwrap_or(0),
+        max_us: sorted
+            .last()
+            .map(|(b, _)| lower(b + 1).saturating_sub(1).max(lower(*b)))
+            .unwrap_or(0),
     }
 }
 

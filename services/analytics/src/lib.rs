@@ -26,8 +26,18 @@ impl AnalyticsConfig {
     pub fn from_env(env: &streams_core::Env) -> Result<Self, ConfigError> {
         Ok(Self {
             retention: aggregate::Retention {
-                second_bars_ms: env.ranged_or("ANALYTICS_RETENTION_1S_MS", 3_600_000, 1_000, u64::MAX / 4)?,
-                minute_bars_ms: env.ranged_or("ANALYTICS_RETENTION_1M_MS", 7 * 86_400_000, 60_000, u64::MAX / 4)?,
+                second_bars_ms: env.ranged_or(
+                    "ANALYTICS_RETENTION_1S_MS",
+                    3_600_000,
+                    1_000,
+                    u64::MAX / 4,
+                )?,
+                minute_bars_ms: env.ranged_or(
+                    "ANALYTICS_RETENTION_1M_MS",
+                    7 * 86_400_000,
+                    60_000,
+                    u64::MAX / 4,
+                )?,
             },
         })
     }
@@ -44,9 +54,21 @@ pub fn spec() -> StageSpec {
 }
 
 /// Runs analytics until shutdown, serving the query API and the admin router on `http`.
-pub async fn run(app: App, settings: AnalyticsConfig, http: tokio::net::TcpListener) -> anyhow::Result<()> {
-    let handler = aggregate::Aggregator::new(app.config.keys.clone(), app.redis.clone(), settings.retention);
-    let routes = api::router(app.redis.clone(), aggregate::AnalyticsKeys::new(app.config.keys.clone()));
+pub async fn run(
+    app: App,
+    settings: AnalyticsConfig,
+    http: tokio::net::TcpListener,
+) -> anyhow::Result<()> {
+    let handler = aggregate::Aggregator::new(
+        app.config.keys.clone(),
+        app.redis.clone(),
+        settings.retention,
+    );
+    let routes = api::router(
+        app.redis.clone(),
+        aggregate::AnalyticsKeys::new(app.config.keys.clone()),
+    );
     let stage = app.stage(spec(), handler);
-    app.serve(http, routes, async move { Ok(stage.run().await?) }).await
+    app.serve(http, routes, async move { Ok(stage.run().await?) })
+        .await
 }

@@ -39,8 +39,12 @@ impl Matching {
 }
 
 fn decode<M: Message + Default>(envelope: &Envelope) -> Result<M, HandlerError> {
-    M::decode(envelope.payload.as_ref())
-        .map_err(|e| HandlerError::Permanent(format!("payload of {} is not valid: {e}", envelope.event_type)))
+    M::decode(envelope.payload.as_ref()).map_err(|e| {
+        HandlerError::Permanent(format!(
+            "payload of {} is not valid: {e}",
+            envelope.event_type
+        ))
+    })
 }
 
 impl Handler for Matching {
@@ -54,12 +58,19 @@ impl Handler for Matching {
                 let side = match v1::Side::try_from(order.side) {
                     Ok(v1::Side::Buy) => Side::Buy,
                     Ok(v1::Side::Sell) => Side::Sell,
-                    _ => return Err(HandlerError::Permanent(format!("order {} without a side", order.client_order_id))),
+                    _ => {
+                        return Err(HandlerError::Permanent(format!(
+                            "order {} without a side",
+                            order.client_order_id
+                        )));
+                    }
                 };
                 let kind = if order.r#type == v1::OrderType::Market as i32 {
                     OrderKind::Market
                 } else {
-                    OrderKind::Limit { price: order.price_e6 }
+                    OrderKind::Limit {
+                        price: order.price_e6,
+                    }
                 };
                 let book = books.book_mut(&order.symbol);
                 book.set_band_bps(order.instrument.as_ref().map_or(0, |i| i.band_bps));
@@ -73,16 +84,25 @@ impl Handler for Matching {
             }
             types::VALIDATED_CANCEL => {
                 let cancel: v1::ValidatedCancel = decode(envelope)?;
-                let events = books.book_mut(&cancel.symbol).cancel(&cancel.client_order_id);
+                let events = books
+                    .book_mut(&cancel.symbol)
+                    .cancel(&cancel.client_order_id);
                 (cancel.symbol, events)
             }
             types::VALIDATED_TICK => {
                 let tick: v1::ValidatedTick = decode(envelope)?;
                 books.book_mut(&tick.symbol).on_tick(tick.price_e6);
-                out.append(market, &envelope.derive(types::VALIDATED_TICK, envelope.payload.clone()));
+                out.append(
+                    market,
+                    &envelope.derive(types::VALIDATED_TICK, envelope.payload.clone()),
+                );
                 return Ok(());
             }
-            other => return Err(HandlerError::Permanent(format!("engine does not handle event type {other:?}"))),
+            other => {
+                return Err(HandlerError::Permanent(format!(
+                    "engine does not handle event type {other:?}"
+                )));
+            }
         };
         for event in events {
             let (event_type, payload) = encode(&symbol, event);
@@ -106,18 +126,36 @@ pub fn encode(symbol: &str, event: Event) -> (&'static str, Vec<u8>) {
         ..Default::default()
     };
     match event {
-        Event::Accepted { seq, order_id, qty, .. } => {
+        Event::Accepted {
+            seq, order_id, qty, ..
+        } => {
             let mut r = report(order_id, ExecStatus::Accepted, seq);
             r.leaves_qty = qty;
             (types::EXECUTION, r.encode_to_vec())
         }
-        Event::Rejected { seq, order_id, reason } => {
+        Event::Rejected {
+            seq,
+            order_id,
+            reason,
+        } => {
             let mut r = report(order_id, ExecStatus::Rejected, seq);
             r.reason = reason.to_string();
             (types::EXECUTION, r.encode_to_vec())
         }
-        Event::Fill { seq, order_id, qty, price, leaves_qty, cumulative_qty, .. } => {
-            let status = if leaves_qty == 0 { ExecStatus::Filled } else { ExecStatus::PartiallyFilled };
+        Event::Fill {
+            seq,
+            order_id,
+            qty,
+            price,
+            leaves_qty,
+            cumulative_qty,
+            ..
+        } => {
+            let status = if leaves_qty == 0 {
+                ExecStatus::Filled
+            } else {
+                ExecStatus::PartiallyFilled
+            };
             let mut r = report(order_id, status, seq);
             r.last_price_e6 = price;
             r.last_qty = qty;
@@ -125,7 +163,12 @@ pub fn encode(symbol: &str, event: Event) -> (&'static str, Vec<u8>) {
             r.leaves_qty = leaves_qty;
             (types::EXECUTION, r.encode_to_vec())
         }
-        Event::Cancelled { seq, order_id, leaves_qty, reason } => {
+        Event::Cancelled {
+            seq,
+            order_id,
+            leaves_qty,
+            reason,
+        } => {
             let mut r = report(order_id, ExecStatus::Cancelled, seq);
             r.leaves_qty = leaves_qty;
             r.reason = match reason {
@@ -134,7 +177,14 @@ pub fn encode(symbol: &str, event: Event) -> (&'static str, Vec<u8>) {
             };
             (types::EXECUTION, r.encode_to_vec())
         }
-        Event::Trade { seq, buy_order_id, sell_order_id, price, qty, aggressor } => {
+        Event::Trade {
+            seq,
+            buy_order_id,
+            sell_order_id,
+            price,
+            qty,
+            aggressor,
+        } => {
             let trade = v1::Trade {
                 symbol: symbol.to_owned(),
                 price_e6: price,

@@ -55,7 +55,11 @@ pub fn spec() -> StageSpec {
 }
 
 /// Runs transform until shutdown, serving HTTP on `http`.
-pub async fn run(app: App, settings: TransformConfig, http: tokio::net::TcpListener) -> anyhow::Result<()> {
+pub async fn run(
+    app: App,
+    settings: TransformConfig,
+    http: tokio::net::TcpListener,
+) -> anyhow::Result<()> {
     if let Some(path) = &settings.refdata_file {
         let count = refdata::load_file(&app.redis, &app.config.keys, path).await?;
         tracing::info!(path, count, "reference data file loaded into Redis");
@@ -64,8 +68,14 @@ pub async fn run(app: App, settings: TransformConfig, http: tokio::net::TcpListe
     if let Err(e) = refdata.refresh(&app.redis, &app.config.keys).await {
         tracing::warn!(error = %e, "reference data not loaded yet; will retry");
     }
-    let refresher = refdata.spawn_refresh(app.redis.clone(), app.config.keys.clone(), settings.refresh, app.shutdown.clone());
-    let handler = normalize::Transform::new(app.config.keys.clone(), refdata, settings.tick_tolerance);
+    let refresher = refdata.spawn_refresh(
+        app.redis.clone(),
+        app.config.keys.clone(),
+        settings.refresh,
+        app.shutdown.clone(),
+    );
+    let handler =
+        normalize::Transform::new(app.config.keys.clone(), refdata, settings.tick_tolerance);
     let stage = app.stage(spec(), handler);
     app.serve(http, axum::Router::new(), async move {
         let result = stage.run().await;

@@ -6,7 +6,12 @@ use streams_core::{App, Env, shutdown};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let env = Env::process();
-    let app = App::init("transform", env.clone(), "0.0.0.0:8081", shutdown::on_signals())?;
+    let app = App::init(
+        "transform",
+        env.clone(),
+        "0.0.0.0:8081",
+        shutdown::on_signals(),
+    )?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let [command, path] = args.as_slice()
         && command == "load-refdata"

@@ -50,12 +50,18 @@ impl Transform {
         };
         let qty = lots(order.qty, instrument)?;
         if let Some(max) = instrument.max_qty.filter(|max| qty > *max) {
-            return Err(Rejection(format!("quantity {qty} above the maximum {max} for {symbol}")));
+            return Err(Rejection(format!(
+                "quantity {qty} above the maximum {max} for {symbol}"
+            )));
         }
         Ok(v1::ValidatedOrder {
             symbol: symbol.clone(),
             side: order.side,
-            r#type: if market { v1::OrderType::Market } else { v1::OrderType::Limit } as i32,
+            r#type: if market {
+                v1::OrderType::Market
+            } else {
+                v1::OrderType::Limit
+            } as i32,
             price_e6,
             qty,
             client_order_id: order.client_order_id.clone(),
@@ -88,7 +94,9 @@ impl Transform {
         }
         let price_e6 = rounded as i64 * instrument.tick_e6();
         let as_decimal = price_e6 as f64 / 1e6;
-        if instrument.min_price.is_some_and(|min| as_decimal < min) || instrument.max_price.is_some_and(|max| as_decimal > max) {
+        if instrument.min_price.is_some_and(|min| as_decimal < min)
+            || instrument.max_price.is_some_and(|max| as_decimal > max)
+        {
             return Err(Rejection(format!(
                 "price {price} outside the static band [{}, {}] of {}",
                 instrument.min_price.unwrap_or(0.0),
@@ -110,7 +118,9 @@ impl Transform {
         // Outside prints are rounded to our tick whatever their precision.
         let tick_e6 = instrument.tick_e6();
         if !(tick.price.is_finite() && tick.price > 0.0 && tick.qty.is_finite() && tick.qty > 0.0) {
-            return Err(Rejection("tick price and qty must be positive numbers".into()));
+            return Err(Rejection(
+                "tick price and qty must be positive numbers".into(),
+            ));
         }
         let price_e6 = ((tick.price * 1e6 / tick_e6 as f64).round() as i64).max(1) * tick_e6;
         Ok(v1::ValidatedTick {
@@ -124,7 +134,9 @@ impl Transform {
 /// Rounds a quantity down to whole lots (never more than asked).
 fn lots(qty: f64, instrument: &Instrument) -> Result<u64, Rejection> {
     if !(qty.is_finite() && qty > 0.0) {
-        return Err(Rejection(format!("quantity {qty} is not a positive number")));
+        return Err(Rejection(format!(
+            "quantity {qty} is not a positive number"
+        )));
     }
     if qty > 1e15 {
         return Err(Rejection(format!("quantity {qty} is too large")));
@@ -139,13 +151,19 @@ fn lots(qty: f64, instrument: &Instrument) -> Result<u64, Rejection> {
     Ok(lots * instrument.lot_size)
 }
 
-fn decode<M: Message + Default>(delivery: &Delivery, envelope: &Envelope) -> Result<M, HandlerError> {
+fn decode<M: Message + Default>(
+    delivery: &Delivery,
+    envelope: &Envelope,
+) -> Result<M, HandlerError> {
     M::decode(envelope.payload.as_ref()).map_err(|e| {
         HandlerError::Permanent(format!(
             "payload of {} entry {} is not a valid {}: {e}",
             envelope.event_type,
             delivery.id,
-            std::any::type_name::<M>().rsplit("::").next().unwrap_or("message")
+            std::any::type_name::<M>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("message")
         ))
     })
 }
@@ -159,7 +177,10 @@ impl Handler for Transform {
             types::NEW_ORDER => {
                 let order: v1::NewOrder = decode(delivery, envelope)?;
                 match self.order(&order) {
-                    Ok(valid) => out.append(validated, &envelope.derive(types::VALIDATED_ORDER, valid.encode_to_vec())),
+                    Ok(valid) => out.append(
+                        validated,
+                        &envelope.derive(types::VALIDATED_ORDER, valid.encode_to_vec()),
+                    ),
                     Err(Rejection(reason)) => {
                         metrics::counter!("tickflow_transform_rejections_total").increment(1);
                         let report = v1::ExecutionReport {
@@ -169,7 +190,10 @@ impl Handler for Transform {
                             reason,
                             ..Default::default()
                         };
-                        out.append(market, &envelope.derive(types::EXECUTION, report.encode_to_vec()));
+                        out.append(
+                            market,
+                            &envelope.derive(types::EXECUTION, report.encode_to_vec()),
+                        );
                     }
                 }
             }
@@ -181,7 +205,10 @@ impl Handler for Transform {
                         symbol,
                         client_order_id: cancel.client_order_id,
                     };
-                    out.append(validated, &envelope.derive(types::VALIDATED_CANCEL, valid.encode_to_vec()));
+                    out.append(
+                        validated,
+                        &envelope.derive(types::VALIDATED_CANCEL, valid.encode_to_vec()),
+                    );
                 } else {
                     let report = v1::ExecutionReport {
                         symbol: symbol.clone(),
@@ -190,17 +217,27 @@ impl Handler for Transform {
                         reason: format!("cancel: unknown symbol {symbol}"),
                         ..Default::default()
                     };
-                    out.append(market, &envelope.derive(types::EXECUTION, report.encode_to_vec()));
+                    out.append(
+                        market,
+                        &envelope.derive(types::EXECUTION, report.encode_to_vec()),
+                    );
                 }
             }
             types::TICK => {
                 let tick: v1::MarketTick = decode(delivery, envelope)?;
                 // A tick has no sender to answer: an unusable one is dead-lettered with the reason.
-                let valid = self.tick(&tick).map_err(|Rejection(reason)| HandlerError::Permanent(reason))?;
-                out.append(validated, &envelope.derive(types::VALIDATED_TICK, valid.encode_to_vec()));
+                let valid = self
+                    .tick(&tick)
+                    .map_err(|Rejection(reason)| HandlerError::Permanent(reason))?;
+                out.append(
+                    validated,
+                    &envelope.derive(types::VALIDATED_TICK, valid.encode_to_vec()),
+                );
             }
             other => {
-                return Err(HandlerError::Permanent(format!("transform does not handle event type {other:?}")));
+                return Err(HandlerError::Permanent(format!(
+                    "transform does not handle event type {other:?}"
+                )));
             }
         }
         Ok(())
@@ -247,7 +284,9 @@ mod tests {
 
     #[test]
     fn normalizes_and_enriches() {
-        let valid = transform().order(&order("aapl", 172.5000001, 25.0)).unwrap();
+        let valid = transform()
+            .order(&order("aapl", 172.5000001, 25.0))
+            .unwrap();
         assert_eq!(valid.symbol, "AAPL");
         assert_eq!(valid.price_e6, 172_500_000);
         assert_eq!(valid.qty, 20, "rounded down to the lot of 10");
@@ -257,19 +296,54 @@ mod tests {
     #[test]
     fn business_rules_reject_with_a_reason() {
         let t = transform();
-        assert_eq!(t.order(&order("MSFT", 1.0, 10.0)).unwrap_err().0, "unknown symbol MSFT");
-        assert!(t.order(&order("AAPL", 172.505, 10.0)).unwrap_err().0.contains("off the tick"));
-        assert!(t.order(&order("AAPL", 10.0, 5.0)).unwrap_err().0.contains("below one lot"));
-        assert!(t.order(&order("AAPL", 5000.0, 10.0)).unwrap_err().0.contains("static band"));
-        assert!(t.order(&order("AAPL", 10.0, 1e7)).unwrap_err().0.contains("maximum"));
+        assert_eq!(
+            t.order(&order("MSFT", 1.0, 10.0)).unwrap_err().0,
+            "unknown symbol MSFT"
+        );
+        assert!(
+            t.order(&order("AAPL", 172.505, 10.0))
+                .unwrap_err()
+                .0
+                .contains("off the tick")
+        );
+        assert!(
+            t.order(&order("AAPL", 10.0, 5.0))
+                .unwrap_err()
+                .0
+                .contains("below one lot")
+        );
+        assert!(
+            t.order(&order("AAPL", 5000.0, 10.0))
+                .unwrap_err()
+                .0
+                .contains("static band")
+        );
+        assert!(
+            t.order(&order("AAPL", 10.0, 1e7))
+                .unwrap_err()
+                .0
+                .contains("maximum")
+        );
     }
 
     #[test]
     fn ticks_round_to_our_tick() {
         let tick = transform()
-            .tick(&v1::MarketTick { symbol: "aapl".into(), price: 172.503, qty: 3.0 })
+            .tick(&v1::MarketTick {
+                symbol: "aapl".into(),
+                price: 172.503,
+                qty: 3.0,
+            })
             .unwrap();
         assert_eq!(tick.price_e6, 172_500_000);
-        assert!(transform().tick(&v1::MarketTick { symbol: "X".into(), price: 1.0, qty: 1.0 }).is_err());
+        assert!(
+            transform()
+                .tick(&v1::MarketTick {
+                    symbol: "X".into(),
+                    price: 1.0,
+                    qty: 1.0
+                })
+                .is_err()
+        );
     }
 }

@@ -77,7 +77,10 @@ impl Instrument {
     /// Checks the rules make sense.
     pub fn validate(&self) -> Result<(), String> {
         if self.symbol.is_empty() || self.symbol != self.symbol.to_ascii_uppercase() {
-            return Err(format!("symbol {:?} must be non-empty upper case", self.symbol));
+            return Err(format!(
+                "symbol {:?} must be non-empty upper case",
+                self.symbol
+            ));
         }
         if !(self.tick_size.is_finite() && self.tick_size > 0.0 && self.tick_size * 1e6 >= 1.0) {
             return Err(format!("{}: tick_size must be ≥ 0.000001", self.symbol));
@@ -115,17 +118,25 @@ pub async fn load_file(redis: &Redis, keys: &KeySpace, path: &str) -> Result<usi
 }
 
 /// Replaces the instruments in Redis, atomically, and bumps the version.
-pub async fn store(redis: &Redis, keys: &KeySpace, instruments: &[Instrument]) -> Result<usize, RefDataError> {
+pub async fn store(
+    redis: &Redis,
+    keys: &KeySpace,
+    instruments: &[Instrument],
+) -> Result<usize, RefDataError> {
     let hash = keys.global("instruments");
     let mut pipe = redis::pipe();
     pipe.atomic().del(&hash).ignore();
     for instrument in instruments {
-        let json = serde_json::to_string(instrument).map_err(|e| RefDataError::Invalid(e.to_string()))?;
+        let json =
+            serde_json::to_string(instrument).map_err(|e| RefDataError::Invalid(e.to_string()))?;
         pipe.hset(&hash, &instrument.symbol, json).ignore();
     }
     pipe.incr(keys.global("instruments:version"), 1).ignore();
     let mut conn = redis.pooled().await?;
-    let _: () = pipe.query_async(&mut *conn).await.map_err(StreamsError::from)?;
+    let _: () = pipe
+        .query_async(&mut *conn)
+        .await
+        .map_err(StreamsError::from)?;
     Ok(instruments.len())
 }
 
@@ -178,11 +189,20 @@ impl RefData {
                 Ok(instrument) => {
                     instruments.insert(symbol, instrument);
                 }
-                Err(e) => tracing::error!(%symbol, error = %e, "ignoring invalid instrument in Redis"),
+                Err(e) => {
+                    tracing::error!(%symbol, error = %e, "ignoring invalid instrument in Redis")
+                }
             }
         }
-        tracing::info!(version, instruments = instruments.len(), "reference data loaded");
-        self.replace(Arc::new(Snapshot { version, instruments }));
+        tracing::info!(
+            version,
+            instruments = instruments.len(),
+            "reference data loaded"
+        );
+        self.replace(Arc::new(Snapshot {
+            version,
+            instruments,
+        }));
         Ok(true)
     }
 
