@@ -133,6 +133,44 @@ pub(crate) async fn partition_status(
     Ok(status)
 }
 
+/// Stream length, the group's lag (None when Redis cannot tell) and pending count, and
+/// the dead-letter stream's length, in one round trip.
+pub(crate) async fn backlog_gauges(
+    redis: &Redis,
+    source: &Source,
+    group: &str,
+) -> Result<(u64, Option<u64>, u64, u64)> {
+    let mut conn = redis.pooled().await?;
+    let mut pipe = redis::pipe();
+    pipe.cmd("XLEN").arg(&*source.stream);
+    pipe.cmd("XLEN").arg(&source.dead_letter);
+    pipe.cmd("XINFO").arg("GROUPS").arg(&*source.stream);
+    let replies: Vec<redis::RedisResult<Value>> =
+        pipe.ignore_errors().query_async(&mut *conn).await?;
+    let int = |r: &redis::RedisResult<Value>| {
+        r.as_ref()
+            .ok()
+            .and_then(|v| as_int(v).ok())
+            .unwrap_or(0)
+            .max(0) as u64
+    };
+    let (length, dead_letters) = (int(&replies[0]), int(&replies[1]));
+    let mut lag = None;
+    let mut pending = 0;
+    if let Some(Ok(groups)) = replies.into_iter().nth(2) {
+        for info in records(groups) {
+            if info.get("name").map(String::as_str) == Some(group) {
+                lag = info.get("lag").and_then(|v| v.parse().ok());
+                pending = info
+                    .get("pending")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    Ok((length, lag, pending, dead_letters))
+}
+
 /// XINFO replies (RESP2 flat arrays or RESP3 maps) as string maps; nested values dropped.
 fn records(reply: Value) -> Vec<std::collections::HashMap<String, String>> {
     let Value::Array(items) = reply else {

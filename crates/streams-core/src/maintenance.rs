@@ -9,7 +9,7 @@ use std::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    admin_ops::{delete_idle_consumers, trim_stream},
+    admin_ops::{backlog_gauges, delete_idle_consumers, trim_stream},
     config::StageTuning,
     connection::Redis,
     stage::Source,
@@ -29,8 +29,13 @@ pub(crate) async fn run(
         (tuning.consumer_idle_delete / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
     let mut next_cleanup = Instant::now() + cleanup_every;
     let mut next_trim = Instant::now() + tuning.trim_interval;
+    let mut next_gauges = Instant::now();
     loop {
         let now = Instant::now();
+        if now >= next_gauges {
+            export_gauges(&redis, &group, &sources).await;
+            next_gauges = Instant::now() + GAUGE_INTERVAL;
+        }
         if !tuning.trim_interval.is_zero() && now >= next_trim {
             trim(&redis, &group, &sources, tuning.max_len, &stats).await;
             next_trim = Instant::now() + tuning.trim_interval;
@@ -46,13 +51,37 @@ pub(crate) async fn run(
             }
             next_cleanup = Instant::now() + cleanup_every;
         }
-        let mut wake = next_cleanup;
+        let mut wake = next_cleanup.min(next_gauges);
         if !tuning.trim_interval.is_zero() {
             wake = wake.min(next_trim);
         }
         tokio::select! {
             _ = tokio::time::sleep_until(wake.into()) => {}
             _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// How often the stream length, lag, pending and dead-letter gauges are refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
+async fn export_gauges(redis: &Redis, group: &str, sources: &[Source]) {
+    for source in sources {
+        let Ok((length, lag, pending, dead_letters)) = backlog_gauges(redis, source, group).await
+        else {
+            continue;
+        };
+        let stream = source.logical.to_string();
+        let partition = source.partition.to_string();
+        metrics::gauge!("tickflow_stream_length", "stream" => stream.clone(), "partition" => partition.clone())
+            .set(length as f64);
+        metrics::gauge!("tickflow_dead_letter_length", "stream" => stream.clone(), "partition" => partition.clone())
+            .set(dead_letters as f64);
+        metrics::gauge!("tickflow_group_pending", "group" => group.to_owned(), "stream" => stream.clone(), "partition" => partition.clone())
+            .set(pending as f64);
+        if let Some(lag) = lag {
+            metrics::gauge!("tickflow_group_lag", "group" => group.to_owned(), "stream" => stream, "partition" => partition)
+                .set(lag as f64);
         }
     }
 }

@@ -910,6 +910,8 @@ impl<H: Handler> Stage<H> {
                     Err(HandlerError::Permanent(reason)) => Err(reason),
                     Err(HandlerError::Retry(reason)) => {
                         failed += 1;
+                        metrics::counter!("tickflow_events_failed_total", "stage" => self.spec.group.clone(), "partition" => delivery.partition.to_string())
+                            .increment(1);
                         tracing::debug!(group = %self.spec.group, id = %delivery.id, %reason, "handler asked for a retry");
                         if owned {
                             // Later entries of this partition must wait for this one.
