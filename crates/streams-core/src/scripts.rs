@@ -101,9 +101,10 @@ pub(crate) const FENCED: &str = "TICKFLOW_FENCED";
 /// KEYS[1] input stream, KEYS[2] lease key (or the input again when unfenced), KEYS[3..]
 /// the keys effects write. ARGV: group, fencing token ('' = none), entry count, then per
 /// entry: id, op count, and per op: kind ('X' = XADD, else a command name), key index,
-/// argument count, arguments. An entry's effects are applied only if its XACK removed it
-/// from the pending list, so an entry handled twice is forwarded once. Returns one 0/1 per
-/// entry.
+/// argument count, arguments; then the batch's op count and ops (e.g. a state snapshot),
+/// applied if any entry of the call was acknowledged by it. An entry's effects are applied
+/// only if its XACK removed it from the pending list, so an entry handled twice is
+/// forwarded once. Returns one 0/1 per entry.
 const ACK_FORWARD: &str = r#"
 local group, token = ARGV[1], ARGV[2]
 if token ~= '' and redis.call('GET', KEYS[2]) ~= token then
@@ -112,23 +113,29 @@ end
 local n = tonumber(ARGV[3])
 local i = 4
 local result = {}
+local any_acked = false
+local function apply(apply_it)
+  local kind, key, nargs = ARGV[i], KEYS[tonumber(ARGV[i + 1])], tonumber(ARGV[i + 2])
+  if apply_it then
+    if kind == 'X' then
+      redis.call('XADD', key, '*', unpack(ARGV, i + 3, i + 2 + nargs))
+    else
+      redis.call(kind, key, unpack(ARGV, i + 3, i + 2 + nargs))
+    end
+  end
+  i = i + 3 + nargs
+end
 for e = 1, n do
   local id, ops = ARGV[i], tonumber(ARGV[i + 1])
   i = i + 2
   local acked = redis.call('XACK', KEYS[1], group, id)
   result[e] = acked
-  for _ = 1, ops do
-    local kind, key, nargs = ARGV[i], KEYS[tonumber(ARGV[i + 1])], tonumber(ARGV[i + 2])
-    if acked == 1 then
-      if kind == 'X' then
-        redis.call('XADD', key, '*', unpack(ARGV, i + 3, i + 2 + nargs))
-      else
-        redis.call(kind, key, unpack(ARGV, i + 3, i + 2 + nargs))
-      end
-    end
-    i = i + 3 + nargs
-  end
+  if acked == 1 then any_acked = true end
+  for _ = 1, ops do apply(acked == 1) end
 end
+local batch_ops = tonumber(ARGV[i] or '0')
+i = i + 1
+for _ = 1, batch_ops do apply(any_acked) end
 return result
 "#;
 

@@ -212,6 +212,11 @@ pub trait Handler: Send + Sync + 'static {
 
     /// This consumer no longer owns `partition`; state held for it is stale from now on.
     fn partition_released(&mut self, _partition: Partition) {}
+
+    /// Called once per partition after a batch's entries were handled, before the commit:
+    /// effects pushed here (e.g. a snapshot of the partition's state) are applied in the
+    /// same script call, if any entry of the batch is acknowledged by it.
+    fn batch_effects(&mut self, _partition: Partition, _out: &mut Outputs) {}
 }
 
 /// A resolved input stream.
@@ -288,6 +293,8 @@ struct Pending {
 #[derive(Default)]
 struct Commit {
     entries: Vec<(String, Vec<Op>)>,
+    /// Effects of the whole batch (Handler::batch_effects).
+    batch_ops: Vec<Op>,
     /// Span contexts of the traced entries: the commit span's parent and links.
     traces: Vec<opentelemetry::trace::SpanContext>,
     processed: u64,
@@ -940,6 +947,14 @@ impl<H: Handler> Stage<H> {
                 }
             }
         }
+        for (source, commit) in commits.iter_mut() {
+            if commit.processed > 0 {
+                let mut batch = Outputs::default();
+                self.handler
+                    .batch_effects(self.sources[*source].partition, &mut batch);
+                commit.batch_ops = batch.ops;
+            }
+        }
         let handled = started.elapsed();
         let commit_started = Instant::now();
         let fenced = self.commit_all(commits, tokens).await;
@@ -1096,7 +1111,12 @@ impl<H: Handler> Stage<H> {
             &src.stream,
             token.map_or(&*src.stream, |_| src.lease.as_str()),
         ];
-        for (_, ops) in &commit.entries {
+        for ops in commit
+            .entries
+            .iter()
+            .map(|(_, ops)| ops)
+            .chain(std::iter::once(&commit.batch_ops))
+        {
             for op in ops {
                 let key = match op {
                     Op::Append { key, .. } | Op::Command { key, .. } => key.as_str(),
@@ -1137,24 +1157,29 @@ impl<H: Handler> Stage<H> {
                 cmd.arg(&self.spec.group)
                     .arg(token.unwrap_or(""))
                     .arg(commit.entries.len());
+                let encode = |cmd: &mut Cmd, op: &Op| match op {
+                    Op::Append { key, fields } => {
+                        cmd.arg("X").arg(key_index(key)).arg(fields.len() * 2);
+                        for (name, value) in fields {
+                            cmd.arg(name.as_ref()).arg(value.as_slice());
+                        }
+                    }
+                    Op::Command { name, key, args } => {
+                        cmd.arg(*name).arg(key_index(key)).arg(args.len());
+                        for arg in args {
+                            cmd.arg(arg.as_slice());
+                        }
+                    }
+                };
                 for (id, ops) in &commit.entries {
                     cmd.arg(id).arg(ops.len());
                     for op in ops {
-                        match op {
-                            Op::Append { key, fields } => {
-                                cmd.arg("X").arg(key_index(key)).arg(fields.len() * 2);
-                                for (name, value) in fields {
-                                    cmd.arg(name.as_ref()).arg(value.as_slice());
-                                }
-                            }
-                            Op::Command { name, key, args } => {
-                                cmd.arg(*name).arg(key_index(key)).arg(args.len());
-                                for arg in args {
-                                    cmd.arg(arg.as_slice());
-                                }
-                            }
-                        }
+                        encode(cmd, op);
                     }
+                }
+                cmd.arg(commit.batch_ops.len());
+                for op in &commit.batch_ops {
+                    encode(cmd, op);
                 }
             })
             .instrument(span)

@@ -235,6 +235,8 @@ pub enum Event {
         order_id: String,
         /// The quantity that will never be filled.
         leaves_qty: Qty,
+        /// The order's total filled quantity before it left the book.
+        cumulative_qty: Qty,
         /// Why.
         reason: CancelReason,
     },
@@ -362,6 +364,7 @@ impl OrderBook {
                         seq: next_seq(&mut self.sequence),
                         order_id: client_order_id,
                         leaves_qty: leaves,
+                        cumulative_qty: qty - leaves,
                         reason: CancelReason::MarketRemainder,
                     });
                 }
@@ -399,6 +402,7 @@ impl OrderBook {
         }
         events.push(Event::Cancelled {
             seq: next_seq(&mut self.sequence),
+            cumulative_qty: order.filled_qty(),
             order_id: order.order_id,
             leaves_qty: order.leaves_qty,
             reason: CancelReason::Requested,
@@ -1096,6 +1100,7 @@ mod tests {
                 seq: 10,
                 order_id: "m".into(),
                 leaves_qty: 5,
+                cumulative_qty: 5,
                 reason: CancelReason::MarketRemainder,
             })
         );
@@ -1129,6 +1134,7 @@ mod tests {
                 seq: 8,
                 order_id: "a1".into(),
                 leaves_qty: 3,
+                cumulative_qty: 2,
                 reason: CancelReason::Requested,
             }]
         );
@@ -1390,6 +1396,7 @@ mod tests {
                 seq: 3,
                 order_id: "o".into(),
                 leaves_qty: 1,
+                cumulative_qty: 1,
                 reason: CancelReason::MarketRemainder,
             },
         ];
@@ -1401,7 +1408,7 @@ mod tests {
                 r#""kind":{"type":"limit","price":5},"qty":2},"#,
                 r#"{"type":"rejected","seq":2,"order_id":"o","#,
                 r#""reason":{"code":"outside_price_band","price":1,"low":2,"high":3}},"#,
-                r#"{"type":"cancelled","seq":3,"order_id":"o","leaves_qty":1,"#,
+                r#"{"type":"cancelled","seq":3,"order_id":"o","leaves_qty":1,"cumulative_qty":1,"#,
                 r#""reason":"market_remainder"}]"#,
             )
         );

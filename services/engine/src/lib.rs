@@ -85,7 +85,10 @@ pub fn spec() -> StageSpec {
 
 /// Runs the engine until shutdown, serving the admin router on `http`.
 pub async fn run(app: App, http: tokio::net::TcpListener) -> anyhow::Result<()> {
-    let stage = app.stage(spec(), stage::Matching::new(app.config.keys.clone()));
+    let stage = app.stage(
+        spec(),
+        stage::Matching::new(app.config.keys.clone(), app.redis.clone()),
+    );
     app.serve(
         http,
         axum::Router::new(),

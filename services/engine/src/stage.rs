@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 
 use prost::Message;
-use streams_core::{Delivery, Envelope, Handler, HandlerError, KeySpace, Outputs, Partition};
+use streams_core::{
+    Delivery, Envelope, Handler, HandlerError, KeySpace, Outputs, Partition, Redis,
+};
 use tickflow_proto::{
     event_type as types, topology,
     v1::{self, ExecStatus},
@@ -20,16 +22,24 @@ use crate::book::{Books, CancelReason, Event, NewOrder, OrderKind, Side};
 #[derive(Debug)]
 pub struct Matching {
     keys: KeySpace,
+    redis: Redis,
     books: HashMap<Partition, Books>,
 }
 
 impl Matching {
     /// An engine writing into `keys`' namespace.
-    pub fn new(keys: KeySpace) -> Self {
+    pub fn new(keys: KeySpace, redis: Redis) -> Self {
         Self {
             keys,
+            redis,
             books: HashMap::new(),
         }
+    }
+
+    /// Where the books of `partition` are kept, as of its last acknowledged batch.
+    pub fn snapshot_key(&self, partition: Partition) -> String {
+        self.keys
+            .partition_state(topology::ENGINE_GROUP, "books", partition)
     }
 
     /// The books of `partition`, if owned.
@@ -111,8 +121,40 @@ impl Handler for Matching {
         Ok(())
     }
 
+    /// Loads the partition's books as of its last acknowledged batch (empty if none), so
+    /// a replica taking a partition over continues exactly where the last owner committed.
+    async fn partition_acquired(&mut self, partition: Partition) -> Result<(), HandlerError> {
+        let retry = |e: &dyn std::fmt::Display| {
+            HandlerError::Retry(format!("loading the books of partition {partition}: {e}"))
+        };
+        let mut conn = self.redis.pooled().await.map_err(|e| retry(&e))?;
+        let stored: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(self.snapshot_key(partition))
+            .query_async(&mut *conn)
+            .await
+            .map_err(|e| retry(&e))?;
+        let books = match stored {
+            None => Books::default(),
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| retry(&e))?,
+        };
+        self.books.insert(partition, books);
+        Ok(())
+    }
+
     fn partition_released(&mut self, partition: Partition) {
         self.books.remove(&partition);
+    }
+
+    /// The books after the batch, stored atomically with its acknowledgement: whoever owns
+    /// the partition next starts from exactly there.
+    fn batch_effects(&mut self, partition: Partition, out: &mut Outputs) {
+        let Some(books) = self.books.get(&partition) else {
+            return;
+        };
+        match serde_json::to_vec(books) {
+            Ok(json) => out.command("SET", self.snapshot_key(partition), vec![json]),
+            Err(e) => tracing::error!(partition, error = %e, "books do not serialize"),
+        }
     }
 }
 
@@ -167,10 +209,12 @@ pub fn encode(symbol: &str, event: Event) -> (&'static str, Vec<u8>) {
             seq,
             order_id,
             leaves_qty,
+            cumulative_qty,
             reason,
         } => {
             let mut r = report(order_id, ExecStatus::Cancelled, seq);
             r.leaves_qty = leaves_qty;
+            r.cum_qty = cumulative_qty;
             r.reason = match reason {
                 CancelReason::Requested => "cancel requested".into(),
                 CancelReason::MarketRemainder => "market order remainder".into(),

@@ -391,6 +391,7 @@ impl Checker {
                         seq: events[0].seq(),
                         order_id: id.to_owned(),
                         leaves_qty: live.remaining(),
+                        cumulative_qty: live.filled,
                         reason: CancelReason::Requested,
                     }]
                 );

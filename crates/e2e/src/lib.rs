@@ -1,0 +1,934 @@
+//! End-to-end test harness: a whole tickflow pipeline in one process.
+//!
+//! [`Pipeline::start`] starts a private `redis-server` ([`RedisServer`]), loads the demo
+//! reference data (`demo/instruments.json`) into it, and runs the four services, each with
+//! its own [`App`], cancellation token, consumer name and listeners on `127.0.0.1:0`, as
+//! tasks of the calling tokio runtime:
+//!
+//! ```text
+//! ingest (HTTP, gRPC, <ns>:ingest_stream) ─▶ transform ─▶ engine (×N) ─▶ analytics
+//! ```
+//!
+//! Every pipeline has a namespace and an external stream of its own and short timings
+//! (`TICKFLOW_BLOCK_MS=100`, `TICKFLOW_LEASE_TTL_MS=600`, `TICKFLOW_CLAIM_IDLE_MS=500`, no
+//! trimming). Services read their variables only through the [`Env`] given to them here;
+//! the process environment is never changed.
+//!
+//! The helpers send events through each ingest path ([`Pipeline::post_json`],
+//! [`Pipeline::grpc_client`], [`Pipeline::xadd_external`]), read what came out of each
+//! stage ([`Pipeline::validated_entries`], [`Pipeline::market_events`],
+//! [`Pipeline::trades`], [`Pipeline::execution_reports`], [`Pipeline::stats`]) and wait
+//! for asynchronous effects ([`Pipeline::wait_until`], [`Pipeline::wait_for`],
+//! [`Pipeline::wait_settled`]). [`Pipeline::shutdown`] stops every service gracefully and
+//! fails if one of them failed.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use prost::Message;
+use redis::{Value, aio::MultiplexedConnection};
+use serde_json::Value as Json;
+use streams_core::{
+    App, Env, Envelope, KeySpace, Partition, Redis,
+    testing::{RedisServer, unique_namespace},
+};
+use tickflow_proto::{
+    event_type, topology,
+    v1::{self, ingest_service_client::IngestServiceClient},
+};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+/// The demo reference data every pipeline starts with.
+pub const DEMO_INSTRUMENTS: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../../demo/instruments.json");
+
+/// How long a service gets to stop gracefully before the harness calls it hung.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`Pipeline::start`] waits for every service to be ready and every owned
+/// partition to be held by the replica it is assigned to.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Poll interval of the wait helpers.
+const POLL: Duration = Duration::from_millis(50);
+
+/// One of the four services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// `services/ingest`.
+    Ingest,
+    /// `services/transform`.
+    Transform,
+    /// `services/engine`.
+    Engine,
+    /// `services/analytics`.
+    Analytics,
+}
+
+impl Role {
+    /// Every role, upstream first.
+    pub const ALL: [Role; 4] = [Role::Ingest, Role::Transform, Role::Engine, Role::Analytics];
+
+    /// The service's name (also the prefix of its consumer names).
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Ingest => "ingest",
+            Role::Transform => "transform",
+            Role::Engine => "engine",
+            Role::Analytics => "analytics",
+        }
+    }
+
+    /// The owned consumer group and the logical stream it reads, for owned stages.
+    pub fn owned_input(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Role::Ingest => None,
+            Role::Transform => Some((topology::TRANSFORM_GROUP, topology::INBOUND)),
+            Role::Engine => Some((topology::ENGINE_GROUP, topology::VALIDATED)),
+            Role::Analytics => Some((topology::ANALYTICS_GROUP, topology::MARKET)),
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How to build a [`Pipeline`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `TICKFLOW_PARTITIONS` (default 4).
+    pub partitions: u32,
+    /// Transform replicas (default 1).
+    pub transforms: usize,
+    /// Engine replicas (default 1).
+    pub engines: usize,
+    /// Analytics replicas (default 1).
+    pub analytics: usize,
+    /// Extra variables for every service (override the harness's).
+    pub env: Vec<(String, String)>,
+    /// Extra variables for ingest only (e.g. `INGEST_MAX_BODY_BYTES`).
+    pub ingest_env: Vec<(String, String)>,
+    /// Prefix of the namespace (`t-<prefix>-…`).
+    pub name: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            partitions: 4,
+            transforms: 1,
+            engines: 1,
+            analytics: 1,
+            env: Vec::new(),
+            ingest_env: Vec::new(),
+            name: "e2e".into(),
+        }
+    }
+}
+
+/// One running service replica.
+#[derive(Debug)]
+pub struct Service {
+    role: Role,
+    index: usize,
+    consumer: String,
+    http: SocketAddr,
+    grpc: Option<SocketAddr>,
+    token: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    /// Set when the service's `run` returned an error (shown by the wait helpers).
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+impl Service {
+    /// Which service.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Replica number within its role.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Its `CONSUMER_NAME`.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// Where its HTTP server (service routes and the admin router) listens.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
+    }
+
+    /// Where its gRPC server listens (ingest only).
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc
+    }
+
+    /// Whether it has not been stopped.
+    pub fn is_live(&self) -> bool {
+        self.task.is_some()
+    }
+}
+
+/// One decoded entry of the market stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MarketEvent {
+    /// `execution`.
+    Execution(v1::ExecutionReport),
+    /// `trade`.
+    Trade(v1::Trade),
+    /// `tick.validated`, passed through by the engine.
+    Tick(v1::ValidatedTick),
+}
+
+/// One decoded entry of the validated stream (the engine's input).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ValidatedEvent {
+    /// `order.validated`.
+    Order(v1::ValidatedOrder),
+    /// `order.cancel.validated`.
+    Cancel(v1::ValidatedCancel),
+    /// `tick.validated`.
+    Tick(v1::ValidatedTick),
+}
+
+/// An entry of a partitioned stream, decoded as an envelope.
+#[derive(Debug, Clone)]
+pub struct StreamEntry {
+    /// The partition it is in.
+    pub partition: Partition,
+    /// Its stream id.
+    pub id: String,
+    /// Its envelope.
+    pub envelope: Envelope,
+}
+
+/// A whole pipeline against a private redis-server. See the [crate documentation](crate).
+pub struct Pipeline {
+    services: Vec<Service>,
+    namespace: String,
+    keys: KeySpace,
+    external_stream: String,
+    base_env: Vec<(String, String)>,
+    ingest_env: Vec<(String, String)>,
+    http: reqwest::Client,
+    conn: MultiplexedConnection,
+    redis: Redis,
+    // Last, so that it is dropped (killed) after the services' tokens are cancelled.
+    server: RedisServer,
+}
+
+impl fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("redis", &self.server.url())
+            .field("namespace", &self.namespace)
+            .field("services", &self.services)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pipeline {
+    /// One replica of each service, 4 partitions.
+    pub async fn start() -> Self {
+        Self::start_with(Options::default()).await
+    }
+
+    /// A pipeline shaped by `options`; returns once every service answers `/readyz` and
+    /// every owned partition is held by the replica it is assigned to.
+    pub async fn start_with(options: Options) -> Self {
+        let server = RedisServer::start();
+        let namespace = unique_namespace(&options.name);
+        let keys = KeySpace::new(namespace.clone(), options.partitions);
+        let external_stream = format!("{namespace}:ingest_stream");
+        let log_filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        let mut base_env: Vec<(String, String)> = [
+            ("REDIS_URL", server.url()),
+            ("TICKFLOW_NAMESPACE", namespace.clone()),
+            ("TICKFLOW_PARTITIONS", options.partitions.to_string()),
+            ("TICKFLOW_BLOCK_MS", "100".into()),
+            ("TICKFLOW_LEASE_TTL_MS", "600".into()),
+            ("TICKFLOW_CLAIM_IDLE_MS", "500".into()),
+            ("TICKFLOW_TRIM_INTERVAL_MS", "0".into()),
+            ("TICKFLOW_SHUTDOWN_GRACE_MS", "5000".into()),
+            ("TICKFLOW_POOL_SIZE", "8".into()),
+            ("INGEST_STREAMS", external_stream.clone()),
+            ("REFDATA_REFRESH_MS", "200".into()),
+            ("RUST_LOG", log_filter),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        base_env.extend(options.env.iter().cloned());
+
+        let redis = Redis::new(&server.url(), 4).expect("redis handle");
+        let loaded = transform::refdata::load_file(&redis, &keys, DEMO_INSTRUMENTS)
+            .await
+            .expect("load demo/instruments.json into Redis");
+        assert!(loaded > 0, "demo/instruments.json has instruments");
+        let conn = redis::Client::open(server.url())
+            .expect("redis client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the test redis-server");
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(15))
+            .build()
+            .expect("http client");
+
+        let mut pipeline = Self {
+            services: Vec::new(),
+            namespace,
+            keys,
+            external_stream,
+            base_env,
+            ingest_env: options.ingest_env.clone(),
+            http,
+            conn,
+            redis,
+            server,
+        };
+        let counts = [
+            (Role::Ingest, 1),
+            (Role::Transform, options.transforms),
+            (Role::Engine, options.engines),
+            (Role::Analytics, options.analytics),
+        ];
+        for (role, count) in counts {
+            for _ in 0..count {
+                pipeline.add_replica(role).await;
+            }
+        }
+        pipeline.wait_ready().await;
+        pipeline
+    }
+
+    /// Starts one more replica of `role` (consumer `<role>-<n>`); returns its index. Does
+    /// not wait for it to be ready (see [`Self::wait_ready`]).
+    pub async fn add_replica(&mut self, role: Role) -> usize {
+        let index = self.services.iter().filter(|s| s.role == role).count();
+        let consumer = format!("{}-{index}", role.name());
+        let mut pairs = self.base_env.clone();
+        pairs.push(("CONSUMER_NAME".into(), consumer.clone()));
+        if role == Role::Ingest {
+            pairs.extend(self.ingest_env.iter().cloned());
+        }
+        let env = Env::from_pairs(pairs);
+        let token = CancellationToken::new();
+        let app = App::init(role.name(), env.clone(), "127.0.0.1:0", token.clone())
+            .unwrap_or_else(|e| panic!("App::init({consumer}): {e:#}"));
+        let http = bind().await;
+        let http_addr = http.local_addr().expect("local addr");
+        let mut grpc_addr = None;
+        let run: futures::future::BoxFuture<'static, anyhow::Result<()>> = match role {
+            Role::Ingest => {
+                let settings = ingest::IngestConfig::from_env(&env).expect("ingest settings");
+                let grpc = bind().await;
+                grpc_addr = Some(grpc.local_addr().expect("local addr"));
+                Box::pin(ingest::run(app, settings, http, grpc))
+            }
+            Role::Transform => {
+                let settings =
+                    transform::TransformConfig::from_env(&env).expect("transform settings");
+                Box::pin(transform::run(app, settings, http))
+            }
+            Role::Engine => Box::pin(engine::run(app, http)),
+            Role::Analytics => {
+                let settings =
+                    analytics::AnalyticsConfig::from_env(&env).expect("analytics settings");
+                Box::pin(analytics::run(app, settings, http))
+            }
+        };
+        let failure = Arc::new(Mutex::new(None));
+        let slot = failure.clone();
+        let name = consumer.clone();
+        let task = tokio::spawn(async move {
+            let result = run.await;
+            if let Err(e) = &result {
+                tracing::error!(service = %name, error = %format!("{e:#}"), "service failed");
+                *slot.lock().expect("failure slot") = Some(format!("{e:#}"));
+            }
+            result
+        });
+        self.services.push(Service {
+            role,
+            index,
+            consumer,
+            http: http_addr,
+            grpc: grpc_addr,
+            token,
+            task: Some(task),
+            failure,
+        });
+        index
+    }
+
+    /// Stops replica `index` of `role` gracefully (cancels its token, waits for it to
+    /// finish its batch and release its partitions) and returns what its `run` returned.
+    pub async fn stop_replica(&mut self, role: Role, index: usize) -> anyhow::Result<()> {
+        let service = self
+            .services
+            .iter_mut()
+            .find(|s| s.role == role && s.index == index)
+            .unwrap_or_else(|| panic!("no replica {index} of {role}"));
+        let task = service
+            .task
+            .take()
+            .unwrap_or_else(|| panic!("{} was already stopped", service.consumer));
+        service.token.cancel();
+        match tokio::time::timeout(STOP_TIMEOUT, task).await {
+            Ok(joined) => joined.unwrap_or_else(|e| Err(anyhow::anyhow!("task panicked: {e}"))),
+            Err(_) => Err(anyhow::anyhow!(
+                "{} did not stop within {STOP_TIMEOUT:?}",
+                service.consumer
+            )),
+        }
+    }
+
+    /// Cancels every service and waits for each; panics naming every one that failed or
+    /// did not stop.
+    pub async fn shutdown(mut self) {
+        for service in &self.services {
+            service.token.cancel();
+        }
+        let mut problems = Vec::new();
+        for service in &mut self.services {
+            let Some(task) = service.task.take() else {
+                continue;
+            };
+            match tokio::time::timeout(STOP_TIMEOUT, task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => problems.push(format!("{}: {e:#}", service.consumer)),
+                Ok(Err(e)) => problems.push(format!("{}: panicked: {e}", service.consumer)),
+                Err(_) => problems.push(format!(
+                    "{}: did not stop within {STOP_TIMEOUT:?}",
+                    service.consumer
+                )),
+            }
+        }
+        assert!(
+            problems.is_empty(),
+            "services failed at shutdown:\n{}",
+            problems.join("\n")
+        );
+    }
+
+    // ----- where things are ------------------------------------------------------------
+
+    /// The key namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The key layout.
+    pub fn keys(&self) -> &KeySpace {
+        &self.keys
+    }
+
+    /// The external stream ingest reads (`<ns>:ingest_stream`).
+    pub fn external_stream(&self) -> &str {
+        &self.external_stream
+    }
+
+    /// Its dead-letter stream (`<ns>:ingest_stream:dlq`).
+    pub fn external_dead_letter_stream(&self) -> String {
+        format!("{}:dlq", self.external_stream)
+    }
+
+    /// The redis-server's URL.
+    pub fn redis_url(&self) -> String {
+        self.server.url()
+    }
+
+    /// A connection to the pipeline's Redis.
+    pub fn conn(&self) -> MultiplexedConnection {
+        self.conn.clone()
+    }
+
+    /// The pipeline's Redis as the services see it (pool).
+    pub fn redis(&self) -> &Redis {
+        &self.redis
+    }
+
+    /// Every replica started, stopped ones included.
+    pub fn services(&self) -> &[Service] {
+        &self.services
+    }
+
+    /// Replica `index` of `role`.
+    pub fn service(&self, role: Role, index: usize) -> &Service {
+        self.services
+            .iter()
+            .find(|s| s.role == role && s.index == index)
+            .unwrap_or_else(|| panic!("no replica {index} of {role}"))
+    }
+
+    /// The live replicas of `role`.
+    pub fn live(&self, role: Role) -> impl Iterator<Item = &Service> {
+        self.services
+            .iter()
+            .filter(move |s| s.role == role && s.is_live())
+    }
+
+    /// `http://<addr><path>` of ingest.
+    pub fn ingest_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.service(Role::Ingest, 0).http)
+    }
+
+    /// `http://<addr><path>` of the first live analytics replica.
+    pub fn analytics_url(&self, path: &str) -> String {
+        let service = self
+            .live(Role::Analytics)
+            .next()
+            .expect("a live analytics replica");
+        format!("http://{}{path}", service.http)
+    }
+
+    // ----- sending ---------------------------------------------------------------------
+
+    /// POSTs `body` as JSON to ingest; returns the status and the JSON answer.
+    pub async fn post_json(&self, path: &str, body: &Json) -> (u16, Json) {
+        self.post_raw(path, serde_json::to_vec(body).expect("serialize body"))
+            .await
+    }
+
+    /// POSTs raw bytes (declared as JSON) to ingest.
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, Json) {
+        let response = self
+            .http
+            .post(self.ingest_url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        read_response(response).await
+    }
+
+    /// DELETEs `path` on ingest.
+    pub async fn delete(&self, path: &str) -> (u16, Json) {
+        let response = self
+            .http
+            .delete(self.ingest_url(path))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("DELETE {path}: {e}"));
+        read_response(response).await
+    }
+
+    /// GETs a full URL; returns the status and the JSON answer.
+    pub async fn get_json(&self, url: &str) -> (u16, Json) {
+        let response = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        read_response(response).await
+    }
+
+    /// A gRPC client of ingest's `IngestService`.
+    pub async fn grpc_client(&self) -> IngestServiceClient<tonic::transport::Channel> {
+        let addr = self
+            .service(Role::Ingest, 0)
+            .grpc
+            .expect("ingest has a gRPC address");
+        IngestServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap_or_else(|e| panic!("connect to ingest gRPC at {addr}: {e}"))
+    }
+
+    /// `XADD <external stream> * field value ...`, as an outside producer would; returns
+    /// the entry id.
+    pub async fn xadd_external(&self, fields: &[(&str, &str)]) -> String {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&self.external_stream).arg("*");
+        for (name, value) in fields {
+            cmd.arg(*name).arg(*value);
+        }
+        cmd.query_async(&mut self.conn())
+            .await
+            .expect("XADD to the external stream")
+    }
+
+    // ----- reading ---------------------------------------------------------------------
+
+    /// Every entry of every partition of the logical stream `stream`, decoded as
+    /// envelopes, ordered by stream id (partitions interleaved by time).
+    pub async fn stream_entries(&self, stream: &str) -> Vec<StreamEntry> {
+        let mut all = Vec::new();
+        for partition in self.keys.all_partitions() {
+            for (id, fields) in self.xrange(&self.keys.stream(stream, partition)).await {
+                let envelope =
+                    Envelope::from_fields(fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
+                        .unwrap_or_else(|e| panic!("{stream} entry {id} is not an envelope: {e}"));
+                all.push(StreamEntry {
+                    partition,
+                    id,
+                    envelope,
+                });
+            }
+        }
+        all.sort_by_key(|e| stream_id(&e.id));
+        all
+    }
+
+    /// Every entry of the market stream, decoded: `(envelope type, message)`.
+    pub async fn market_events(&self) -> Vec<(String, MarketEvent)> {
+        self.stream_entries(topology::MARKET)
+            .await
+            .into_iter()
+            .map(|entry| {
+                let payload = entry.envelope.payload.as_ref();
+                let event = match entry.envelope.event_type.as_str() {
+                    event_type::EXECUTION => MarketEvent::Execution(decode(payload, &entry)),
+                    event_type::TRADE => MarketEvent::Trade(decode(payload, &entry)),
+                    event_type::VALIDATED_TICK => MarketEvent::Tick(decode(payload, &entry)),
+                    other => panic!("unexpected type {other:?} on the market stream: {entry:?}"),
+                };
+                (entry.envelope.event_type, event)
+            })
+            .collect()
+    }
+
+    /// Every trade, ordered by symbol, then book sequence.
+    pub async fn trades(&self) -> Vec<v1::Trade> {
+        let mut trades: Vec<v1::Trade> = self
+            .market_events()
+            .await
+            .into_iter()
+            .filter_map(|(_, e)| match e {
+                MarketEvent::Trade(t) => Some(t),
+                _ => None,
+            })
+            .collect();
+        trades.sort_by(|a, b| (&a.symbol, a.sequence).cmp(&(&b.symbol, b.sequence)));
+        trades
+    }
+
+    /// Every execution report, in stream order (per symbol: the order they were written).
+    pub async fn execution_reports(&self) -> Vec<v1::ExecutionReport> {
+        self.market_events()
+            .await
+            .into_iter()
+            .filter_map(|(_, e)| match e {
+                MarketEvent::Execution(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every entry of the validated stream (the engine's input), decoded.
+    pub async fn validated_entries(&self) -> Vec<(String, ValidatedEvent)> {
+        self.stream_entries(topology::VALIDATED)
+            .await
+            .into_iter()
+            .map(|entry| {
+                let payload = entry.envelope.payload.as_ref();
+                let event = match entry.envelope.event_type.as_str() {
+                    event_type::VALIDATED_ORDER => ValidatedEvent::Order(decode(payload, &entry)),
+                    event_type::VALIDATED_CANCEL => ValidatedEvent::Cancel(decode(payload, &entry)),
+                    event_type::VALIDATED_TICK => ValidatedEvent::Tick(decode(payload, &entry)),
+                    other => panic!("unexpected type {other:?} on the validated stream"),
+                };
+                (entry.envelope.event_type, event)
+            })
+            .collect()
+    }
+
+    /// The entries of a dead-letter (or any) stream by key, fields as text.
+    pub async fn dead_letters(&self, key: &str) -> Vec<HashMap<String, String>> {
+        self.xrange(key)
+            .await
+            .into_iter()
+            .map(|(_, fields)| {
+                fields
+                    .into_iter()
+                    .map(|(k, v)| {
+                        (
+                            String::from_utf8_lossy(&k).into_owned(),
+                            String::from_utf8_lossy(&v).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Dead letters of every partition of the logical stream `stream`.
+    pub async fn partition_dead_letters(&self, stream: &str) -> Vec<HashMap<String, String>> {
+        let mut all = Vec::new();
+        for partition in self.keys.all_partitions() {
+            all.extend(
+                self.dead_letters(&self.keys.dead_letter(stream, partition))
+                    .await,
+            );
+        }
+        all
+    }
+
+    /// `GET /v1/symbols/{symbol}/stats` of analytics.
+    pub async fn stats(&self, symbol: &str) -> Json {
+        let url = self.analytics_url(&format!("/v1/symbols/{symbol}/stats"));
+        let (status, body) = self.get_json(&url).await;
+        assert_eq!(status, 200, "GET {url}: {body}");
+        body
+    }
+
+    /// `GET /admin/status` of a replica.
+    pub async fn admin_status(&self, role: Role, index: usize) -> Json {
+        let url = format!("http://{}/admin/status", self.service(role, index).http);
+        let (status, body) = self.get_json(&url).await;
+        assert_eq!(status, 200, "GET {url}: {body}");
+        body
+    }
+
+    /// The partitions a replica's `/admin/status` shows it owning (owned stages).
+    pub async fn owned_partitions(&self, role: Role, index: usize) -> Vec<Partition> {
+        let consumer = self.service(role, index).consumer.clone();
+        let status = self.admin_status(role, index).await;
+        let (group, _) = role.owned_input().expect("an owned stage");
+        stage_status(&status, group)["partitions"]
+            .as_array()
+            .expect("partitions")
+            .iter()
+            .filter(|p| p["owner"].as_str() == Some(consumer.as_str()))
+            .map(|p| p["partition"].as_u64().expect("partition number") as Partition)
+            .collect()
+    }
+
+    /// The consumer holding the lease of `partition` for `group` (from Redis).
+    pub async fn lease_owner(&self, group: &str, partition: Partition) -> Option<String> {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(self.keys.lease(group, partition))
+            .query_async(&mut self.conn())
+            .await
+            .expect("GET lease");
+        value.map(|v| v.split('#').next().unwrap_or_default().to_owned())
+    }
+
+    // ----- waiting ---------------------------------------------------------------------
+
+    /// Polls `check` until it returns true; panics after `timeout` naming `what`. Also
+    /// panics at once if a service stopped on its own.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut check: impl AsyncFnMut() -> bool,
+    ) {
+        self.wait_for(timeout, async || {
+            if check().await {
+                Ok(())
+            } else {
+                Err(what.to_owned())
+            }
+        })
+        .await
+    }
+
+    /// Polls `check` until it returns `Ok`; panics after `timeout` with the last `Err`
+    /// (which should say what was awaited and what was seen).
+    pub async fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        mut check: impl AsyncFnMut() -> Result<T, String>,
+    ) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match check().await {
+                Ok(value) => return value,
+                Err(last) => last,
+            };
+            self.assert_running();
+            if Instant::now() >= deadline {
+                panic!("timed out after {timeout:?} waiting for: {last}");
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Panics if a live service's task has ended (with its error, if any).
+    pub fn assert_running(&self) {
+        for service in &self.services {
+            if service.task.as_ref().is_some_and(|t| t.is_finished()) {
+                let failure = service.failure.lock().expect("failure slot").clone();
+                panic!(
+                    "{} stopped on its own: {}",
+                    service.consumer,
+                    failure.unwrap_or_else(|| "returned Ok or panicked".into())
+                );
+            }
+        }
+    }
+
+    /// Waits until every live service answers `/readyz` with 200 and, for every owned
+    /// stage, every partition's lease is held by the live replica it is assigned to
+    /// (live replicas sorted by name take partitions round-robin).
+    pub async fn wait_ready(&self) {
+        self.wait_for(READY_TIMEOUT, async || {
+            for service in self.services.iter().filter(|s| s.is_live()) {
+                let url = format!("http://{}/readyz", service.http);
+                let ready = match self.http.get(&url).send().await {
+                    Ok(r) => r.status().as_u16() == 200,
+                    Err(_) => false,
+                };
+                if !ready {
+                    return Err(format!("{} to be ready", service.consumer));
+                }
+            }
+            self.check_assignment().await
+        })
+        .await
+    }
+
+    /// `Ok` when every owned partition of every role is leased to its assigned replica.
+    pub async fn check_assignment(&self) -> Result<(), String> {
+        for role in Role::ALL {
+            let Some((group, _)) = role.owned_input() else {
+                continue;
+            };
+            let mut members: Vec<&str> = self.live(role).map(|s| s.consumer()).collect();
+            if members.is_empty() {
+                continue;
+            }
+            members.sort_unstable();
+            for partition in self.keys.all_partitions() {
+                let expected = members[partition as usize % members.len()];
+                let owner = self.lease_owner(group, partition).await;
+                if owner.as_deref() != Some(expected) {
+                    return Err(format!(
+                        "{group} partition {partition} to be owned by {expected} (owner: {owner:?})"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until nothing is in flight: for the external stream and every partition of
+    /// the inbound, validated and market streams (upstream first), the consuming group has
+    /// read every entry and has nothing pending.
+    pub async fn wait_settled(&self, timeout: Duration) {
+        self.wait_for(timeout, async || self.check_settled().await)
+            .await
+    }
+
+    /// `Ok` when every stage has consumed and acknowledged all of its input.
+    pub async fn check_settled(&self) -> Result<(), String> {
+        let mut inputs = vec![(self.external_stream.clone(), topology::INGEST_GROUP)];
+        for role in Role::ALL {
+            if let Some((group, stream)) = role.owned_input() {
+                for partition in self.keys.all_partitions() {
+                    inputs.push((self.keys.stream(stream, partition), group));
+                }
+            }
+        }
+        for (stream, group) in inputs {
+            let (lag, pending) = self.group_backlog(&stream, group).await;
+            if lag != Some(0) || pending != 0 {
+                return Err(format!(
+                    "group {group} to consume all of {stream} (lag {lag:?}, pending {pending})"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `(lag, pending)` of `group` on `stream` (`lag` is `None` when the group does not
+    /// exist or Redis cannot tell).
+    pub async fn group_backlog(&self, stream: &str, group: &str) -> (Option<i64>, i64) {
+        let groups: redis::RedisResult<Vec<HashMap<String, Value>>> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(stream)
+            .query_async(&mut self.conn())
+            .await;
+        let Ok(groups) = groups else {
+            return (None, 0);
+        };
+        for info in groups {
+            let name = match info.get("name") {
+                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                Some(Value::SimpleString(s)) => s.clone(),
+                _ => continue,
+            };
+            if name != group {
+                continue;
+            }
+            let int = |key: &str| match info.get(key) {
+                Some(Value::Int(n)) => Some(*n),
+                _ => None,
+            };
+            return (int("lag"), int("pending").unwrap_or(0));
+        }
+        (None, 0)
+    }
+
+    async fn xrange(&self, key: &str) -> Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> {
+        redis::cmd("XRANGE")
+            .arg(key)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut self.conn())
+            .await
+            .unwrap_or_else(|e| panic!("XRANGE {key}: {e}"))
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        // A test that panicked before `shutdown`: stop the services before Redis goes.
+        for service in &self.services {
+            service.token.cancel();
+        }
+        if std::thread::panicking() && self.services.iter().any(Service::is_live) {
+            // Let them finish their batches (they run on the runtime's worker threads)
+            // rather than log a storm of connection errors when the server is killed.
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// `(ms, seq)` of a stream id, for ordering.
+pub fn stream_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+/// The status of stage `group` in an `/admin/status` answer.
+pub fn stage_status<'a>(status: &'a Json, group: &str) -> &'a Json {
+    status["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .find(|s| s["group"] == group)
+        .unwrap_or_else(|| panic!("no stage {group} in {status}"))
+}
+
+async fn bind() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0")
+}
+
+async fn read_response(response: reqwest::Response) -> (u16, Json) {
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.expect("read response body");
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Json::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, body)
+}
+
+fn decode<M: Message + Default>(payload: &[u8], entry: &StreamEntry) -> M {
+    M::decode(payload).unwrap_or_else(|e| panic!("undecodable payload in {entry:?}: {e}"))
+}

@@ -1,0 +1,7 @@
+//! End-to-end tests of tickflow: the four services in one process, against a real
+//! redis-server per pipeline (see the `e2e` harness). One test binary; one module per area.
+
+mod bad_inputs;
+mod replicas;
+mod scripted;
+mod support;
