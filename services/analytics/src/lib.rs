@@ -72,3 +72,15 @@ pub async fn run(
     app.serve(http, routes, async move { Ok(stage.run().await?) })
         .await
 }
+
+/// The whole service as its binary runs it: configuration from `env`, then [`run`] until
+/// `shutdown`.
+pub async fn main_with(
+    env: streams_core::Env,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let app = App::init("analytics", env.clone(), "0.0.0.0:8083", shutdown)?;
+    let settings = AnalyticsConfig::from_env(&env)?;
+    let http = app.bind().await?;
+    run(app, settings, http).await
+}

@@ -101,3 +101,14 @@ pub use book::{
     Books, CancelReason, Command, Event, NewOrder, OrderBook, OrderKind, PRICE_SCALE, Price, Qty,
     RejectReason, Resting, Side, SnapshotError,
 };
+
+/// The whole service as its binary runs it: configuration from `env`, then [`run`] until
+/// `shutdown`.
+pub async fn main_with(
+    env: streams_core::Env,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let app = App::init("engine", env, "0.0.0.0:8082", shutdown)?;
+    let http = app.bind().await?;
+    run(app, http).await
+}

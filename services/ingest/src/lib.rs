@@ -115,3 +115,18 @@ pub async fn run(
     };
     app.serve(http, routes, work).await
 }
+
+/// The whole service as its binary runs it: configuration from `env`, listeners, then
+/// [`run`] until `shutdown`.
+pub async fn main_with(
+    env: streams_core::Env,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let app = App::init("ingest", env.clone(), "0.0.0.0:8080", shutdown)?;
+    let settings = IngestConfig::from_env(&env)?;
+    let http = app.bind().await?;
+    let grpc = TcpListener::bind(settings.grpc_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on GRPC_ADDR={}: {e}", settings.grpc_addr))?;
+    run(app, settings, http, grpc).await
+}

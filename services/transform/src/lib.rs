@@ -84,3 +84,26 @@ pub async fn run(
     })
     .await
 }
+
+/// The whole service as its binary runs it: configuration from `env`, then [`run`] until
+/// `shutdown`.
+pub async fn main_with(
+    env: streams_core::Env,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let app = App::init("transform", env.clone(), "0.0.0.0:8081", shutdown)?;
+    let settings = TransformConfig::from_env(&env)?;
+    let http = app.bind().await?;
+    run(app, settings, http).await
+}
+
+/// `transform load-refdata FILE`: loads reference data into Redis and returns.
+pub async fn load_refdata_command(env: streams_core::Env, path: &str) -> anyhow::Result<usize> {
+    let app = App::init(
+        "transform",
+        env,
+        "0.0.0.0:8081",
+        tokio_util::sync::CancellationToken::new(),
+    )?;
+    Ok(refdata::load_file(&app.redis, &app.config.keys, path).await?)
+}
