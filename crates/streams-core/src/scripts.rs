@@ -71,7 +71,6 @@ pub(crate) fn scripts() -> &'static Scripts {
     static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
     SCRIPTS.get_or_init(|| Scripts {
         ack_forward: LuaScript::new(ACK_FORWARD),
-        read_owned: LuaScript::new(READ_OWNED),
         claim: LuaScript::new(CLAIM),
         trim: LuaScript::new(TRIM),
         renew_lease: LuaScript::new(RENEW_LEASE),
@@ -84,7 +83,6 @@ pub(crate) fn scripts() -> &'static Scripts {
 #[derive(Debug)]
 pub(crate) struct Scripts {
     pub(crate) ack_forward: LuaScript,
-    pub(crate) read_owned: LuaScript,
     pub(crate) claim: LuaScript,
     pub(crate) trim: LuaScript,
     pub(crate) renew_lease: LuaScript,
@@ -96,10 +94,16 @@ pub(crate) struct Scripts {
 /// The prefix of the error a script returns when the caller's lease is not current.
 pub(crate) const FENCED: &str = "TICKFLOW_FENCED";
 
+/// The prefix of the error ACK_FORWARD returns when older entries of an owned partition are
+/// still pending.
+pub(crate) const OUT_OF_ORDER: &str = "TICKFLOW_OUT_OF_ORDER";
+
 /// Acknowledge a batch of one partition and apply each entry's effects, atomically.
 ///
 /// KEYS[1] input stream, KEYS[2] lease key (or the input again when unfenced), KEYS[3..]
-/// the keys effects write. ARGV: group, fencing token ('' = none), entry count, then per
+/// the keys effects write. With a fencing token, the call is refused (TICKFLOW_FENCED) unless
+/// the lease holds it, and (TICKFLOW_OUT_OF_ORDER) while entries older than the first one
+/// are pending. ARGV: group, fencing token ('' = none), entry count, then per
 /// entry: id, op count, and per op: kind ('X' = XADD, else a command name), key index,
 /// argument count, arguments; then the batch's op count and ops (e.g. a state snapshot),
 /// applied if any entry of the call was acknowledged by it. An entry's effects are applied
@@ -107,8 +111,14 @@ pub(crate) const FENCED: &str = "TICKFLOW_FENCED";
 /// forwarded once. Returns one 0/1 per entry.
 const ACK_FORWARD: &str = r#"
 local group, token = ARGV[1], ARGV[2]
-if token ~= '' and redis.call('GET', KEYS[2]) ~= token then
-  return redis.error_reply('TICKFLOW_FENCED lease ' .. KEYS[2] .. ' is not held by this consumer')
+if token ~= '' then
+  if redis.call('GET', KEYS[2]) ~= token then
+    return redis.error_reply('TICKFLOW_FENCED lease ' .. KEYS[2] .. ' is not held by this consumer')
+  end
+  -- Owned partitions keep order: nothing older than this batch may still be pending.
+  if tonumber(ARGV[3]) > 0 and #redis.call('XPENDING', KEYS[1], group, '-', '(' .. ARGV[4], 1) > 0 then
+    return redis.error_reply('TICKFLOW_OUT_OF_ORDER older entries are pending in ' .. KEYS[1])
+  end
 end
 local n = tonumber(ARGV[3])
 local i = 4
@@ -137,39 +147,6 @@ local batch_ops = tonumber(ARGV[i] or '0')
 i = i + 1
 for _ = 1, batch_ops do apply(any_acked) end
 return result
-"#;
-
-/// Read new entries of owned partitions, but only those whose lease the caller holds, so a
-/// consumer that lost a lease cannot take entries past the new owner's recovery point.
-///
-/// KEYS: stream1, lease1, stream2, lease2, ... ARGV: group, consumer, count, token1, token2...
-/// Returns per partition {'ok', entries} | {'empty', last id in the stream} | {'fenced'} |
-/// {'pending'} (entries are pending: claim them first) | {'nogroup'}.
-const READ_OWNED: &str = r#"
-local group, consumer, count = ARGV[1], ARGV[2], ARGV[3]
-local out = {}
-for p = 1, #KEYS / 2 do
-  local stream, lease, token = KEYS[2 * p - 1], KEYS[2 * p], ARGV[3 + p]
-  local pending = redis.pcall('XPENDING', stream, group)
-  if redis.call('GET', lease) ~= token then
-    out[p] = {'fenced'}
-  elseif type(pending) == 'table' and not pending.err and tonumber(pending[1]) > 0 then
-    -- The owner handles a batch completely before reading again, so anything pending here
-    -- was left over (a lost reply, a failed commit): it must be handled first, in order.
-    out[p] = {'pending'}
-  else
-    local r = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS', stream, '>')
-    if type(r) == 'table' and r.err then
-      if string.find(r.err, 'NOGROUP') then out[p] = {'nogroup'} else return r end
-    elseif r and r[1] and #r[1][2] > 0 then
-      out[p] = {'ok', r[1][2]}
-    else
-      local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-      out[p] = {'empty', last[1] and last[1][1] or '0-0'}
-    end
-  end
-end
-return out
 "#;
 
 /// Claim pending entries of one partition, with their delivery counts.

@@ -379,7 +379,7 @@ impl<H: Handler> Stage<H> {
                 }
                 next_claim = Instant::now() + claim_every;
             }
-            match self.read_shared(&mut reader).await {
+            match self.read_group(&mut reader, &all).await {
                 Ok(batch) if !batch.is_empty() => {
                     self.process(batch, &HashMap::new()).await;
                 }
@@ -390,9 +390,11 @@ impl<H: Handler> Stage<H> {
         Ok(())
     }
 
-    async fn read_shared(
+    /// `XREADGROUP … BLOCK` over `sources` on the loop's dedicated connection.
+    async fn read_group(
         &mut self,
         reader: &mut Option<MultiplexedConnection>,
+        sources: &[usize],
     ) -> Result<Vec<Pending>> {
         if reader.is_none() {
             *reader = Some(self.redis.dedicated(self.tuning.block).await?);
@@ -407,10 +409,10 @@ impl<H: Handler> Stage<H> {
             .arg("BLOCK")
             .arg(self.tuning.block.as_millis() as u64)
             .arg("STREAMS");
-        for source in &self.sources {
-            cmd.arg(&*source.stream);
+        for &source in sources {
+            cmd.arg(&*self.sources[source].stream);
         }
-        for _ in &self.sources {
+        for _ in sources {
             cmd.arg(">");
         }
         let reply: Value = cmd.query_async(conn).await?;
@@ -493,7 +495,8 @@ impl<H: Handler> Stage<H> {
         // partition over, or after a retryable failure), with when to try.
         let mut needs_drain: BTreeMap<usize, Instant> = BTreeMap::new();
         let mut reader: Option<MultiplexedConnection> = None;
-        let mut last_ids: HashMap<usize, String> = HashMap::new();
+        let sweep_every = (self.tuning.claim_idle / 2).max(Duration::from_millis(50));
+        let mut next_sweep = Instant::now() + sweep_every;
         while !self.shutdown.is_cancelled() {
             let changes =
                 ownership.changes(&active.keys().map(|&s| self.sources[s].partition).collect());
@@ -534,43 +537,44 @@ impl<H: Handler> Stage<H> {
                 }
                 continue;
             }
-            match self.read_owned(&readable).await {
-                Ok(read) => {
-                    let changed =
-                        !read.fenced.is_empty() || !read.pending.is_empty() || read.no_group;
-                    for source in read.fenced {
-                        self.lose(&ownership, source, &mut active);
-                    }
-                    for source in read.pending {
-                        needs_drain.entry(source).or_insert_with(Instant::now);
-                    }
-                    if read.no_group {
-                        self.stats.groups_ready.store(false, Ordering::Relaxed);
-                        self.ensure_groups().await;
-                    }
-                    if read.batch.is_empty() {
-                        last_ids.extend(read.last_ids);
-                        if changed {
-                            continue;
-                        }
-                        self.wait_for_entries(&mut reader, &readable, &last_ids, &ownership)
-                            .await;
-                        continue;
-                    }
+            if Instant::now() >= next_sweep {
+                // Leftovers (a read whose reply was lost, a commit that failed for good)
+                // would otherwise wait for the next commit's order check.
+                for &source in readable.keys() {
+                    needs_drain.entry(source).or_insert_with(Instant::now);
+                }
+                next_sweep = Instant::now() + sweep_every;
+                continue;
+            }
+            let sources: Vec<usize> = readable.keys().copied().collect();
+            let read = tokio::select! {
+                read = self.read_group(&mut reader, &sources) => read,
+                _ = ownership.changed() => {
+                    // Dropping a blocked read may leave entries delivered to it pending:
+                    // the order check and the sweep hand them back, in order.
+                    reader = None;
+                    continue;
+                }
+            };
+            match read {
+                Ok(batch) if batch.is_empty() => {}
+                Ok(batch) => {
                     let tokens: HashMap<usize, String> = readable.into_iter().collect();
-                    let outcome = self.process(read.batch, &tokens).await;
-                    for source in outcome.halted {
-                        needs_drain.insert(source, Instant::now() + Duration::from_millis(200));
+                    let outcome = self.process(batch, &tokens).await;
+                    for source in outcome.halted.into_iter().chain(outcome.out_of_order) {
+                        needs_drain
+                            .entry(source)
+                            .or_insert_with(|| Instant::now() + Duration::from_millis(20));
                     }
                     for source in outcome.fenced {
                         self.lose(&ownership, source, &mut active);
                     }
                 }
-                Err(e) => {
-                    self.stats.mark_ready(false);
-                    tracing::warn!(group = %self.spec.group, error = %e, "owned read failed; retrying");
-                    self.backoff(Duration::from_millis(200)).await;
+                Err(e) if e.is_no_group() => {
+                    self.stats.groups_ready.store(false, Ordering::Relaxed);
+                    self.ensure_groups().await;
                 }
+                Err(e) => self.on_read_error(e, &mut reader).await,
             }
         }
         for source in std::mem::take(&mut active).into_keys() {
@@ -643,101 +647,6 @@ impl<H: Handler> Stage<H> {
         self.sources.iter().position(|s| s.partition == partition)
     }
 
-    async fn read_owned(&mut self, readable: &BTreeMap<usize, String>) -> Result<OwnedRead> {
-        let order: Vec<usize> = readable.keys().copied().collect();
-        let mut conn = self.redis.pooled().await?;
-        let reply = scripts()
-            .read_owned
-            .run_with(&mut *conn, order.len() * 2, |cmd| {
-                for &s in &order {
-                    cmd.arg(&*self.sources[s].stream)
-                        .arg(&self.sources[s].lease);
-                }
-                cmd.arg(&self.spec.group)
-                    .arg(&self.consumer)
-                    .arg(self.tuning.batch_size);
-                for &s in &order {
-                    cmd.arg(&readable[&s]);
-                }
-            })
-            .await?;
-        self.stats.mark_ready(true);
-        let Value::Array(per_partition) = reply else {
-            return Err(scripts::protocol("read_owned reply", &reply));
-        };
-        let mut read = OwnedRead::default();
-        for (&source, item) in order.iter().zip(per_partition) {
-            let Value::Array(mut parts) = item else {
-                continue;
-            };
-            let status = as_string(parts.remove(0))?;
-            match status.as_str() {
-                "ok" => {
-                    for entry in parse_entries(parts.remove(0))? {
-                        read.batch.push(Pending {
-                            source,
-                            entry,
-                            deliveries: 1,
-                        });
-                    }
-                }
-                "empty" => {
-                    read.last_ids.insert(source, as_string(parts.remove(0))?);
-                }
-                "fenced" => read.fenced.push(source),
-                "pending" => read.pending.push(source),
-                "nogroup" => read.no_group = true,
-                other => return Err(StreamsError::Protocol(format!("read_owned status {other}"))),
-            }
-        }
-        Ok(read)
-    }
-
-    /// Blocks (on the dedicated connection) until one of the readable partitions has an
-    /// entry past the last one seen, ownership changes, shutdown, or BLOCK passes.
-    async fn wait_for_entries(
-        &mut self,
-        reader: &mut Option<MultiplexedConnection>,
-        readable: &BTreeMap<usize, String>,
-        last_ids: &HashMap<usize, String>,
-        ownership: &Ownership,
-    ) {
-        if reader.is_none() {
-            match self.redis.dedicated(self.tuning.block).await {
-                Ok(conn) => *reader = Some(conn),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot open the blocking connection");
-                    self.backoff(Duration::from_millis(200)).await;
-                    return;
-                }
-            }
-        }
-        let conn = reader.as_mut().expect("connected above");
-        let mut cmd = redis::cmd("XREAD");
-        cmd.arg("COUNT")
-            .arg(1)
-            .arg("BLOCK")
-            .arg(self.tuning.block.as_millis() as u64)
-            .arg("STREAMS");
-        for &s in readable.keys() {
-            cmd.arg(&*self.sources[s].stream);
-        }
-        for s in readable.keys() {
-            cmd.arg(last_ids.get(s).map(String::as_str).unwrap_or("$"));
-        }
-        let result = tokio::select! {
-            r = cmd.query_async::<Value>(conn) => Some(r),
-            _ = ownership.changed() => None,
-            _ = self.shutdown.cancelled() => None,
-        };
-        if let Some(Err(e)) = result {
-            *reader = None;
-            self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %e, "blocking wait failed; reconnecting");
-            self.backoff(Duration::from_millis(200)).await;
-        }
-    }
-
     // ----- recovery ----------------------------------------------------------------------
 
     /// Claims and handles pending entries of one source until none are left (or, in
@@ -780,7 +689,7 @@ impl<H: Handler> Stage<H> {
                 if !outcome.fenced.is_empty() {
                     return DrainOutcome::Fenced;
                 }
-                if !outcome.halted.is_empty() {
+                if !outcome.halted.is_empty() || !outcome.out_of_order.is_empty() {
                     return DrainOutcome::Halted;
                 }
             }
@@ -957,7 +866,7 @@ impl<H: Handler> Stage<H> {
         }
         let handled = started.elapsed();
         let commit_started = Instant::now();
-        let fenced = self.commit_all(commits, tokens).await;
+        let committed = self.commit_all(commits, tokens).await;
         let group = self.spec.group.clone();
         metrics::histogram!("tickflow_batch_size", "stage" => group.clone())
             .record(batch_len as f64);
@@ -970,7 +879,8 @@ impl<H: Handler> Stage<H> {
         }
         ProcessOutcome {
             halted: halted.into_iter().collect(),
-            fenced,
+            fenced: committed.fenced,
+            out_of_order: committed.out_of_order,
         }
     }
 
@@ -1033,12 +943,12 @@ impl<H: Handler> Stage<H> {
         &mut self,
         commits: BTreeMap<usize, Commit>,
         tokens: &HashMap<usize, String>,
-    ) -> Vec<usize> {
+    ) -> CommitOutcome {
+        let mut outcome = CommitOutcome::default();
         if commits.is_empty() {
-            return Vec::new();
+            return outcome;
         }
         let mut remaining: Vec<(usize, Commit)> = commits.into_iter().collect();
-        let mut fenced = Vec::new();
         let mut delay = Duration::from_millis(50);
         let mut grace_deadline: Option<Instant> = None;
         loop {
@@ -1062,7 +972,8 @@ impl<H: Handler> Stage<H> {
             for ((source, commit), result) in remaining.into_iter().zip(results) {
                 match result {
                     Ok(acked) => self.record_commit(source, &commit, acked),
-                    Err(StreamsError::Fenced { .. }) => fenced.push(source),
+                    Err(StreamsError::Fenced { .. }) => outcome.fenced.push(source),
+                    Err(StreamsError::OutOfOrder { .. }) => outcome.out_of_order.push(source),
                     Err(e) if e.is_transient() => {
                         last_error = Some(e);
                         retry.push((source, commit));
@@ -1078,7 +989,7 @@ impl<H: Handler> Stage<H> {
                 }
             }
             if retry.is_empty() {
-                return fenced;
+                return outcome;
             }
             self.stats.mark_ready(false);
             let error = last_error.map(|e| e.to_string()).unwrap_or_default();
@@ -1088,7 +999,7 @@ impl<H: Handler> Stage<H> {
                 if Instant::now() >= deadline {
                     tracing::warn!(group = %self.spec.group, error, entries = retry.iter().map(|(_, c)| c.entries.len()).sum::<usize>(),
                         "shutdown grace over with Redis unreachable; unfinished entries stay pending for a peer to claim");
-                    return fenced;
+                    return outcome;
                 }
             }
             tracing::warn!(group = %self.spec.group, error, retry_in = ?delay, "ack-and-forward failed; keeping the outputs and retrying");
@@ -1255,6 +1166,9 @@ fn fenced_or(error: StreamsError, partition: Partition) -> StreamsError {
         StreamsError::Redis(e) if e.code() == Some(FENCED) || e.to_string().contains(FENCED) => {
             StreamsError::Fenced { partition }
         }
+        StreamsError::Redis(e) if e.to_string().contains(scripts::OUT_OF_ORDER) => {
+            StreamsError::OutOfOrder { partition }
+        }
         _ => error,
     }
 }
@@ -1281,16 +1195,14 @@ struct Claimed {
 }
 
 #[derive(Default)]
-struct OwnedRead {
-    batch: Vec<Pending>,
-    last_ids: HashMap<usize, String>,
+struct CommitOutcome {
     fenced: Vec<usize>,
-    /// Partitions with leftover pending entries: drain them before reading on.
-    pending: Vec<usize>,
-    no_group: bool,
+    out_of_order: Vec<usize>,
 }
 
 struct ProcessOutcome {
     halted: Vec<usize>,
     fenced: Vec<usize>,
+    /// Owned partitions whose commit found older entries pending: drain them first.
+    out_of_order: Vec<usize>,
 }

@@ -46,10 +46,18 @@ pub fn headers_of(span: &tracing::Span) -> Option<(String, Option<String>)> {
 
 /// Makes `span` a child of the context carried by `envelope` (no-op without one).
 pub fn set_parent(span: &tracing::Span, envelope: &Envelope) {
-    let parent = extract(
+    set_parent_from(
+        span,
         envelope.traceparent.as_deref(),
         envelope.tracestate.as_deref(),
     );
+}
+
+/// Makes `span` a child of the context these W3C values carry (no-op without a valid
+/// `traceparent`): for entries that are not envelopes, e.g. an external producer's flat
+/// `traceparent` and `tracestate` fields.
+pub fn set_parent_from(span: &tracing::Span, traceparent: Option<&str>, tracestate: Option<&str>) {
+    let parent = extract(traceparent, tracestate);
     if parent.span().span_context().is_valid() {
         // Fails only if the span was already entered; callers set the parent first.
         let _ = span.set_parent(parent);
