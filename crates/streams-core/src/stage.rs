@@ -372,6 +372,8 @@ impl<H: Handler> Stage<H> {
         let mut reader: Option<MultiplexedConnection> = None;
         let claim_every = (self.tuning.claim_idle / 2).max(Duration::from_millis(50));
         let mut next_claim = Instant::now() + claim_every;
+        // A batch read while the previous one was being committed.
+        let mut prefetched: Option<Result<Vec<Pending>>> = None;
         while !self.shutdown.is_cancelled() {
             if Instant::now() >= next_claim {
                 for source in all.clone() {
@@ -379,20 +381,56 @@ impl<H: Handler> Stage<H> {
                 }
                 next_claim = Instant::now() + claim_every;
             }
-            match self.read_group(&mut reader, &all).await {
+            let read = match prefetched.take() {
+                Some(read) => read,
+                None => self.read_group(&mut reader, &all).await,
+            };
+            match read {
                 Ok(batch) if !batch.is_empty() => {
-                    self.process(batch, &HashMap::new()).await;
+                    let handled = self.handle(batch).await;
+                    let no_tokens = HashMap::new();
+                    let (_, next) = self
+                        .commit_and_read_ahead(handled, &no_tokens, &mut reader, &all)
+                        .await;
+                    prefetched = next;
                 }
                 Ok(_) => {}
                 Err(e) => self.on_read_error(e, &mut reader).await,
             }
         }
+        // Entries read ahead are pending to this consumer: finish them within the grace.
+        if let Some(Ok(batch)) = prefetched.take()
+            && !batch.is_empty()
+        {
+            self.process(batch, &HashMap::new()).await;
+        }
         Ok(())
+    }
+
+    /// Commits a handled batch while reading the next one, so that Redis runs the commit
+    /// while this process parses and handles, and the reverse. The next batch is handled
+    /// only after this commit returned, so each partition's outputs keep their order. No
+    /// read ahead once shutdown began.
+    async fn commit_and_read_ahead(
+        &self,
+        handled: Handled,
+        tokens: &HashMap<usize, String>,
+        reader: &mut Option<MultiplexedConnection>,
+        sources: &[usize],
+    ) -> (ProcessOutcome, Option<Result<Vec<Pending>>>) {
+        let read_ahead = async {
+            if self.shutdown.is_cancelled() {
+                None
+            } else {
+                Some(self.read_group(reader, sources).await)
+            }
+        };
+        tokio::join!(self.commit_handled(handled, tokens), read_ahead)
     }
 
     /// `XREADGROUP … BLOCK` over `sources` on the loop's dedicated connection.
     async fn read_group(
-        &mut self,
+        &self,
         reader: &mut Option<MultiplexedConnection>,
         sources: &[usize],
     ) -> Result<Vec<Pending>> {
@@ -497,6 +535,7 @@ impl<H: Handler> Stage<H> {
         let mut reader: Option<MultiplexedConnection> = None;
         let sweep_every = (self.tuning.claim_idle / 2).max(Duration::from_millis(50));
         let mut next_sweep = Instant::now() + sweep_every;
+        let mut prefetched: Option<Result<Vec<Pending>>> = None;
         while !self.shutdown.is_cancelled() {
             let changes =
                 ownership.changes(&active.keys().map(|&s| self.sources[s].partition).collect());
@@ -510,6 +549,11 @@ impl<H: Handler> Stage<H> {
                 .collect();
             for source in due {
                 needs_drain.remove(&source);
+                // The drain claims whatever is pending, read-ahead entries included: they
+                // must not be handled a second time from the read-ahead.
+                if let Some(Ok(batch)) = &mut prefetched {
+                    batch.retain(|p| p.source != source);
+                }
                 let Some(token) = active.get(&source).cloned() else {
                     continue;
                 };
@@ -547,20 +591,34 @@ impl<H: Handler> Stage<H> {
                 continue;
             }
             let sources: Vec<usize> = readable.keys().copied().collect();
-            let read = tokio::select! {
-                read = self.read_group(&mut reader, &sources) => read,
-                _ = ownership.changed() => {
-                    // Dropping a blocked read may leave entries delivered to it pending:
-                    // the order check and the sweep hand them back, in order.
-                    reader = None;
-                    continue;
-                }
+            let read = match prefetched.take() {
+                // Entries read ahead of partitions no longer readable (lost, or waiting for
+                // older entries to be drained) stay pending; the drain takes them in order.
+                Some(read) => read.map(|batch| {
+                    batch
+                        .into_iter()
+                        .filter(|p| readable.contains_key(&p.source))
+                        .collect()
+                }),
+                None => tokio::select! {
+                    read = self.read_group(&mut reader, &sources) => read,
+                    _ = ownership.changed() => {
+                        // Dropping a blocked read may leave entries delivered to it pending:
+                        // the order check and the sweep hand them back, in order.
+                        reader = None;
+                        continue;
+                    }
+                },
             };
             match read {
                 Ok(batch) if batch.is_empty() => {}
                 Ok(batch) => {
                     let tokens: HashMap<usize, String> = readable.into_iter().collect();
-                    let outcome = self.process(batch, &tokens).await;
+                    let handled = self.handle(batch).await;
+                    let (outcome, next) = self
+                        .commit_and_read_ahead(handled, &tokens, &mut reader, &sources)
+                        .await;
+                    prefetched = next;
                     for source in outcome.halted.into_iter().chain(outcome.out_of_order) {
                         needs_drain
                             .entry(source)
@@ -575,6 +633,18 @@ impl<H: Handler> Stage<H> {
                     self.ensure_groups().await;
                 }
                 Err(e) => self.on_read_error(e, &mut reader).await,
+            }
+        }
+        // Entries read ahead of partitions still held: finish them within the grace.
+        if let Some(Ok(batch)) = prefetched.take() {
+            let batch: Vec<Pending> = batch
+                .into_iter()
+                .filter(|p| active.contains_key(&p.source) && !needs_drain.contains_key(&p.source))
+                .collect();
+            if !batch.is_empty() {
+                let tokens: HashMap<usize, String> =
+                    active.iter().map(|(s, t)| (*s, t.clone())).collect();
+                self.process(batch, &tokens).await;
             }
         }
         for source in std::mem::take(&mut active).into_keys() {
@@ -773,6 +843,12 @@ impl<H: Handler> Stage<H> {
         batch: Vec<Pending>,
         tokens: &HashMap<usize, String>,
     ) -> ProcessOutcome {
+        let handled = self.handle(batch).await;
+        self.commit_handled(handled, tokens).await
+    }
+
+    /// Handles a batch in order: what to commit per source, and the sources halted.
+    async fn handle(&mut self, batch: Vec<Pending>) -> Handled {
         let started = Instant::now();
         let owned = self.spec.mode == ConsumeMode::Owned;
         let mut commits: BTreeMap<usize, Commit> = BTreeMap::new();
@@ -864,14 +940,35 @@ impl<H: Handler> Stage<H> {
                 commit.batch_ops = batch.ops;
             }
         }
-        let handled = started.elapsed();
+        Handled {
+            commits,
+            halted,
+            failed,
+            batch_len,
+            duration: started.elapsed(),
+        }
+    }
+
+    /// Commits a handled batch and records its metrics.
+    async fn commit_handled(
+        &self,
+        handled: Handled,
+        tokens: &HashMap<usize, String>,
+    ) -> ProcessOutcome {
+        let Handled {
+            commits,
+            halted,
+            failed,
+            batch_len,
+            duration,
+        } = handled;
         let commit_started = Instant::now();
         let committed = self.commit_all(commits, tokens).await;
         let group = self.spec.group.clone();
         metrics::histogram!("tickflow_batch_size", "stage" => group.clone())
             .record(batch_len as f64);
         metrics::histogram!("tickflow_handler_duration_seconds", "stage" => group.clone())
-            .record(handled.as_secs_f64());
+            .record(duration.as_secs_f64());
         metrics::histogram!("tickflow_ack_forward_duration_seconds", "stage" => group)
             .record(commit_started.elapsed().as_secs_f64());
         if failed > 0 {
@@ -940,7 +1037,7 @@ impl<H: Handler> Stage<H> {
     /// Commits every partition's entries concurrently (the multiplexed connection pipelines
     /// them), retrying through outages. Returns the sources whose lease was lost.
     async fn commit_all(
-        &mut self,
+        &self,
         commits: BTreeMap<usize, Commit>,
         tokens: &HashMap<usize, String>,
     ) -> CommitOutcome {
@@ -954,7 +1051,7 @@ impl<H: Handler> Stage<H> {
         loop {
             let results = match self.redis.pooled().await {
                 Ok(conn) => {
-                    let this = &*self;
+                    let this = self;
                     let calls = remaining.iter().map(|(source, commit)| {
                         let mut conn = conn.clone();
                         let token = tokens.get(source).map(String::as_str);
@@ -1192,6 +1289,15 @@ enum DrainOutcome {
 struct Claimed {
     next: String,
     batch: Vec<Pending>,
+}
+
+/// A batch handled and not yet committed.
+struct Handled {
+    commits: BTreeMap<usize, Commit>,
+    halted: BTreeSet<usize>,
+    failed: u64,
+    batch_len: usize,
+    duration: Duration,
 }
 
 #[derive(Default)]
