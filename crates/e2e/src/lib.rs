@@ -21,6 +21,10 @@
 //! for asynchronous effects ([`Pipeline::wait_until`], [`Pipeline::wait_for`],
 //! [`Pipeline::wait_settled`]). [`Pipeline::shutdown`] stops every service gracefully and
 //! fails if one of them failed.
+//!
+//! [`processes::ProcessPipeline`] runs the four services as separate processes instead
+//! (the package's `e2e-*` binaries), for what is process-global: `service.name` of traces,
+//! and the Prometheus recorder. [`otlp::OtlpReceiver`] collects the spans they export.
 
 use std::{
     collections::HashMap,
@@ -43,6 +47,9 @@ use tickflow_proto::{
 };
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
+
+pub mod otlp;
+pub mod processes;
 
 /// The demo reference data every pipeline starts with.
 pub const DEMO_INSTRUMENTS: &str =

@@ -84,6 +84,38 @@ impl Envelope {
         }
     }
 
+    /// How many fields [`Envelope::for_each_field`] yields.
+    pub fn field_count(&self) -> usize {
+        5 + usize::from(self.traceparent.is_some())
+            + usize::from(self.tracestate.as_ref().is_some_and(|s| !s.is_empty()))
+    }
+
+    /// Calls `f` with each field's name and value, in wire order, without allocating.
+    pub fn for_each_field(&self, mut f: impl FnMut(&[u8], &[u8])) {
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut ts = self.origin_us;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (ts % 10) as u8;
+            ts /= 10;
+            if ts == 0 {
+                break;
+            }
+        }
+        f(b"v", FORMAT_VERSION.as_bytes());
+        f(b"type", self.event_type.as_bytes());
+        f(b"key", self.partition_key.as_bytes());
+        f(b"ts", &digits[at..]);
+        if let Some(traceparent) = &self.traceparent {
+            f(b"traceparent", traceparent.as_bytes());
+        }
+        if let Some(tracestate) = self.tracestate.as_ref().filter(|s| !s.is_empty()) {
+            f(b"tracestate", tracestate.as_bytes());
+        }
+        f(b"payload", &self.payload);
+    }
+
     /// The entry's fields as name/value pairs, in wire order.
     pub fn to_fields(&self) -> Vec<(&'static str, Vec<u8>)> {
         let mut fields = Vec::with_capacity(7);
@@ -197,6 +229,25 @@ mod tests {
         assert_eq!(fields.len(), 7);
         let decoded = Envelope::from_fields(fields.iter().map(|(n, v)| (*n, v.as_slice())));
         assert_eq!(decoded.unwrap(), envelope);
+    }
+
+    #[test]
+    fn for_each_field_matches_to_fields() {
+        for origin_us in [0, 7, 1_764_160_000_123_456, u64::MAX] {
+            let mut envelope = Envelope::new("t", "K", vec![1, 2]);
+            envelope.origin_us = origin_us;
+            envelope.traceparent =
+                Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+            let mut streamed = Vec::new();
+            envelope.for_each_field(|n, v| streamed.push((n.to_vec(), v.to_vec())));
+            let listed: Vec<(Vec<u8>, Vec<u8>)> = envelope
+                .to_fields()
+                .into_iter()
+                .map(|(n, v)| (n.as_bytes().to_vec(), v))
+                .collect();
+            assert_eq!(streamed, listed);
+            assert_eq!(envelope.field_count(), listed.len());
+        }
     }
 
     #[test]

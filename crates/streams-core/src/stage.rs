@@ -132,6 +132,9 @@ pub struct Outputs {
 
 #[derive(Debug)]
 enum Op {
+    /// XADD an envelope (encoded straight into the script call).
+    AppendEnvelope { key: String, envelope: Envelope },
+    /// XADD arbitrary fields (dead letters).
     Append {
         key: String,
         fields: Vec<(Cow<'static, [u8]>, Vec<u8>)>,
@@ -148,26 +151,16 @@ impl Outputs {
     /// The entry carries the trace context of the span handling the input (when traced),
     /// so the next stage continues the trace.
     pub fn append(&mut self, key: impl Into<String>, envelope: &Envelope) {
-        let traced;
-        let envelope = match crate::trace_context::headers_of(&tracing::Span::current()) {
-            Some((traceparent, tracestate)) => {
-                traced = Envelope {
-                    traceparent: Some(traceparent),
-                    tracestate,
-                    ..envelope.clone()
-                };
-                &traced
-            }
-            None => envelope,
-        };
-        let fields = envelope
-            .to_fields()
-            .into_iter()
-            .map(|(n, v)| (Cow::Borrowed(n.as_bytes()), v))
-            .collect();
-        self.ops.push(Op::Append {
+        let mut envelope = envelope.clone();
+        if let Some((traceparent, tracestate)) =
+            crate::trace_context::headers_of(&tracing::Span::current())
+        {
+            envelope.traceparent = Some(traceparent);
+            envelope.tracestate = tracestate;
+        }
+        self.ops.push(Op::AppendEnvelope {
             key: key.into(),
-            fields,
+            envelope,
         });
     }
 
@@ -1003,6 +996,14 @@ impl<H: Handler> Stage<H> {
         );
         if let Some(envelope) = &delivery.envelope {
             crate::trace_context::set_parent(&span, envelope);
+        } else {
+            // A raw entry (an external producer's flat fields) may carry W3C fields too.
+            let text = |name| {
+                delivery
+                    .field(name)
+                    .and_then(|v| std::str::from_utf8(v).ok())
+            };
+            crate::trace_context::set_parent_from(&span, text("traceparent"), text("tracestate"));
         }
         span
     }
@@ -1127,7 +1128,9 @@ impl<H: Handler> Stage<H> {
         {
             for op in ops {
                 let key = match op {
-                    Op::Append { key, .. } | Op::Command { key, .. } => key.as_str(),
+                    Op::Append { key, .. }
+                    | Op::AppendEnvelope { key, .. }
+                    | Op::Command { key, .. } => key.as_str(),
                 };
                 if !keys[2..].contains(&key) {
                     keys.push(key);
@@ -1166,6 +1169,14 @@ impl<H: Handler> Stage<H> {
                     .arg(token.unwrap_or(""))
                     .arg(commit.entries.len());
                 let encode = |cmd: &mut Cmd, op: &Op| match op {
+                    Op::AppendEnvelope { key, envelope } => {
+                        cmd.arg("X")
+                            .arg(key_index(key))
+                            .arg(envelope.field_count() * 2);
+                        envelope.for_each_field(|name, value| {
+                            cmd.arg(name).arg(value);
+                        });
+                    }
                     Op::Append { key, fields } => {
                         cmd.arg("X").arg(key_index(key)).arg(fields.len() * 2);
                         for (name, value) in fields {

@@ -38,6 +38,12 @@ impl Handler for ExternalEvents {
             .and_then(|t| std::str::from_utf8(t).ok())
             .filter(|t| crate::http::is_valid_traceparent(t))
             .map(str::to_owned);
+        envelope.tracestate = envelope
+            .traceparent
+            .as_ref()
+            .and(delivery.field("tracestate"))
+            .and_then(|t| std::str::from_utf8(t).ok())
+            .map(str::to_owned);
         let partition = self.keys.partition_for(symbol.as_bytes());
         out.append(self.keys.stream(topology::INBOUND, partition), &envelope);
         Ok(())

@@ -1,7 +1,10 @@
-//! End-to-end tests of tickflow: the four services in one process, against a real
-//! redis-server per pipeline (see the `e2e` harness). One test binary; one module per area.
+//! End-to-end tests of tickflow: the four services in one process (or, where something
+//! process-global is tested, as four processes), against a real redis-server per pipeline
+//! (see the `e2e` harness). One test binary; one module per area.
 
 mod bad_inputs;
+mod process_metrics;
 mod replicas;
 mod scripted;
 mod support;
+mod traces;

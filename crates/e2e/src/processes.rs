@@ -1,0 +1,781 @@
+//! The four services as separate processes, as they run in production: one binary each
+//! (this package's `e2e-ingest`, `e2e-transform`, `e2e-engine`, `e2e-analytics` targets,
+//! built from the services' own `main.rs`).
+//!
+//! What needs its own process per service: tracing (the subscriber, and so `service.name`,
+//! is process-global) and metrics (the Prometheus recorder is process-global, so in one
+//! process every test's services add to the same counters).
+//!
+//! [`ProcessPipeline::start`] starts a private `redis-server`, loads the demo reference data
+//! into a namespace of its own, spawns one process per service on free `127.0.0.1` ports
+//! with the same short timings as the in-process [`crate::Pipeline`] (plus whatever
+//! [`ProcessOptions::env`] adds, e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`), and waits until each
+//! answers `/readyz`. [`ProcessPipeline::stop`] sends SIGTERM to every process and waits
+//! for each to exit (a graceful exit flushes the spans it still holds); a process still
+//! running when the pipeline is dropped is killed. Each process's output goes to a log
+//! file ([`ProcessPipeline::log`]), shown when it fails.
+//!
+//! The binaries' paths are only known to the integration tests (`CARGO_BIN_EXE_*`):
+//! they pass [`service_binaries!`](crate::service_binaries).
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    fs::File,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use redis::{Value, aio::MultiplexedConnection};
+use serde_json::Value as Json;
+use streams_core::{
+    Envelope, KeySpace, Redis,
+    testing::{RedisServer, unique_namespace},
+};
+use tempfile::TempDir;
+use tickflow_proto::{topology, v1::ingest_service_client::IngestServiceClient};
+
+use crate::{DEMO_INSTRUMENTS, POLL, Role, StreamEntry, read_response, stream_id};
+
+/// A stream entry's fields as `XRANGE` returns them.
+type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// How long every process gets to answer `/readyz`.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a process gets to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The paths of the four service binaries.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// `e2e-ingest`.
+    pub ingest: PathBuf,
+    /// `e2e-transform`.
+    pub transform: PathBuf,
+    /// `e2e-engine`.
+    pub engine: PathBuf,
+    /// `e2e-analytics`.
+    pub analytics: PathBuf,
+}
+
+impl Binaries {
+    /// The binary of `role`.
+    pub fn path(&self, role: Role) -> &Path {
+        match role {
+            Role::Ingest => &self.ingest,
+            Role::Transform => &self.transform,
+            Role::Engine => &self.engine,
+            Role::Analytics => &self.analytics,
+        }
+    }
+}
+
+/// The [`Binaries`] cargo built for this package; usable only in its integration tests
+/// (where `CARGO_BIN_EXE_*` is set).
+#[macro_export]
+macro_rules! service_binaries {
+    () => {
+        $crate::processes::Binaries {
+            ingest: env!("CARGO_BIN_EXE_e2e-ingest").into(),
+            transform: env!("CARGO_BIN_EXE_e2e-transform").into(),
+            engine: env!("CARGO_BIN_EXE_e2e-engine").into(),
+            analytics: env!("CARGO_BIN_EXE_e2e-analytics").into(),
+        }
+    };
+}
+
+/// How to build a [`ProcessPipeline`].
+#[derive(Debug, Clone)]
+pub struct ProcessOptions {
+    /// `TICKFLOW_PARTITIONS` (default 4).
+    pub partitions: u32,
+    /// Extra variables for every process (override the harness's).
+    pub env: Vec<(String, String)>,
+    /// Prefix of the namespace (`t-<prefix>-…`).
+    pub name: String,
+}
+
+impl Default for ProcessOptions {
+    fn default() -> Self {
+        Self {
+            partitions: 4,
+            env: Vec::new(),
+            name: "proc".into(),
+        }
+    }
+}
+
+/// One service process.
+#[derive(Debug)]
+pub struct ServiceProcess {
+    role: Role,
+    pid: u32,
+    http: SocketAddr,
+    grpc: Option<SocketAddr>,
+    log: PathBuf,
+    /// Behind a mutex so that liveness checks can take `&self`.
+    child: Mutex<Child>,
+    /// Set once it exited and was reaped.
+    exited: Mutex<Option<ExitStatus>>,
+}
+
+impl ServiceProcess {
+    /// Which service.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Where its HTTP server listens.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
+    }
+
+    /// Where its gRPC server listens (ingest only).
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn try_exit_status(&self) -> Option<ExitStatus> {
+        let mut exited = self.exited.lock().expect("exit status");
+        if exited.is_none() {
+            *exited = self
+                .child
+                .lock()
+                .expect("child")
+                .try_wait()
+                .expect("try_wait");
+        }
+        *exited
+    }
+
+    /// What it printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("<no log: {e}>"))
+    }
+
+    fn signal(&self, signal: &str) {
+        if self.try_exit_status().is_some() {
+            return;
+        }
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid.to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("run kill -{signal} {}: {e}", self.pid));
+        // It may have exited in between: only a live process must take the signal.
+        assert!(
+            status.success() || self.try_exit_status().is_some(),
+            "kill -{signal} {} failed: {status}",
+            self.pid
+        );
+    }
+}
+
+/// The four services as processes against a private redis-server. See the
+/// [module documentation](self).
+pub struct ProcessPipeline {
+    services: Vec<ServiceProcess>,
+    namespace: String,
+    keys: KeySpace,
+    external_stream: String,
+    http: reqwest::Client,
+    conn: MultiplexedConnection,
+    logs: TempDir,
+    // Last, so that it is killed after the processes.
+    server: RedisServer,
+}
+
+impl fmt::Debug for ProcessPipeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProcessPipeline")
+            .field("redis", &self.server.url())
+            .field("namespace", &self.namespace)
+            .field("services", &self.services)
+            .field("logs", &self.logs.path())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProcessPipeline {
+    /// Starts the four services (one process each) and waits until each is ready.
+    pub async fn start(binaries: Binaries, options: ProcessOptions) -> Self {
+        let server = RedisServer::start();
+        let namespace = unique_namespace(&options.name);
+        let keys = KeySpace::new(namespace.clone(), options.partitions);
+        let external_stream = format!("{namespace}:ingest_stream");
+        let log_filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        let mut env: BTreeMap<String, String> = [
+            ("REDIS_URL", server.url()),
+            ("TICKFLOW_NAMESPACE", namespace.clone()),
+            ("TICKFLOW_PARTITIONS", options.partitions.to_string()),
+            ("TICKFLOW_BLOCK_MS", "100".into()),
+            ("TICKFLOW_LEASE_TTL_MS", "600".into()),
+            ("TICKFLOW_CLAIM_IDLE_MS", "500".into()),
+            ("TICKFLOW_TRIM_INTERVAL_MS", "0".into()),
+            ("TICKFLOW_SHUTDOWN_GRACE_MS", "5000".into()),
+            ("TICKFLOW_POOL_SIZE", "8".into()),
+            ("INGEST_STREAMS", external_stream.clone()),
+            ("REFDATA_REFRESH_MS", "200".into()),
+            ("RUST_LOG", log_filter),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        env.extend(options.env.iter().cloned());
+
+        let redis = Redis::new(&server.url(), 2).expect("redis handle");
+        let loaded = transform::refdata::load_file(&redis, &keys, DEMO_INSTRUMENTS)
+            .await
+            .expect("load demo/instruments.json into Redis");
+        assert!(loaded > 0, "demo/instruments.json has instruments");
+        let conn = redis::Client::open(server.url())
+            .expect("redis client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the test redis-server");
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(15))
+            .build()
+            .expect("http client");
+        let logs = tempfile::Builder::new()
+            .prefix("tickflow-e2e-logs-")
+            .tempdir()
+            .expect("a directory for the services' logs");
+
+        let services = Role::ALL
+            .into_iter()
+            .map(|role| spawn(binaries.path(role), role, &env, logs.path()))
+            .collect();
+        let pipeline = Self {
+            services,
+            namespace,
+            keys,
+            external_stream,
+            http,
+            conn,
+            logs,
+            server,
+        };
+        pipeline.wait_ready().await;
+        pipeline
+    }
+
+    /// Waits until every process answers `/readyz` with 200.
+    pub async fn wait_ready(&self) {
+        self.wait_for(READY_TIMEOUT, async || {
+            for service in &self.services {
+                let url = format!("http://{}/readyz", service.http);
+                let ready = match self.http.get(&url).send().await {
+                    Ok(r) => r.status().as_u16() == 200,
+                    Err(_) => false,
+                };
+                if !ready {
+                    return Err(format!("{} to be ready", service.role));
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Sends SIGTERM to every process and waits for each to exit; panics (with its log)
+    /// if one did not exit with status 0 within the time allowed. Redis stays up.
+    pub async fn stop(&mut self) {
+        for service in &self.services {
+            service.signal("TERM");
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let mut problems = Vec::new();
+        for service in &self.services {
+            let status = loop {
+                if let Some(status) = service.try_exit_status() {
+                    break Some(status);
+                }
+                if Instant::now() >= deadline {
+                    break None;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            match status {
+                Some(status) if status.success() => {}
+                Some(status) => problems.push(format!(
+                    "{} exited with {status}; its log:\n{}",
+                    service.role,
+                    service.log()
+                )),
+                None => {
+                    service.signal("KILL");
+                    problems.push(format!(
+                        "{} did not exit within {STOP_TIMEOUT:?} of SIGTERM; its log:\n{}",
+                        service.role,
+                        service.log()
+                    ));
+                }
+            }
+        }
+        assert!(
+            problems.is_empty(),
+            "services failed to stop:\n{}",
+            problems.join("\n")
+        );
+    }
+
+    // ----- where things are ------------------------------------------------------------
+
+    /// The key namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The key layout.
+    pub fn keys(&self) -> &KeySpace {
+        &self.keys
+    }
+
+    /// The external stream ingest reads (`<ns>:ingest_stream`).
+    pub fn external_stream(&self) -> &str {
+        &self.external_stream
+    }
+
+    /// A connection to the pipeline's Redis.
+    pub fn conn(&self) -> MultiplexedConnection {
+        self.conn.clone()
+    }
+
+    /// The process of `role`.
+    pub fn service(&self, role: Role) -> &ServiceProcess {
+        self.services
+            .iter()
+            .find(|s| s.role == role)
+            .unwrap_or_else(|| panic!("no {role} process"))
+    }
+
+    /// What the process of `role` printed so far.
+    pub fn log(&self, role: Role) -> String {
+        self.service(role).log()
+    }
+
+    /// `http://<addr><path>` of the process of `role`.
+    pub fn url(&self, role: Role, path: &str) -> String {
+        format!("http://{}{path}", self.service(role).http)
+    }
+
+    // ----- sending ---------------------------------------------------------------------
+
+    /// POSTs `body` as JSON to ingest with extra `headers` (e.g. `traceparent`); returns
+    /// the status and the JSON answer.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &Json,
+        headers: &[(&str, &str)],
+    ) -> (u16, Json) {
+        let mut request = self
+            .http
+            .post(self.url(Role::Ingest, path))
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(body).expect("serialize body"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        read_response(response).await
+    }
+
+    /// DELETEs `path` on ingest.
+    pub async fn delete(&self, path: &str) -> (u16, Json) {
+        let response = self
+            .http
+            .delete(self.url(Role::Ingest, path))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("DELETE {path}: {e}"));
+        read_response(response).await
+    }
+
+    /// GETs a full URL; returns the status and the JSON answer.
+    pub async fn get_json(&self, url: &str) -> (u16, Json) {
+        let response = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        read_response(response).await
+    }
+
+    /// The Prometheus text of the process of `role` (`GET /metrics`).
+    pub async fn metrics(&self, role: Role) -> String {
+        let url = self.url(role, "/metrics");
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        assert_eq!(response.status().as_u16(), 200, "GET {url}");
+        response.text().await.expect("metrics text")
+    }
+
+    /// `GET /v1/symbols/{symbol}/stats` of analytics.
+    pub async fn stats(&self, symbol: &str) -> Json {
+        let url = self.url(Role::Analytics, &format!("/v1/symbols/{symbol}/stats"));
+        let (status, body) = self.get_json(&url).await;
+        assert_eq!(status, 200, "GET {url}: {body}");
+        body
+    }
+
+    /// A gRPC client of ingest's `IngestService`.
+    pub async fn grpc_client(&self) -> IngestServiceClient<tonic::transport::Channel> {
+        let addr = self
+            .service(Role::Ingest)
+            .grpc
+            .expect("ingest has a gRPC address");
+        IngestServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap_or_else(|e| panic!("connect to ingest gRPC at {addr}: {e}"))
+    }
+
+    /// `XADD <external stream> * field value ...`; returns the entry id.
+    pub async fn xadd_external(&self, fields: &[(&str, &str)]) -> String {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&self.external_stream).arg("*");
+        for (name, value) in fields {
+            cmd.arg(*name).arg(*value);
+        }
+        cmd.query_async(&mut self.conn())
+            .await
+            .expect("XADD to the external stream")
+    }
+
+    // ----- reading ---------------------------------------------------------------------
+
+    /// Every entry of every partition of the logical stream `stream`, decoded as
+    /// envelopes, ordered by stream id.
+    pub async fn stream_entries(&self, stream: &str) -> Vec<StreamEntry> {
+        let mut all = Vec::new();
+        for partition in self.keys.all_partitions() {
+            let key = self.keys.stream(stream, partition);
+            let entries: Vec<(String, Fields)> = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut self.conn())
+                .await
+                .unwrap_or_else(|e| panic!("XRANGE {key}: {e}"));
+            for (id, fields) in entries {
+                let envelope =
+                    Envelope::from_fields(fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
+                        .unwrap_or_else(|e| panic!("{key} entry {id} is not an envelope: {e}"));
+                all.push(StreamEntry {
+                    partition,
+                    id,
+                    envelope,
+                });
+            }
+        }
+        all.sort_by_key(|e| stream_id(&e.id));
+        all
+    }
+
+    /// The number of entries in every partition of the logical stream `stream` (`XLEN`).
+    pub async fn stream_len(&self, stream: &str) -> u64 {
+        self.xlen_all(
+            self.keys
+                .all_partitions()
+                .map(|p| self.keys.stream(stream, p)),
+        )
+        .await
+    }
+
+    /// The number of dead letters of every partition of the logical stream `stream`.
+    pub async fn dead_letter_len(&self, stream: &str) -> u64 {
+        self.xlen_all(
+            self.keys
+                .all_partitions()
+                .map(|p| self.keys.dead_letter(stream, p)),
+        )
+        .await
+    }
+
+    /// `XLEN` of one stream by key.
+    pub async fn xlen(&self, key: &str) -> u64 {
+        redis::cmd("XLEN")
+            .arg(key)
+            .query_async(&mut self.conn())
+            .await
+            .unwrap_or_else(|e| panic!("XLEN {key}: {e}"))
+    }
+
+    async fn xlen_all(&self, keys: impl Iterator<Item = String>) -> u64 {
+        let mut total = 0;
+        for key in keys {
+            total += self.xlen(&key).await;
+        }
+        total
+    }
+
+    // ----- waiting ---------------------------------------------------------------------
+
+    /// Polls `check` until it returns `Ok`; panics after `timeout` with the last `Err`, or
+    /// at once (with its log) if a process exited on its own.
+    pub async fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        mut check: impl AsyncFnMut() -> Result<T, String>,
+    ) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match check().await {
+                Ok(value) => return value,
+                Err(last) => last,
+            };
+            self.assert_running();
+            if Instant::now() >= deadline {
+                panic!("timed out after {timeout:?} waiting for: {last}");
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Panics, with its log, if a process has exited.
+    pub fn assert_running(&self) {
+        for service in &self.services {
+            if let Some(status) = service.try_exit_status() {
+                panic!(
+                    "{} exited on its own with {status}; its log:\n{}",
+                    service.role,
+                    service.log()
+                );
+            }
+        }
+    }
+
+    /// Waits until every stage has consumed and acknowledged all of its input.
+    pub async fn wait_settled(&self, timeout: Duration) {
+        self.wait_for(timeout, async || self.check_settled().await)
+            .await
+    }
+
+    /// `Ok` when, for the external stream and every partition of the inbound, validated
+    /// and market streams, the consuming group has read every entry and has nothing
+    /// pending.
+    pub async fn check_settled(&self) -> Result<(), String> {
+        let mut inputs = vec![(self.external_stream.clone(), topology::INGEST_GROUP)];
+        for role in Role::ALL {
+            if let Some((group, stream)) = role.owned_input() {
+                for partition in self.keys.all_partitions() {
+                    inputs.push((self.keys.stream(stream, partition), group));
+                }
+            }
+        }
+        for (stream, group) in inputs {
+            let (lag, pending) = self.group_backlog(&stream, group).await;
+            if lag != Some(0) || pending != 0 {
+                return Err(format!(
+                    "group {group} to consume all of {stream} (lag {lag:?}, pending {pending})"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `(lag, pending)` of `group` on `stream` (`lag` is `None` when the group does not
+    /// exist or Redis cannot tell).
+    pub async fn group_backlog(&self, stream: &str, group: &str) -> (Option<i64>, i64) {
+        let groups: redis::RedisResult<Vec<std::collections::HashMap<String, Value>>> =
+            redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(stream)
+                .query_async(&mut self.conn())
+                .await;
+        let Ok(groups) = groups else {
+            return (None, 0);
+        };
+        for info in groups {
+            let name = match info.get("name") {
+                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                Some(Value::SimpleString(s)) => s.clone(),
+                _ => continue,
+            };
+            if name != group {
+                continue;
+            }
+            let int = |key: &str| match info.get(key) {
+                Some(Value::Int(n)) => Some(*n),
+                _ => None,
+            };
+            return (int("lag"), int("pending").unwrap_or(0));
+        }
+        (None, 0)
+    }
+}
+
+impl Drop for ProcessPipeline {
+    fn drop(&mut self) {
+        // A test that failed before `stop`: no process outlives it.
+        for service in &self.services {
+            if service.try_exit_status().is_none() {
+                let mut child = service.child.lock().expect("child");
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// Spawns the process of `role` on free ports, its output to `<logs>/<role>.log`.
+fn spawn(binary: &Path, role: Role, env: &BTreeMap<String, String>, logs: &Path) -> ServiceProcess {
+    let http = free_addr();
+    let grpc = (role == Role::Ingest).then(free_addr);
+    let log = logs.join(format!("{role}.log"));
+    let out = File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+    let err = out.try_clone().expect("clone the log file");
+    let mut command = Command::new(binary);
+    // Only what the harness sets: no OTEL_*, TICKFLOW_* or REDIS_URL of the test runner.
+    command.env_clear();
+    for keep in ["PATH", "HOME", "TMPDIR", "LLVM_PROFILE_FILE"] {
+        if let Some(value) = std::env::var_os(keep) {
+            command.env(keep, value);
+        }
+    }
+    command
+        .envs(env)
+        .env("CONSUMER_NAME", format!("{role}-0"))
+        .env("HTTP_ADDR", http.to_string())
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    if let Some(grpc) = grpc {
+        command.env("GRPC_ADDR", grpc.to_string());
+    }
+    let child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()));
+    ServiceProcess {
+        role,
+        pid: child.id(),
+        http,
+        grpc,
+        log,
+        child: Mutex::new(child),
+        exited: Mutex::new(None),
+    }
+}
+
+/// A free `127.0.0.1` port (bound, then released for the child to take).
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// The sum of the samples of metric `name` whose labels include every one of `labels`,
+/// in Prometheus text (0 when there are none: counters appear at their first increment).
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(parse_sample)
+        .filter(|(metric, sample_labels, _)| {
+            metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| sample_labels.get(*k).is_some_and(|s| s == v))
+        })
+        .map(|(_, _, value)| value)
+        .sum()
+}
+
+/// `name{k="v",…} value` → (name, labels, value).
+fn parse_sample(line: &str) -> Option<(String, BTreeMap<String, String>, f64)> {
+    let line = line.trim();
+    if line.is_empty() {
+        return None;
+    }
+    let (name, rest) = match line.find(['{', ' ']) {
+        Some(i) => (&line[..i], &line[i..]),
+        None => return None,
+    };
+    let mut labels = BTreeMap::new();
+    let rest = if let Some(body) = rest.strip_prefix('{') {
+        let mut chars = body.char_indices();
+        let mut key = String::new();
+        let end = loop {
+            let (i, c) = chars.next()?;
+            match c {
+                '}' => break i,
+                ',' | ' ' => {}
+                '=' => {
+                    let (_, quote) = chars.next()?;
+                    if quote != '"' {
+                        return None;
+                    }
+                    let mut value = String::new();
+                    loop {
+                        let (_, c) = chars.next()?;
+                        match c {
+                            '\\' => {
+                                let (_, escaped) = chars.next()?;
+                                value.push(if escaped == 'n' { '\n' } else { escaped });
+                            }
+                            '"' => break,
+                            c => value.push(c),
+                        }
+                    }
+                    labels.insert(std::mem::take(&mut key), value);
+                }
+                c => key.push(c),
+            }
+        };
+        &body[end + 1..]
+    } else {
+        rest
+    };
+    let value = rest.split_whitespace().next()?.parse().ok()?;
+    Some((name.to_owned(), labels, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_samples_by_name_and_labels() {
+        let text = "# HELP x\n# TYPE tickflow_events_processed_total counter\n\
+            tickflow_events_processed_total{stage=\"transform\",partition=\"0\"} 3\n\
+            tickflow_events_processed_total{stage=\"transform\",partition=\"1\"} 4\n\
+            tickflow_events_processed_total{stage=\"engine\",partition=\"1\"} 5\n\
+            tickflow_events_processed_total_other{stage=\"transform\"} 100\n\
+            tickflow_ingest_events_total 11\n\
+            odd{l=\"a \\\"q\\\", b\"} 2\n";
+        let sum = |name, labels: &[(&str, &str)]| metric_sum(text, name, labels);
+        assert_eq!(
+            sum("tickflow_events_processed_total", &[("stage", "transform")]),
+            7.0
+        );
+        assert_eq!(sum("tickflow_events_processed_total", &[]), 12.0);
+        assert_eq!(
+            sum(
+                "tickflow_events_processed_total",
+                &[("stage", "engine"), ("partition", "1")]
+            ),
+            5.0
+        );
+        assert_eq!(sum("tickflow_ingest_events_total", &[]), 11.0);
+        assert_eq!(sum("odd", &[("l", "a \"q\", b")]), 2.0);
+        assert_eq!(sum("absent", &[]), 0.0);
+    }
+}
