@@ -17,7 +17,7 @@ build:
 	$(CARGO) build --workspace --release
 
 bench:
-	$(CARGO) run --release -p streams-core --features test-util --example stage_bench
+	bash scripts/bench.sh
 
 run:
 	bash scripts/run-local.sh

@@ -7,9 +7,10 @@
 //!   partition `p` belongs to member `p mod n`. Every member computes the same answer, so
 //!   partitions spread evenly and move when a member joins or dies.
 //! - **Leases.** A member takes an assigned partition with `SET lease token NX PX ttl` and
-//!   renews it while it lives. The token is unique per acquisition; every script that reads,
-//!   claims or acknowledges for the partition checks it (fencing), so a member that lost
-//!   its lease (paused, cut off, slow) can neither read, ack nor forward for it.
+//!   renews it while it lives. The token is unique per acquisition; every script that claims
+//!   or acknowledges for the partition checks it (fencing), so a member that lost its lease
+//!   (paused, cut off, slow) can neither ack nor forward for it. Entries it still reads stay
+//!   pending, and the owner's commits are refused until it has claimed them back in order.
 //! - **Hand-over.** A member that is no longer assigned a partition finishes its batch,
 //!   then deletes its lease; the new owner takes it on its next tick, and first handles
 //!   the partition's pending entries in id order, then reads new ones.

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# `make bench`: the benchmarks whose results BENCHMARKS.md records.
+#
+# 1. One stage (read + ack-and-forward) against raw pipelined XADD, on a private
+#    redis-server (crates/streams-core/examples/stage_bench.rs).
+# 2. The whole pipeline, four service processes on one redis-server (`tickflow bench`):
+#    as fast as accepted, at a fixed 10,000 events/s, and with tracing at 1 % and 100 %.
+# 3. redis-benchmark XADD on a redis-server of its own, for scale.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+EVENTS="${EVENTS:-200000}"
+
+echo "== machine"
+echo "nproc=$(nproc)  cpu=\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)\"  $(redis-server --version | cut -d' ' -f1-3)"
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+cargo build --release -p tickflow -p streams-core --features streams-core/test-util --example stage_bench
+
+echo
+echo "== one stage (cargo run --release -p streams-core --features test-util --example stage_bench -- --batch 64,256,1024)"
+target/release/examples/stage_bench --batch 64,256,1024 2>/dev/null
+
+echo
+echo "== pipeline, as fast as accepted (tickflow bench --events $EVENTS)"
+target/release/tickflow bench --events "$EVENTS"
+echo
+echo "== pipeline at a fixed 10,000 events/s (tickflow bench --events 100000 --rate 10000)"
+target/release/tickflow bench --events 100000 --rate 10000
+for ratio in 0.01 1; do
+    echo
+    echo "== pipeline with tracing, sampling $ratio (tickflow bench --events 100000 --trace-ratio $ratio)"
+    target/release/tickflow bench --events 100000 --trace-ratio "$ratio"
+done
+
+echo
+echo "== redis-benchmark XADD (same machine, its own redis-server)"
+port=6390
+while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$((port + 1)); done
+dir=$(mktemp -d)
+redis-server --port "$port" --save "" --appendonly no --dir "$dir" --daemonize yes --logfile "$dir/log"
+sleep 0.5
+for args in "-c 1" "-c 50" "-c 50 -P 50"; do
+    printf '%-14s' "$args:"
+    # shellcheck disable=SC2086
+    redis-benchmark -p "$port" -n 200000 $args -q XADD benchstream '*' f v | tr '\r' '\n' | tail -1
+done
+redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
+rm -rf "$dir"
