@@ -1,6 +1,7 @@
 //! The analytics stage's handler: every trade, tick and execution report updates per-symbol
-//! statistics, OHLCV bars and the latency histogram in Redis, atomically with the entry's
-//! acknowledgement (so each event counts exactly once).
+//! statistics, OHLCV bars and the latency histogram in Redis. A batch's changes are
+//! aggregated in memory and written as the batch's effects, atomically with its
+//! acknowledgement: each event counts exactly once, at a few commands per symbol and batch.
 //!
 //! Keys, all under the event's partition hash tag:
 //! - `…:state:analytics:stats:{SYMBOL}` hash: `trades`, `volume`, `notional`,
@@ -22,7 +23,7 @@ use tickflow_proto::{event_type as types, v1};
 use crate::latency;
 
 /// A bar interval.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Interval {
     /// One second.
     #[serde(rename = "1s")]
@@ -149,6 +150,28 @@ pub struct Aggregator {
     /// Bars touched recently, by (symbol, interval, bucket): the truth for this partition
     /// owner until committed, since Redis only sees them at the batch's commit.
     bars: HashMap<(Partition, String, Interval, u64), Bar>,
+    /// What the batch in hand changes, per partition, written by `batch_effects`.
+    batch: HashMap<Partition, BatchDelta>,
+}
+
+/// The effect of a batch on one partition's Redis state, aggregated so that a batch costs a
+/// few commands per symbol instead of a dozen per event.
+#[derive(Debug, Default)]
+struct BatchDelta {
+    stats: HashMap<String, StatsDelta>,
+    bars: std::collections::BTreeSet<(String, Interval, u64)>,
+    latency: HashMap<u32, u64>,
+}
+
+#[derive(Debug, Default)]
+struct StatsDelta {
+    trades: u64,
+    volume: u64,
+    notional: f64,
+    last_price_e6: Option<i64>,
+    ticks: u64,
+    last_tick_price_e6: Option<i64>,
+    executions: HashMap<String, u64>,
 }
 
 impl Aggregator {
@@ -159,6 +182,7 @@ impl Aggregator {
             redis,
             retention,
             bars: HashMap::new(),
+            batch: HashMap::new(),
         }
     }
 
@@ -204,7 +228,6 @@ impl Aggregator {
         partition: Partition,
         envelope: &Envelope,
         trade: &v1::Trade,
-        out: &mut Outputs,
     ) -> Result<(), HandlerError> {
         let symbol = trade.symbol.as_str();
         if symbol.is_empty() || trade.qty == 0 || trade.price_e6 <= 0 {
@@ -230,60 +253,17 @@ impl Aggregator {
             bar.n += 1;
             updated.push((interval, bucket, bar));
         }
+        let delta = self.batch.entry(partition).or_default();
         for (interval, bucket, bar) in updated {
-            let key = self.keys.bars(symbol, interval);
-            let json = serde_json::to_vec(&bar).expect("bars serialize");
-            out.command(
-                "ZREMRANGEBYSCORE",
-                key.clone(),
-                vec![
-                    bucket.to_string().into_bytes(),
-                    bucket.to_string().into_bytes(),
-                ],
-            );
-            out.command(
-                "ZADD",
-                key.clone(),
-                vec![bucket.to_string().into_bytes(), json],
-            );
-            let keep_ms = match interval {
-                Interval::Second => self.retention.second_bars_ms,
-                Interval::Minute => self.retention.minute_bars_ms,
-            };
-            let oldest = bucket.saturating_sub(keep_ms);
-            out.command(
-                "ZREMRANGEBYSCORE",
-                key,
-                vec![b"-inf".to_vec(), format!("({oldest}").into_bytes()],
-            );
+            delta.bars.insert((symbol.to_owned(), interval, bucket));
             self.bars
                 .insert((partition, symbol.to_owned(), interval, bucket), bar);
         }
-        let stats = self.keys.stats(symbol);
-        let notional = trade.price_e6 as f64 / 1e6 * trade.qty as f64;
-        out.command(
-            "HINCRBY",
-            stats.clone(),
-            vec![b"trades".to_vec(), b"1".to_vec()],
-        );
-        out.command(
-            "HINCRBY",
-            stats.clone(),
-            vec![b"volume".to_vec(), trade.qty.to_string().into_bytes()],
-        );
-        out.command(
-            "HINCRBYFLOAT",
-            stats.clone(),
-            vec![b"notional".to_vec(), format!("{notional:.6}").into_bytes()],
-        );
-        out.command(
-            "HSET",
-            stats,
-            vec![
-                b"last_price_e6".to_vec(),
-                trade.price_e6.to_string().into_bytes(),
-            ],
-        );
+        let stats = delta.stats.entry(symbol.to_owned()).or_default();
+        stats.trades += 1;
+        stats.volume += trade.qty;
+        stats.notional += trade.price_e6 as f64 / 1e6 * trade.qty as f64;
+        stats.last_price_e6 = Some(trade.price_e6);
         self.evict(at_ms);
         Ok(())
     }
@@ -307,30 +287,29 @@ fn decode<M: Message + Default>(envelope: &Envelope) -> Result<M, HandlerError> 
 }
 
 impl Handler for Aggregator {
-    async fn handle(&mut self, delivery: &Delivery, out: &mut Outputs) -> Result<(), HandlerError> {
+    async fn handle(
+        &mut self,
+        delivery: &Delivery,
+        _out: &mut Outputs,
+    ) -> Result<(), HandlerError> {
         let envelope = delivery.envelope.as_ref().expect("envelope stage");
+        let partition = delivery.partition;
         match envelope.event_type.as_str() {
             types::TRADE => {
                 let trade: v1::Trade = decode(envelope)?;
-                self.trade(delivery.partition, envelope, &trade, out)
-                    .await?;
+                self.trade(partition, envelope, &trade).await?;
             }
             types::VALIDATED_TICK => {
                 let tick: v1::ValidatedTick = decode(envelope)?;
-                let stats = self.keys.stats(&tick.symbol);
-                out.command(
-                    "HINCRBY",
-                    stats.clone(),
-                    vec![b"ticks".to_vec(), b"1".to_vec()],
-                );
-                out.command(
-                    "HSET",
-                    stats,
-                    vec![
-                        b"last_tick_price_e6".to_vec(),
-                        tick.price_e6.to_string().into_bytes(),
-                    ],
-                );
+                let stats = self
+                    .batch
+                    .entry(partition)
+                    .or_default()
+                    .stats
+                    .entry(tick.symbol)
+                    .or_default();
+                stats.ticks += 1;
+                stats.last_tick_price_e6 = Some(tick.price_e6);
             }
             types::EXECUTION => {
                 let report: v1::ExecutionReport = decode(envelope)?;
@@ -341,11 +320,14 @@ impl Handler for Aggregator {
                             .to_ascii_lowercase()
                     })
                     .unwrap_or_else(|_| "unknown".into());
-                out.command(
-                    "HINCRBY",
-                    self.keys.stats(&report.symbol),
-                    vec![format!("exec_{status}").into_bytes(), b"1".to_vec()],
-                );
+                let stats = self
+                    .batch
+                    .entry(partition)
+                    .or_default()
+                    .stats
+                    .entry(report.symbol)
+                    .or_default();
+                *stats.executions.entry(status).or_default() += 1;
             }
             other => {
                 return Err(HandlerError::Permanent(format!(
@@ -355,19 +337,99 @@ impl Handler for Aggregator {
         }
         let latency_us = now_micros().saturating_sub(envelope.origin_us);
         metrics::histogram!("tickflow_e2e_latency_seconds").record(latency_us as f64 / 1e6);
-        out.command(
-            "HINCRBY",
-            self.keys.latency(delivery.partition),
-            vec![
-                latency::bucket(latency_us).to_string().into_bytes(),
-                b"1".to_vec(),
-            ],
-        );
+        *self
+            .batch
+            .entry(partition)
+            .or_default()
+            .latency
+            .entry(latency::bucket(latency_us))
+            .or_default() += 1;
         Ok(())
     }
 
     fn partition_released(&mut self, partition: Partition) {
         // What this consumer cached may not have been committed; the next owner reads Redis.
         self.bars.retain(|(p, _, _, _), _| *p != partition);
+        self.batch.remove(&partition);
+    }
+
+    /// The batch's aggregated changes, applied with its acknowledgement (so each event
+    /// counts once): per symbol one command per changed statistic and one per changed bar.
+    fn batch_effects(&mut self, partition: Partition, out: &mut Outputs) {
+        let Some(delta) = self.batch.remove(&partition) else {
+            return;
+        };
+        let int = |v: u64| v.to_string().into_bytes();
+        for (symbol, stats) in delta.stats {
+            let key = self.keys.stats(&symbol);
+            let mut increments: Vec<(String, u64)> = vec![
+                ("trades".into(), stats.trades),
+                ("volume".into(), stats.volume),
+                ("ticks".into(), stats.ticks),
+            ];
+            increments.extend(
+                stats
+                    .executions
+                    .into_iter()
+                    .map(|(s, n)| (format!("exec_{s}"), n)),
+            );
+            for (field, by) in increments.into_iter().filter(|(_, by)| *by > 0) {
+                out.command("HINCRBY", key.clone(), vec![field.into_bytes(), int(by)]);
+            }
+            if stats.trades > 0 {
+                out.command(
+                    "HINCRBYFLOAT",
+                    key.clone(),
+                    vec![
+                        b"notional".to_vec(),
+                        format!("{:.6}", stats.notional).into_bytes(),
+                    ],
+                );
+            }
+            let mut last = Vec::new();
+            if let Some(p) = stats.last_price_e6 {
+                last.extend([b"last_price_e6".to_vec(), p.to_string().into_bytes()]);
+            }
+            if let Some(p) = stats.last_tick_price_e6 {
+                last.extend([b"last_tick_price_e6".to_vec(), p.to_string().into_bytes()]);
+            }
+            if !last.is_empty() {
+                out.command("HSET", key, last);
+            }
+        }
+        for (symbol, interval, bucket) in delta.bars {
+            let Some(bar) = self
+                .bars
+                .get(&(partition, symbol.clone(), interval, bucket))
+            else {
+                continue;
+            };
+            let key = self.keys.bars(&symbol, interval);
+            let json = serde_json::to_vec(bar).expect("bars serialize");
+            out.command(
+                "ZREMRANGEBYSCORE",
+                key.clone(),
+                vec![int(bucket), int(bucket)],
+            );
+            out.command("ZADD", key.clone(), vec![int(bucket), json]);
+            let keep_ms = match interval {
+                Interval::Second => self.retention.second_bars_ms,
+                Interval::Minute => self.retention.minute_bars_ms,
+            };
+            let oldest = bucket.saturating_sub(keep_ms);
+            out.command(
+                "ZREMRANGEBYSCORE",
+                key,
+                vec![b"-inf".to_vec(), format!("({oldest}").into_bytes()],
+            );
+        }
+        let key = self.keys.latency(partition);
+        for (bucket, count) in delta.latency {
+            out.command(
+                "HINCRBY",
+                key.clone(),
+                vec![bucket.to_string().into_bytes(), int(count)],
+            );
+        }
     }
 }
