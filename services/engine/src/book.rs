@@ -786,6 +786,11 @@ impl Books {
         }
     }
 
+    /// Puts a restored book in place for `symbol`.
+    pub fn insert(&mut self, symbol: &str, book: OrderBook) {
+        self.books.insert(symbol.to_owned(), book);
+    }
+
     /// The book of `symbol`, created (with the partition's band) if needed.
     pub fn book_mut(&mut self, symbol: &str) -> &mut OrderBook {
         let band_bps = self.band_bps;

@@ -5,7 +5,7 @@
 //! One replica owns a partition at a time (owned mode), so a symbol's book is never split.
 //! The books of a partition live in memory while owned; `partition_released` drops them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use prost::Message;
 use streams_core::{
@@ -16,7 +16,7 @@ use tickflow_proto::{
     v1::{self, ExecStatus},
 };
 
-use crate::book::{Books, CancelReason, Event, NewOrder, OrderKind, Side};
+use crate::book::{Books, CancelReason, Event, NewOrder, OrderBook, OrderKind, Resting, Side};
 
 /// The engine handler: the books of every partition this replica owns.
 #[derive(Debug)]
@@ -24,6 +24,9 @@ pub struct Matching {
     keys: KeySpace,
     redis: Redis,
     books: HashMap<Partition, Books>,
+    /// Per partition, the symbols the batch in hand touched and the orders it changed:
+    /// what `batch_effects` writes back.
+    touched: HashMap<Partition, BTreeMap<String, BTreeSet<String>>>,
 }
 
 impl Matching {
@@ -33,13 +36,37 @@ impl Matching {
             keys,
             redis,
             books: HashMap::new(),
+            touched: HashMap::new(),
         }
     }
 
-    /// Where the books of `partition` are kept, as of its last acknowledged batch.
-    pub fn snapshot_key(&self, partition: Partition) -> String {
+    /// The symbols with a book in `partition` (a set).
+    fn symbols_key(&self, partition: Partition) -> String {
         self.keys
-            .partition_state(topology::ENGINE_GROUP, "books", partition)
+            .partition_state(topology::ENGINE_GROUP, "symbols", partition)
+    }
+
+    /// Each book's band, last price and sequence in `partition` (hash: symbol → JSON).
+    fn meta_key(&self, partition: Partition) -> String {
+        self.keys
+            .partition_state(topology::ENGINE_GROUP, "meta", partition)
+    }
+
+    /// The resting orders of `symbol` (hash: order id → JSON).
+    fn orders_key(&self, partition: Partition, symbol: &str) -> String {
+        self.keys.partition_state(
+            topology::ENGINE_GROUP,
+            &format!("orders:{symbol}"),
+            partition,
+        )
+    }
+
+    fn touch(&mut self, partition: Partition, symbol: &str) -> &mut BTreeSet<String> {
+        self.touched
+            .entry(partition)
+            .or_default()
+            .entry(symbol.to_owned())
+            .or_default()
     }
 
     /// The books of `partition`, if owned.
@@ -102,6 +129,7 @@ impl Handler for Matching {
             types::VALIDATED_TICK => {
                 let tick: v1::ValidatedTick = decode(envelope)?;
                 books.book_mut(&tick.symbol).on_tick(tick.price_e6);
+                self.touch(delivery.partition, &tick.symbol);
                 out.append(
                     market,
                     &envelope.derive(types::VALIDATED_TICK, envelope.payload.clone()),
@@ -114,6 +142,17 @@ impl Handler for Matching {
                 )));
             }
         };
+        let changed = self.touch(delivery.partition, &symbol);
+        for event in &events {
+            match event {
+                Event::Accepted { order_id, .. }
+                | Event::Fill { order_id, .. }
+                | Event::Cancelled { order_id, .. } => {
+                    changed.insert(order_id.clone());
+                }
+                Event::Rejected { .. } | Event::Trade { .. } => {}
+            }
+        }
         for event in events {
             let (event_type, payload) = encode(&symbol, event);
             out.append(market.clone(), &envelope.derive(event_type, payload));
@@ -121,41 +160,123 @@ impl Handler for Matching {
         Ok(())
     }
 
-    /// Loads the partition's books as of its last acknowledged batch (empty if none), so
-    /// a replica taking a partition over continues exactly where the last owner committed.
+    /// Loads the partition's books as of its last acknowledged batch (none if it never
+    /// had any), so a replica taking a partition over continues exactly where the last
+    /// owner committed.
     async fn partition_acquired(&mut self, partition: Partition) -> Result<(), HandlerError> {
         let retry = |e: &dyn std::fmt::Display| {
             HandlerError::Retry(format!("loading the books of partition {partition}: {e}"))
         };
         let mut conn = self.redis.pooled().await.map_err(|e| retry(&e))?;
-        let stored: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(self.snapshot_key(partition))
+        let symbols: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.symbols_key(partition))
             .query_async(&mut *conn)
             .await
             .map_err(|e| retry(&e))?;
-        let books = match stored {
-            None => Books::default(),
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| retry(&e))?,
-        };
+        let mut books = Books::default();
+        for symbol in symbols {
+            let mut pipe = redis::pipe();
+            pipe.cmd("HGET").arg(self.meta_key(partition)).arg(&symbol);
+            pipe.cmd("HVALS").arg(self.orders_key(partition, &symbol));
+            let (meta, orders): (Option<String>, Vec<String>) =
+                pipe.query_async(&mut *conn).await.map_err(|e| retry(&e))?;
+            let book = restore(meta.as_deref(), &orders).map_err(|e| {
+                HandlerError::Retry(format!("the stored book of {symbol} is invalid: {e}"))
+            })?;
+            books.insert(&symbol, book);
+        }
         self.books.insert(partition, books);
+        self.touched.remove(&partition);
         Ok(())
     }
 
     fn partition_released(&mut self, partition: Partition) {
         self.books.remove(&partition);
+        self.touched.remove(&partition);
     }
 
-    /// The books after the batch, stored atomically with its acknowledgement: whoever owns
-    /// the partition next starts from exactly there.
+    /// What the batch changed in the books, stored atomically with its acknowledgement:
+    /// each touched book's band, last price and sequence, and each changed order (written
+    /// while it rests, deleted once filled or cancelled). The cost follows the changes, not
+    /// the size of the books.
     fn batch_effects(&mut self, partition: Partition, out: &mut Outputs) {
+        let Some(touched) = self.touched.remove(&partition) else {
+            return;
+        };
         let Some(books) = self.books.get(&partition) else {
             return;
         };
-        match serde_json::to_vec(books) {
-            Ok(json) => out.command("SET", self.snapshot_key(partition), vec![json]),
-            Err(e) => tracing::error!(partition, error = %e, "books do not serialize"),
+        let mut meta = Vec::new();
+        let mut symbols = Vec::new();
+        for (symbol, orders) in touched {
+            let Some(book) = books.get(&symbol) else {
+                continue;
+            };
+            symbols.push(symbol.clone().into_bytes());
+            let book_meta = serde_json::json!({
+                "band_bps": book.band_bps(),
+                "last_price": book.last_price(),
+                "sequence": book.sequence(),
+            });
+            meta.push(symbol.clone().into_bytes());
+            meta.push(book_meta.to_string().into_bytes());
+            let (mut resting, mut gone) = (Vec::new(), Vec::new());
+            for id in orders {
+                match book.order(&id) {
+                    Some(order) => {
+                        let json = serde_json::to_vec(order).expect("orders serialize");
+                        resting.push(id.into_bytes());
+                        resting.push(json);
+                    }
+                    None => gone.push(id.into_bytes()),
+                }
+            }
+            let key = self.orders_key(partition, &symbol);
+            if !resting.is_empty() {
+                out.command("HSET", key.clone(), resting);
+            }
+            if !gone.is_empty() {
+                out.command("HDEL", key, gone);
+            }
+        }
+        if !symbols.is_empty() {
+            out.command("SADD", self.symbols_key(partition), symbols);
+            out.command("HSET", self.meta_key(partition), meta);
         }
     }
+}
+
+/// Rebuilds a book from its stored meta and resting orders (priority from price, then
+/// `accepted_seq`), through the book's own snapshot checks.
+fn restore(meta: Option<&str>, orders: &[String]) -> Result<OrderBook, String> {
+    let meta: serde_json::Value = match meta {
+        Some(text) => serde_json::from_str(text).map_err(|e| e.to_string())?,
+        None => serde_json::json!({ "band_bps": 0, "last_price": null, "sequence": 0 }),
+    };
+    let resting: Vec<Resting> = orders
+        .iter()
+        .map(|o| serde_json::from_str(o).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let (mut bids, mut asks): (Vec<Resting>, Vec<Resting>) =
+        resting.into_iter().partition(|o| o.side == Side::Buy);
+    bids.sort_by(|a, b| {
+        b.price
+            .cmp(&a.price)
+            .then(a.accepted_seq.cmp(&b.accepted_seq))
+    });
+    asks.sort_by(|a, b| {
+        a.price
+            .cmp(&b.price)
+            .then(a.accepted_seq.cmp(&b.accepted_seq))
+    });
+    let snapshot = serde_json::json!({
+        "band_bps": meta["band_bps"],
+        "last_price": meta["last_price"],
+        "sequence": meta["sequence"],
+        "bids": bids,
+        "asks": asks,
+    });
+    serde_json::from_value(snapshot).map_err(|e| e.to_string())
 }
 
 /// The message an engine event becomes on the market stream.
@@ -243,5 +364,45 @@ pub fn encode(symbol: &str, event: Event) -> (&'static str, Vec<u8>) {
             };
             (types::TRADE, trade.encode_to_vec())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_book_restores_from_its_meta_and_resting_orders() {
+        let mut book = OrderBook::new(500);
+        book.on_tick(100_000_000);
+        for (i, (side, price, qty)) in [
+            (Side::Buy, 99_000_000, 5),
+            (Side::Buy, 99_500_000, 3),
+            (Side::Buy, 99_000_000, 2),
+            (Side::Sell, 101_000_000, 4),
+            (Side::Sell, 100_500_000, 1),
+            (Side::Sell, 99_500_000, 2),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            book.submit(NewOrder::limit(format!("o{i}"), side, price, qty));
+        }
+        let meta = serde_json::json!({
+            "band_bps": book.band_bps(), "last_price": book.last_price(), "sequence": book.sequence(),
+        })
+        .to_string();
+        let orders: Vec<String> = book
+            .orders(Side::Sell)
+            .chain(book.orders(Side::Buy))
+            .map(|o| serde_json::to_string(o).unwrap())
+            .collect();
+        let restored = restore(Some(&meta), &orders).unwrap();
+        assert_eq!(restored, book);
+        // And it continues identically.
+        let (mut a, mut b) = (book.clone(), restored);
+        let next = NewOrder::limit("x", Side::Sell, 99_000_000, 9);
+        assert_eq!(a.submit(next.clone()), b.submit(next));
+        assert_eq!(a, b);
     }
 }
