@@ -2,6 +2,7 @@
 //! process-global is tested, as four processes), against a real redis-server per pipeline
 //! (see the `e2e` harness). One test binary; one module per area.
 
+mod backpressure;
 mod bad_inputs;
 mod process_metrics;
 mod replicas;
