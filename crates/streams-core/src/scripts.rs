@@ -94,22 +94,36 @@ pub(crate) struct Scripts {
 /// The prefix of the error a script returns when the caller's lease is not current.
 pub(crate) const FENCED: &str = "TICKFLOW_FENCED";
 
-/// Acknowledge a batch, partition by partition, and apply each entry's effects, atomically.
+/// The prefix of the error ACK_FORWARD returns when older entries of an owned partition are
+/// still pending.
+pub(crate) const OUT_OF_ORDER: &str = "TICKFLOW_OUT_OF_ORDER";
+
+/// Acknowledge a batch of one partition and apply each entry's effects, atomically.
 ///
-/// KEYS: every key the call touches (input streams, leases, effect keys), referred to by
-/// index. ARGV: group, partition count, then per partition: input key index, lease key
-/// index, fencing token ('' = none), entry count, then per entry: id, op count, and per op:
-/// kind ('X' = XADD, else a command name), key index, argument count, arguments; then the
-/// partition's batch op count and ops (e.g. a state snapshot), applied if any of its entries
-/// was acknowledged by this call.
-///
-/// An entry's effects are applied only if its XACK removed it from the pending list, so an
-/// entry handled twice is forwarded once. With a fencing token, a partition's part is
-/// skipped ('fenced') unless the lease holds that token, and ('out_of_order') while entries
-/// older than its first one are pending. Returns per partition {status, {0/1 per entry}}.
+/// KEYS[1] input stream, KEYS[2] lease key (or the input again when unfenced), KEYS[3..]
+/// the keys effects write. With a fencing token, the call is refused (TICKFLOW_FENCED) unless
+/// the lease holds it, and (TICKFLOW_OUT_OF_ORDER) while entries older than the first one
+/// are pending. ARGV: group, fencing token ('' = none), entry count, then per
+/// entry: id, op count, and per op: kind ('X' = XADD, else a command name), key index,
+/// argument count, arguments; then the batch's op count and ops (e.g. a state snapshot),
+/// applied if any entry of the call was acknowledged by it. An entry's effects are applied
+/// only if its XACK removed it from the pending list, so an entry handled twice is
+/// forwarded once. Returns one 0/1 per entry.
 const ACK_FORWARD: &str = r#"
-local group, parts = ARGV[1], tonumber(ARGV[2])
-local i = 3
+local group, token = ARGV[1], ARGV[2]
+if token ~= '' then
+  if redis.call('GET', KEYS[2]) ~= token then
+    return redis.error_reply('TICKFLOW_FENCED lease ' .. KEYS[2] .. ' is not held by this consumer')
+  end
+  -- Owned partitions keep order: nothing older than this batch may still be pending.
+  if tonumber(ARGV[3]) > 0 and #redis.call('XPENDING', KEYS[1], group, '-', '(' .. ARGV[4], 1) > 0 then
+    return redis.error_reply('TICKFLOW_OUT_OF_ORDER older entries are pending in ' .. KEYS[1])
+  end
+end
+local n = tonumber(ARGV[3])
+local i = 4
+local result = {}
+local any_acked = false
 local function apply(apply_it)
   local kind, key, nargs = ARGV[i], KEYS[tonumber(ARGV[i + 1])], tonumber(ARGV[i + 2])
   if apply_it then
@@ -121,36 +135,18 @@ local function apply(apply_it)
   end
   i = i + 3 + nargs
 end
-local out = {}
-for g = 1, parts do
-  local input, lease = KEYS[tonumber(ARGV[i])], KEYS[tonumber(ARGV[i + 1])]
-  local token, n = ARGV[i + 2], tonumber(ARGV[i + 3])
-  i = i + 4
-  local status = 'ok'
-  if token ~= '' then
-    if redis.call('GET', lease) ~= token then
-      status = 'fenced'
-    elseif n > 0 and #redis.call('XPENDING', input, group, '-', '(' .. ARGV[i], 1) > 0 then
-      -- Owned partitions keep order: nothing older than this batch may still be pending.
-      status = 'out_of_order'
-    end
-  end
-  local result, any_acked = {}, false
-  for e = 1, n do
-    local id, ops = ARGV[i], tonumber(ARGV[i + 1])
-    i = i + 2
-    local acked = 0
-    if status == 'ok' then acked = redis.call('XACK', input, group, id) end
-    result[e] = acked
-    if acked == 1 then any_acked = true end
-    for _ = 1, ops do apply(acked == 1) end
-  end
-  local batch_ops = tonumber(ARGV[i])
-  i = i + 1
-  for _ = 1, batch_ops do apply(any_acked) end
-  out[g] = {status, result}
+for e = 1, n do
+  local id, ops = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  local acked = redis.call('XACK', KEYS[1], group, id)
+  result[e] = acked
+  if acked == 1 then any_acked = true end
+  for _ = 1, ops do apply(acked == 1) end
 end
-return out
+local batch_ops = tonumber(ARGV[i] or '0')
+i = i + 1
+for _ = 1, batch_ops do apply(any_acked) end
+return result
 "#;
 
 /// Claim pending entries of one partition, with their delivery counts.
@@ -378,47 +374,33 @@ mod tests {
             .unwrap()
     }
 
-    /// Calls ACK_FORWARD for `ids` of one partition, each forwarding one entry `{id}` to
-    /// `out`; returns the partition's status and per-entry acks.
+    /// Calls ACK_FORWARD for `ids`, each forwarding one entry `{id}` to `out`.
     async fn ack_forward(
         conn: &mut redis::aio::MultiplexedConnection,
         ids: &[String],
         token: &str,
-    ) -> Result<(String, Vec<i64>)> {
+    ) -> Result<Vec<i64>> {
+        let lease = if token.is_empty() { "in" } else { "lease" };
         let reply = scripts()
             .ack_forward
             .run_with(conn, 3, |cmd| {
-                cmd.arg("in").arg("out").arg("lease");
-                let lease = if token.is_empty() { 1 } else { 3 };
-                cmd.arg("g")
-                    .arg(1)
-                    .arg(1)
-                    .arg(lease)
-                    .arg(token)
-                    .arg(ids.len());
+                cmd.arg("in").arg(lease).arg("out");
+                cmd.arg("g").arg(token).arg(ids.len());
                 for id in ids {
                     cmd.arg(id)
                         .arg(1)
                         .arg("X")
-                        .arg(2)
+                        .arg(3)
                         .arg(2)
                         .arg("from")
                         .arg(id);
                 }
-                cmd.arg(0);
             })
             .await?;
-        let Value::Array(mut parts) = reply else {
-            return Err(protocol("array", &reply));
-        };
-        let Value::Array(mut part) = parts.remove(0) else {
-            return Err(StreamsError::Protocol("part".into()));
-        };
-        let acked = match part.pop() {
-            Some(Value::Array(v)) => v.iter().map(as_int).collect::<Result<_>>()?,
-            _ => Vec::new(),
-        };
-        Ok((as_string(part.pop().unwrap_or(Value::Nil))?, acked))
+        match reply {
+            Value::Array(v) => v.iter().map(as_int).collect(),
+            other => Err(protocol("array", &other)),
+        }
     }
 
     async fn read_all(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
@@ -470,16 +452,9 @@ mod tests {
         }
         let ids = read_all(&mut conn).await;
         assert_eq!(ids.len(), 5);
-        let ok = |acks: Vec<i64>| ("ok".to_owned(), acks);
-        assert_eq!(
-            ack_forward(&mut conn, &ids, "").await.unwrap(),
-            ok(vec![1; 5])
-        );
+        assert_eq!(ack_forward(&mut conn, &ids, "").await.unwrap(), vec![1; 5]);
         // A retry after a lost reply, or a second consumer's commit: acknowledged already.
-        assert_eq!(
-            ack_forward(&mut conn, &ids, "").await.unwrap(),
-            ok(vec![0; 5])
-        );
+        assert_eq!(ack_forward(&mut conn, &ids, "").await.unwrap(), vec![0; 5]);
         let out_len: u64 = redis::cmd("XLEN")
             .arg("out")
             .query_async(&mut conn)
@@ -526,9 +501,10 @@ mod tests {
             .query_async(&mut conn)
             .await
             .unwrap();
-        let (status, acked) = ack_forward(&mut conn, &ids, "old-owner#1").await.unwrap();
-        assert_eq!(status, "fenced");
-        assert_eq!(acked, vec![0]);
+        let err = ack_forward(&mut conn, &ids, "old-owner#1")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(FENCED), "{err}");
         let out_len: u64 = redis::cmd("XLEN")
             .arg("out")
             .query_async(&mut conn)
@@ -537,107 +513,7 @@ mod tests {
         assert_eq!(out_len, 0);
         assert_eq!(
             ack_forward(&mut conn, &ids, "new-owner#2").await.unwrap(),
-            ("ok".to_owned(), vec![1])
-        );
-    }
-
-    #[tokio::test]
-    async fn a_fenced_partition_does_not_stop_the_others_in_the_same_call() {
-        let server = RedisServer::start();
-        let mut conn = connect(&server).await;
-        let mut ids = Vec::new();
-        for stream in ["in0", "in1"] {
-            let _: () = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(stream)
-                .arg("g")
-                .arg("0")
-                .arg("MKSTREAM")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            let _: String = redis::cmd("XADD")
-                .arg(stream)
-                .arg("*")
-                .arg("n")
-                .arg(1)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            let reply: Value = redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg("g")
-                .arg("c")
-                .arg("STREAMS")
-                .arg(stream)
-                .arg(">")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            let Value::Array(mut streams) = reply else {
-                panic!()
-            };
-            let Value::Array(mut pair) = streams.remove(0) else {
-                panic!()
-            };
-            ids.push(parse_entries(pair.remove(1)).unwrap().remove(0).id);
-        }
-        let _: () = redis::cmd("MSET")
-            .arg("lease0")
-            .arg("someone-else#1")
-            .arg("lease1")
-            .arg("me#1")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        // KEYS: in0 lease0 in1 lease1 out
-        let reply = scripts()
-            .ack_forward
-            .run_with(&mut conn, 5, |cmd| {
-                cmd.arg("in0")
-                    .arg("lease0")
-                    .arg("in1")
-                    .arg("lease1")
-                    .arg("out");
-                cmd.arg("g").arg(2);
-                for (part, (input, lease)) in [(1, 2), (3, 4)].into_iter().enumerate() {
-                    cmd.arg(input).arg(lease).arg("me#1").arg(1);
-                    cmd.arg(&ids[part])
-                        .arg(1)
-                        .arg("X")
-                        .arg(5)
-                        .arg(2)
-                        .arg("from")
-                        .arg(part);
-                    cmd.arg(0);
-                }
-            })
-            .await
-            .unwrap();
-        let Value::Array(parts) = reply else {
-            panic!("{reply:?}")
-        };
-        let status = |v: &Value| match v {
-            Value::Array(pair) => as_string(pair[0].clone()).unwrap(),
-            _ => panic!(),
-        };
-        assert_eq!(status(&parts[0]), "fenced");
-        assert_eq!(status(&parts[1]), "ok");
-        let out: Vec<RawEntry> = parse_entries(
-            redis::cmd("XRANGE")
-                .arg("out")
-                .arg("-")
-                .arg("+")
-                .query_async(&mut conn)
-                .await
-                .unwrap(),
-        )
-        .unwrap();
-        assert_eq!(out.len(), 1);
-        assert_eq!(
-            out[0].fields[0].1,
-            b"1".to_vec(),
-            "only partition 1 forwarded"
+            vec![1]
         );
     }
 }

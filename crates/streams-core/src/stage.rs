@@ -1046,115 +1046,128 @@ impl<H: Handler> Stage<H> {
         if commits.is_empty() {
             return outcome;
         }
-        let remaining: Vec<(usize, Commit)> = commits.into_iter().collect();
+        let mut remaining: Vec<(usize, Commit)> = commits.into_iter().collect();
         let mut delay = Duration::from_millis(50);
         let mut grace_deadline: Option<Instant> = None;
         loop {
-            let result = match self.redis.pooled().await {
-                Ok(mut conn) => self.commit_call(&mut conn, &remaining, tokens).await,
-                Err(e) => Err(e),
+            let results = match self.redis.pooled().await {
+                Ok(conn) => {
+                    let this = self;
+                    let calls = remaining.iter().map(|(source, commit)| {
+                        let mut conn = conn.clone();
+                        let token = tokens.get(source).map(String::as_str);
+                        async move { this.commit_one(&mut conn, *source, commit, token).await }
+                    });
+                    futures::future::join_all(calls).await
+                }
+                Err(e) => remaining
+                    .iter()
+                    .map(|_| Err(StreamsError::Pool(e.to_string())))
+                    .collect(),
             };
-            let error = match result {
-                Ok(parts) => {
-                    for ((source, commit), part) in remaining.iter().zip(parts) {
-                        match part {
-                            PartCommit::Acked(acked) => self.record_commit(*source, commit, acked),
-                            PartCommit::Fenced => outcome.fenced.push(*source),
-                            PartCommit::OutOfOrder => outcome.out_of_order.push(*source),
-                        }
+            let mut retry = Vec::new();
+            let mut last_error = None;
+            for ((source, commit), result) in remaining.into_iter().zip(results) {
+                match result {
+                    Ok(acked) => self.record_commit(source, &commit, acked),
+                    Err(StreamsError::Fenced { .. }) => outcome.fenced.push(source),
+                    Err(StreamsError::OutOfOrder { .. }) => outcome.out_of_order.push(source),
+                    Err(e) if e.is_transient() => {
+                        last_error = Some(e);
+                        retry.push((source, commit));
                     }
-                    return outcome;
+                    Err(e) => {
+                        // Not an outage: a logic or data error. The entries stay pending and
+                        // will be claimed again; max deliveries bounds the repetition.
+                        self.stats
+                            .failed
+                            .fetch_add(commit.entries.len() as u64, Ordering::Relaxed);
+                        tracing::error!(group = %self.spec.group, error = %e, "ack-and-forward failed");
+                    }
                 }
-                Err(e) if e.is_transient() => e,
-                Err(e) => {
-                    // Not an outage: a logic or data error. The entries stay pending and
-                    // will be claimed again; max deliveries bounds the repetition.
-                    let entries: usize = remaining.iter().map(|(_, c)| c.entries.len()).sum();
-                    self.stats
-                        .failed
-                        .fetch_add(entries as u64, Ordering::Relaxed);
-                    tracing::error!(group = %self.spec.group, error = %e, "ack-and-forward failed");
-                    return outcome;
-                }
-            };
+            }
+            if retry.is_empty() {
+                return outcome;
+            }
             self.stats.mark_ready(false);
+            let error = last_error.map(|e| e.to_string()).unwrap_or_default();
             if self.shutdown.is_cancelled() {
                 let deadline = *grace_deadline
                     .get_or_insert_with(|| Instant::now() + self.tuning.shutdown_grace);
                 if Instant::now() >= deadline {
-                    tracing::warn!(group = %self.spec.group, error = %error, entries = remaining.iter().map(|(_, c)| c.entries.len()).sum::<usize>(),
+                    tracing::warn!(group = %self.spec.group, error, entries = retry.iter().map(|(_, c)| c.entries.len()).sum::<usize>(),
                         "shutdown grace over with Redis unreachable; unfinished entries stay pending for a peer to claim");
                     return outcome;
                 }
             }
-            tracing::warn!(group = %self.spec.group, error = %error, retry_in = ?delay, "ack-and-forward failed; keeping the outputs and retrying");
+            tracing::warn!(group = %self.spec.group, error, retry_in = ?delay, "ack-and-forward failed; keeping the outputs and retrying");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(1));
+            remaining = retry;
         }
     }
 
-    /// One ACK_FORWARD call for every partition of a batch. (On Redis Cluster this would be
-    /// one call per slot: each partition's keys share one hash tag.)
-    async fn commit_call(
+    async fn commit_one(
         &self,
-        conn: &mut deadpool_redis::Connection,
-        parts: &[(usize, Commit)],
-        tokens: &HashMap<usize, String>,
-    ) -> Result<Vec<PartCommit>> {
-        // KEYS: every input, lease and effect key, once.
-        let mut keys: Vec<&str> = Vec::new();
-        for (source, commit) in parts {
-            let src = &self.sources[*source];
-            let mut add = |key| {
-                if !keys.contains(&key) {
+        conn: &mut MultiplexedConnection,
+        source: usize,
+        commit: &Commit,
+        token: Option<&str>,
+    ) -> Result<Vec<bool>> {
+        let src = &self.sources[source];
+        // KEYS: input, lease (or input), then each distinct effect key.
+        let mut keys: Vec<&str> = vec![
+            &src.stream,
+            token.map_or(&*src.stream, |_| src.lease.as_str()),
+        ];
+        for ops in commit
+            .entries
+            .iter()
+            .map(|(_, ops)| ops)
+            .chain(std::iter::once(&commit.batch_ops))
+        {
+            for op in ops {
+                let key = match op {
+                    Op::Append { key, .. }
+                    | Op::AppendEnvelope { key, .. }
+                    | Op::Command { key, .. } => key.as_str(),
+                };
+                if !keys[2..].contains(&key) {
                     keys.push(key);
-                }
-            };
-            add(&*src.stream);
-            if tokens.contains_key(source) {
-                add(src.lease.as_str());
-            }
-            for ops in commit
-                .entries
-                .iter()
-                .map(|(_, ops)| ops)
-                .chain(std::iter::once(&commit.batch_ops))
-            {
-                for op in ops {
-                    add(match op {
-                        Op::Append { key, .. }
-                        | Op::AppendEnvelope { key, .. }
-                        | Op::Command { key, .. } => key.as_str(),
-                    });
                 }
             }
         }
-        let key_index = |key: &str| keys.iter().position(|k| *k == key).map_or(0, |i| i + 1);
-        let entries: usize = parts.iter().map(|(_, c)| c.entries.len()).sum();
         let span = tracing::debug_span!(
             "ack_forward",
             otel.name = "EVALSHA ack_forward",
             otel.kind = "client",
             db.system = "redis",
             db.operation.name = "EVALSHA",
-            messaging.consumer.group.name = %self.spec.group,
-            messaging.batch.message_count = entries,
+            messaging.destination.name = %src.stream,
+            messaging.batch.message_count = commit.entries.len(),
         );
-        let mut traces = parts.iter().flat_map(|(_, c)| c.traces.iter()).take(128);
-        if let Some(first) = traces.next() {
+        if let Some((first, rest)) = commit.traces.split_first() {
             let _ = span
                 .set_parent(opentelemetry::Context::new().with_remote_span_context(first.clone()));
-            for other in traces {
+            for other in rest {
                 span.add_link(other.clone());
             }
         }
+        let key_index = |key: &str| {
+            keys[2..]
+                .iter()
+                .position(|k| *k == key)
+                .map_or(0, |i| i + 3)
+        };
         let reply = scripts()
             .ack_forward
-            .run_with(&mut **conn, keys.len(), |cmd: &mut Cmd| {
+            .run_with(conn, keys.len(), |cmd: &mut Cmd| {
                 for key in &keys {
                     cmd.arg(*key);
                 }
-                cmd.arg(&self.spec.group).arg(parts.len());
+                cmd.arg(&self.spec.group)
+                    .arg(token.unwrap_or(""))
+                    .arg(commit.entries.len());
                 let encode = |cmd: &mut Cmd, op: &Op| match op {
                     Op::AppendEnvelope { key, envelope } => {
                         cmd.arg("X")
@@ -1177,58 +1190,24 @@ impl<H: Handler> Stage<H> {
                         }
                     }
                 };
-                for (source, commit) in parts {
-                    let src = &self.sources[*source];
-                    let token = tokens.get(source);
-                    cmd.arg(key_index(&src.stream))
-                        .arg(key_index(
-                            token.map_or(&*src.stream, |_| src.lease.as_str()),
-                        ))
-                        .arg(token.map_or("", String::as_str))
-                        .arg(commit.entries.len());
-                    for (id, ops) in &commit.entries {
-                        cmd.arg(id).arg(ops.len());
-                        for op in ops {
-                            encode(cmd, op);
-                        }
-                    }
-                    cmd.arg(commit.batch_ops.len());
-                    for op in &commit.batch_ops {
+                for (id, ops) in &commit.entries {
+                    cmd.arg(id).arg(ops.len());
+                    for op in ops {
                         encode(cmd, op);
                     }
                 }
+                cmd.arg(commit.batch_ops.len());
+                for op in &commit.batch_ops {
+                    encode(cmd, op);
+                }
             })
             .instrument(span)
-            .await?;
-        let Value::Array(results) = reply else {
-            return Err(scripts::protocol("ack_forward reply", &reply));
-        };
-        if results.len() != parts.len() {
-            return Err(StreamsError::Protocol(
-                "ack_forward reply per partition".into(),
-            ));
+            .await
+            .map_err(|e| fenced_or(e, src.partition))?;
+        match reply {
+            Value::Array(values) => values.iter().map(|v| as_int(v).map(|i| i == 1)).collect(),
+            other => Err(scripts::protocol("ack_forward reply", &other)),
         }
-        results
-            .into_iter()
-            .map(|part| {
-                let Value::Array(mut pair) = part else {
-                    return Err(StreamsError::Protocol("ack_forward part".into()));
-                };
-                let acked = pair.pop().unwrap_or(Value::Nil);
-                let status = as_string(pair.pop().unwrap_or(Value::Nil))?;
-                Ok(match status.as_str() {
-                    "fenced" => PartCommit::Fenced,
-                    "out_of_order" => PartCommit::OutOfOrder,
-                    _ => PartCommit::Acked(match acked {
-                        Value::Array(values) => values
-                            .iter()
-                            .map(|v| as_int(v).map(|i| i == 1))
-                            .collect::<Result<_>>()?,
-                        _ => Vec::new(),
-                    }),
-                })
-            })
-            .collect()
     }
 
     fn record_commit(&self, source: usize, commit: &Commit, acked: Vec<bool>) {
@@ -1295,6 +1274,9 @@ fn fenced_or(error: StreamsError, partition: Partition) -> StreamsError {
         StreamsError::Redis(e) if e.code() == Some(FENCED) || e.to_string().contains(FENCED) => {
             StreamsError::Fenced { partition }
         }
+        StreamsError::Redis(e) if e.to_string().contains(scripts::OUT_OF_ORDER) => {
+            StreamsError::OutOfOrder { partition }
+        }
         _ => error,
     }
 }
@@ -1327,16 +1309,6 @@ struct Handled {
     failed: u64,
     batch_len: usize,
     duration: Duration,
-}
-
-/// What one partition's part of an ACK_FORWARD call did.
-enum PartCommit {
-    /// Committed: per entry, whether this call acknowledged it.
-    Acked(Vec<bool>),
-    /// The lease is not ours: nothing was done.
-    Fenced,
-    /// Older entries are pending: nothing was done.
-    OutOfOrder,
 }
 
 #[derive(Default)]
