@@ -1005,6 +1005,7 @@ impl<H: Handler> Stage<H> {
             };
             crate::trace_context::set_parent_from(&span, text("traceparent"), text("tracestate"));
         }
+        crate::trace_context::stamp(&span);
         span
     }
 

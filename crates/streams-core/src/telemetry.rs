@@ -248,9 +248,6 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        use opentelemetry::trace::TraceContextExt;
-        use tracing_opentelemetry::OpenTelemetrySpanExt;
-
         let mut object = Map::new();
         object.insert("timestamp".into(), Value::String(timestamp()));
         object.insert(
@@ -265,17 +262,14 @@ where
         event.record(&mut visitor);
         if let Some(span) = ctx.lookup_current() {
             object.insert("span".into(), Value::String(span.name().to_owned()));
-            let cx = tracing::Span::current().context();
-            let span_context = cx.span().span_context().clone();
-            if span_context.is_valid() {
-                object.insert(
-                    "trace_id".into(),
-                    Value::String(span_context.trace_id().to_string()),
-                );
-                object.insert(
-                    "span_id".into(),
-                    Value::String(span_context.span_id().to_string()),
-                );
+            let ids = span.scope().find_map(|s| {
+                s.extensions()
+                    .get::<crate::trace_context::TraceIds>()
+                    .cloned()
+            });
+            if let Some(ids) = ids {
+                object.insert("trace_id".into(), Value::String(ids.trace_id));
+                object.insert("span_id".into(), Value::String(ids.span_id));
             }
         }
         let line = serde_json::to_string(&object).map_err(|_| fmt::Error)?;
@@ -426,5 +420,56 @@ mod tests {
             ts.starts_with("20") && ts.ends_with('Z') && ts.as_bytes()[10] == b'T',
             "{ts}"
         );
+    }
+
+    #[test]
+    fn json_logs_carry_the_trace_and_span_ids_inside_traced_spans() {
+        use std::sync::{Arc, Mutex};
+
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .event_format(JsonWithTrace)
+                    .with_writer(move || writer.clone()),
+            );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(outside = 1, "before any span");
+            let span = tracing::info_span!("process");
+            crate::trace_context::stamp(&span);
+            let _entered = span.enter();
+            tracing::info!(count = 3, "inside");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("every line is one JSON object"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0]["message"], "before any span");
+        assert!(lines[0].get("trace_id").is_none());
+        assert_eq!(lines[1]["message"], "inside");
+        assert_eq!(lines[1]["count"], 3);
+        assert_eq!(lines[1]["span"], "process");
+        let trace_id = lines[1]["trace_id"]
+            .as_str()
+            .expect("trace_id inside a span");
+        assert_eq!(trace_id.len(), 32);
+        assert_eq!(lines[1]["span_id"].as_str().unwrap().len(), 16);
     }
 }

@@ -73,6 +73,35 @@ pub fn inject(span: &tracing::Span, envelope: &mut Envelope) {
     }
 }
 
+/// The ids of a traced span, kept in its registry extensions so that log lines written
+/// inside it can show them (a log formatter cannot ask OpenTelemetry itself: tracing does
+/// not dispatch from inside a subscriber).
+#[derive(Debug, Clone)]
+pub(crate) struct TraceIds {
+    pub(crate) trace_id: String,
+    pub(crate) span_id: String,
+}
+
+/// Records `span`'s trace and span ids for the JSON log format (no-op when untraced).
+/// Call it after [`set_parent`], outside any subscriber callback.
+pub fn stamp(span: &tracing::Span) {
+    let cx = span.context();
+    let span_context = cx.span().span_context().clone();
+    if !span_context.is_valid() {
+        return;
+    }
+    span.with_subscriber(|(id, dispatch)| {
+        if let Some(registry) = dispatch.downcast_ref::<tracing_subscriber::Registry>()
+            && let Some(data) = tracing_subscriber::registry::LookupSpan::span(registry, id)
+        {
+            data.extensions_mut().insert(TraceIds {
+                trace_id: span_context.trace_id().to_string(),
+                span_id: span_context.span_id().to_string(),
+            });
+        }
+    });
+}
+
 /// Whether a `traceparent` value is sampled (flags bit 0).
 pub fn is_sampled(traceparent: &str) -> bool {
     let cx = extract(Some(traceparent), None);

@@ -85,6 +85,7 @@ impl Publisher {
                 let _ = span.set_parent(parent);
             }
         }
+        streams_core::trace_context::stamp(&span);
         let (traceparent, tracestate) = match streams_core::trace_context::headers_of(&span) {
             Some((tp, ts)) => (Some(tp), ts),
             None => (
