@@ -140,6 +140,77 @@ impl Default for Options {
     }
 }
 
+/// What every harness sets up first: a redis-server, a namespace of its own, the demo
+/// reference data, the services' shared variables, and clients.
+pub(crate) struct Ground {
+    pub(crate) server: RedisServer,
+    pub(crate) namespace: String,
+    pub(crate) keys: KeySpace,
+    pub(crate) external_stream: String,
+    pub(crate) base_env: Vec<(String, String)>,
+    pub(crate) redis: Redis,
+    pub(crate) conn: redis::aio::MultiplexedConnection,
+    pub(crate) http: reqwest::Client,
+}
+
+impl Ground {
+    /// Starts Redis and loads `demo/instruments.json`; `extra_env` overrides the defaults.
+    pub(crate) async fn prepare(
+        name: &str,
+        partitions: u32,
+        extra_env: &[(String, String)],
+    ) -> Self {
+        let server = RedisServer::start();
+        let namespace = unique_namespace(name);
+        let keys = KeySpace::new(namespace.clone(), partitions);
+        let external_stream = format!("{namespace}:ingest_stream");
+        let log_filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        let mut base_env: Vec<(String, String)> = [
+            ("REDIS_URL", server.url()),
+            ("TICKFLOW_NAMESPACE", namespace.clone()),
+            ("TICKFLOW_PARTITIONS", partitions.to_string()),
+            ("TICKFLOW_BLOCK_MS", "100".into()),
+            ("TICKFLOW_LEASE_TTL_MS", "600".into()),
+            ("TICKFLOW_CLAIM_IDLE_MS", "500".into()),
+            ("TICKFLOW_TRIM_INTERVAL_MS", "0".into()),
+            ("TICKFLOW_SHUTDOWN_GRACE_MS", "5000".into()),
+            ("TICKFLOW_POOL_SIZE", "8".into()),
+            ("INGEST_STREAMS", external_stream.clone()),
+            ("REFDATA_REFRESH_MS", "200".into()),
+            ("RUST_LOG", log_filter),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        base_env.extend(extra_env.iter().cloned());
+        let redis = Redis::new(&server.url(), 4).expect("redis handle");
+        let loaded = transform::refdata::load_file(&redis, &keys, DEMO_INSTRUMENTS)
+            .await
+            .expect("load demo/instruments.json into Redis");
+        assert!(loaded > 0, "demo/instruments.json has instruments");
+        let conn = redis::Client::open(server.url())
+            .expect("redis client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the test redis-server");
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(15))
+            .build()
+            .expect("http client");
+        Self {
+            server,
+            namespace,
+            keys,
+            external_stream,
+            base_env,
+            redis,
+            conn,
+            http,
+        }
+    }
+}
+
 /// One running service replica.
 #[derive(Debug)]
 pub struct Service {
@@ -253,45 +324,16 @@ impl Pipeline {
     /// A pipeline shaped by `options`; returns once every service answers `/readyz` and
     /// every owned partition is held by the replica it is assigned to.
     pub async fn start_with(options: Options) -> Self {
-        let server = RedisServer::start();
-        let namespace = unique_namespace(&options.name);
-        let keys = KeySpace::new(namespace.clone(), options.partitions);
-        let external_stream = format!("{namespace}:ingest_stream");
-        let log_filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
-        let mut base_env: Vec<(String, String)> = [
-            ("REDIS_URL", server.url()),
-            ("TICKFLOW_NAMESPACE", namespace.clone()),
-            ("TICKFLOW_PARTITIONS", options.partitions.to_string()),
-            ("TICKFLOW_BLOCK_MS", "100".into()),
-            ("TICKFLOW_LEASE_TTL_MS", "600".into()),
-            ("TICKFLOW_CLAIM_IDLE_MS", "500".into()),
-            ("TICKFLOW_TRIM_INTERVAL_MS", "0".into()),
-            ("TICKFLOW_SHUTDOWN_GRACE_MS", "5000".into()),
-            ("TICKFLOW_POOL_SIZE", "8".into()),
-            ("INGEST_STREAMS", external_stream.clone()),
-            ("REFDATA_REFRESH_MS", "200".into()),
-            ("RUST_LOG", log_filter),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-        base_env.extend(options.env.iter().cloned());
-
-        let redis = Redis::new(&server.url(), 4).expect("redis handle");
-        let loaded = transform::refdata::load_file(&redis, &keys, DEMO_INSTRUMENTS)
-            .await
-            .expect("load demo/instruments.json into Redis");
-        assert!(loaded > 0, "demo/instruments.json has instruments");
-        let conn = redis::Client::open(server.url())
-            .expect("redis client")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect to the test redis-server");
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(15))
-            .build()
-            .expect("http client");
+        let Ground {
+            server,
+            namespace,
+            keys,
+            external_stream,
+            base_env,
+            redis,
+            conn,
+            http,
+        } = Ground::prepare(&options.name, options.partitions, &options.env).await;
 
         let mut pipeline = Self {
             services: Vec::new(),

@@ -31,14 +31,11 @@ use std::{
 
 use redis::{Value, aio::MultiplexedConnection};
 use serde_json::Value as Json;
-use streams_core::{
-    Envelope, KeySpace, Redis,
-    testing::{RedisServer, unique_namespace},
-};
+use streams_core::{Envelope, KeySpace, testing::RedisServer};
 use tempfile::TempDir;
 use tickflow_proto::{topology, v1::ingest_service_client::IngestServiceClient};
 
-use crate::{DEMO_INSTRUMENTS, POLL, Role, StreamEntry, read_response, stream_id};
+use crate::{POLL, Role, StreamEntry, read_response, stream_id};
 
 /// A stream entry's fields as `XRANGE` returns them.
 type Fields = Vec<(Vec<u8>, Vec<u8>)>;
@@ -208,45 +205,17 @@ impl fmt::Debug for ProcessPipeline {
 impl ProcessPipeline {
     /// Starts the four services (one process each) and waits until each is ready.
     pub async fn start(binaries: Binaries, options: ProcessOptions) -> Self {
-        let server = RedisServer::start();
-        let namespace = unique_namespace(&options.name);
-        let keys = KeySpace::new(namespace.clone(), options.partitions);
-        let external_stream = format!("{namespace}:ingest_stream");
-        let log_filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
-        let mut env: BTreeMap<String, String> = [
-            ("REDIS_URL", server.url()),
-            ("TICKFLOW_NAMESPACE", namespace.clone()),
-            ("TICKFLOW_PARTITIONS", options.partitions.to_string()),
-            ("TICKFLOW_BLOCK_MS", "100".into()),
-            ("TICKFLOW_LEASE_TTL_MS", "600".into()),
-            ("TICKFLOW_CLAIM_IDLE_MS", "500".into()),
-            ("TICKFLOW_TRIM_INTERVAL_MS", "0".into()),
-            ("TICKFLOW_SHUTDOWN_GRACE_MS", "5000".into()),
-            ("TICKFLOW_POOL_SIZE", "8".into()),
-            ("INGEST_STREAMS", external_stream.clone()),
-            ("REFDATA_REFRESH_MS", "200".into()),
-            ("RUST_LOG", log_filter),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-        env.extend(options.env.iter().cloned());
-
-        let redis = Redis::new(&server.url(), 2).expect("redis handle");
-        let loaded = transform::refdata::load_file(&redis, &keys, DEMO_INSTRUMENTS)
-            .await
-            .expect("load demo/instruments.json into Redis");
-        assert!(loaded > 0, "demo/instruments.json has instruments");
-        let conn = redis::Client::open(server.url())
-            .expect("redis client")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect to the test redis-server");
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(15))
-            .build()
-            .expect("http client");
+        let crate::Ground {
+            server,
+            namespace,
+            keys,
+            external_stream,
+            base_env,
+            redis: _,
+            conn,
+            http,
+        } = crate::Ground::prepare(&options.name, options.partitions, &options.env).await;
+        let env: BTreeMap<String, String> = base_env.into_iter().collect();
         let logs = tempfile::Builder::new()
             .prefix("tickflow-e2e-logs-")
             .tempdir()
