@@ -875,52 +875,13 @@ impl Pipeline {
 
     /// `Ok` when every stage has consumed and acknowledged all of its input.
     pub async fn check_settled(&self) -> Result<(), String> {
-        let mut inputs = vec![(self.external_stream.clone(), topology::INGEST_GROUP)];
-        for role in Role::ALL {
-            if let Some((group, stream)) = role.owned_input() {
-                for partition in self.keys.all_partitions() {
-                    inputs.push((self.keys.stream(stream, partition), group));
-                }
-            }
-        }
-        for (stream, group) in inputs {
-            let (lag, pending) = self.group_backlog(&stream, group).await;
-            if lag != Some(0) || pending != 0 {
-                return Err(format!(
-                    "group {group} to consume all of {stream} (lag {lag:?}, pending {pending})"
-                ));
-            }
-        }
-        Ok(())
+        check_settled(&mut self.conn(), &self.keys, &self.external_stream).await
     }
 
     /// `(lag, pending)` of `group` on `stream` (`lag` is `None` when the group does not
     /// exist or Redis cannot tell).
     pub async fn group_backlog(&self, stream: &str, group: &str) -> (Option<i64>, i64) {
-        let groups: redis::RedisResult<Vec<HashMap<String, Value>>> = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(stream)
-            .query_async(&mut self.conn())
-            .await;
-        let Ok(groups) = groups else {
-            return (None, 0);
-        };
-        for info in groups {
-            let name = match info.get("name") {
-                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                Some(Value::SimpleString(s)) => s.clone(),
-                _ => continue,
-            };
-            if name != group {
-                continue;
-            }
-            let int = |key: &str| match info.get(key) {
-                Some(Value::Int(n)) => Some(*n),
-                _ => None,
-            };
-            return (int("lag"), int("pending").unwrap_or(0));
-        }
-        (None, 0)
+        group_backlog(&mut self.conn(), stream, group).await
     }
 
     async fn xrange(&self, key: &str) -> Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> {
@@ -980,4 +941,63 @@ async fn read_response(response: reqwest::Response) -> (u16, Json) {
 
 fn decode<M: Message + Default>(payload: &[u8], entry: &StreamEntry) -> M {
     M::decode(payload).unwrap_or_else(|e| panic!("undecodable payload in {entry:?}: {e}"))
+}
+
+/// `Ok` when, for the external stream and every partition of the inbound, validated and
+/// market streams, the consuming group has read every entry and has nothing pending.
+pub(crate) async fn check_settled(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &KeySpace,
+    external_stream: &str,
+) -> Result<(), String> {
+    let mut inputs = vec![(external_stream.to_owned(), topology::INGEST_GROUP)];
+    for role in Role::ALL {
+        if let Some((group, stream)) = role.owned_input() {
+            for partition in keys.all_partitions() {
+                inputs.push((keys.stream(stream, partition), group));
+            }
+        }
+    }
+    for (stream, group) in inputs {
+        let (lag, pending) = group_backlog(conn, &stream, group).await;
+        if lag != Some(0) || pending != 0 {
+            return Err(format!(
+                "group {group} to consume all of {stream} (lag {lag:?}, pending {pending})"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `(lag, pending)` of `group` on `stream` (`lag` is `None` when the group does not exist
+/// or Redis cannot tell).
+pub(crate) async fn group_backlog(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    group: &str,
+) -> (Option<i64>, i64) {
+    let groups: redis::RedisResult<Vec<HashMap<String, Value>>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await;
+    let Ok(groups) = groups else {
+        return (None, 0);
+    };
+    for info in groups {
+        let name = match info.get("name") {
+            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(Value::SimpleString(s)) => s.clone(),
+            _ => continue,
+        };
+        if name != group {
+            continue;
+        }
+        let int = |key: &str| match info.get(key) {
+            Some(Value::Int(n)) => Some(*n),
+            _ => None,
+        };
+        return (int("lag"), int("pending").unwrap_or(0));
+    }
+    (None, 0)
 }

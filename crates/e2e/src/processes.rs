@@ -29,11 +29,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redis::{Value, aio::MultiplexedConnection};
+use redis::aio::MultiplexedConnection;
 use serde_json::Value as Json;
 use streams_core::{Envelope, KeySpace, testing::RedisServer};
 use tempfile::TempDir;
-use tickflow_proto::{topology, v1::ingest_service_client::IngestServiceClient};
+use tickflow_proto::v1::ingest_service_client::IngestServiceClient;
 
 use crate::{POLL, Role, StreamEntry, read_response, stream_id};
 
@@ -539,57 +539,15 @@ impl ProcessPipeline {
             .await
     }
 
-    /// `Ok` when, for the external stream and every partition of the inbound, validated
-    /// and market streams, the consuming group has read every entry and has nothing
-    /// pending.
+    /// `Ok` when every stage has consumed and acknowledged all of its input.
     pub async fn check_settled(&self) -> Result<(), String> {
-        let mut inputs = vec![(self.external_stream.clone(), topology::INGEST_GROUP)];
-        for role in Role::ALL {
-            if let Some((group, stream)) = role.owned_input() {
-                for partition in self.keys.all_partitions() {
-                    inputs.push((self.keys.stream(stream, partition), group));
-                }
-            }
-        }
-        for (stream, group) in inputs {
-            let (lag, pending) = self.group_backlog(&stream, group).await;
-            if lag != Some(0) || pending != 0 {
-                return Err(format!(
-                    "group {group} to consume all of {stream} (lag {lag:?}, pending {pending})"
-                ));
-            }
-        }
-        Ok(())
+        crate::check_settled(&mut self.conn(), &self.keys, &self.external_stream).await
     }
 
     /// `(lag, pending)` of `group` on `stream` (`lag` is `None` when the group does not
     /// exist or Redis cannot tell).
     pub async fn group_backlog(&self, stream: &str, group: &str) -> (Option<i64>, i64) {
-        let groups: redis::RedisResult<Vec<std::collections::HashMap<String, Value>>> =
-            redis::cmd("XINFO")
-                .arg("GROUPS")
-                .arg(stream)
-                .query_async(&mut self.conn())
-                .await;
-        let Ok(groups) = groups else {
-            return (None, 0);
-        };
-        for info in groups {
-            let name = match info.get("name") {
-                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                Some(Value::SimpleString(s)) => s.clone(),
-                _ => continue,
-            };
-            if name != group {
-                continue;
-            }
-            let int = |key: &str| match info.get(key) {
-                Some(Value::Int(n)) => Some(*n),
-                _ => None,
-            };
-            return (int("lag"), int("pending").unwrap_or(0));
-        }
-        (None, 0)
+        crate::group_backlog(&mut self.conn(), stream, group).await
     }
 }
 
