@@ -100,6 +100,10 @@ impl App {
 
     /// Serves `routes` (merged with the admin router) on `listener` while `work` runs; on
     /// shutdown, stops accepting, waits for `work` to finish its batch, and returns.
+    ///
+    /// If `work` fails or panics first, the process must not go on answering `/livez`
+    /// without it: serving stops and the failure is returned, so the process exits non-zero
+    /// and its supervisor (Kubernetes, compose) restarts it.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -110,6 +114,22 @@ impl App {
         tracing::info!(service = %self.name, addr = %listener.local_addr()?, "http listening");
         let shutdown = self.shutdown.clone();
         let work = tokio::spawn(work);
+        let stop = self.shutdown.clone();
+        let name = self.name.clone();
+        let work = tokio::spawn(async move {
+            let result = match work.await {
+                Ok(result) => result,
+                Err(e) if e.is_panic() => Err(anyhow::anyhow!("stage task panicked: {e}")),
+                Err(e) => Err(anyhow::anyhow!("stage task failed: {e}")),
+            };
+            if let Err(e) = &result
+                && !stop.is_cancelled()
+            {
+                tracing::error!(service = %name, error = %e, "the stages stopped; shutting down");
+                stop.cancel();
+            }
+            result
+        });
         let server = axum::serve(listener, router)
             .with_graceful_shutdown(async move { shutdown.cancelled().await });
         let served = server.await;
@@ -125,5 +145,65 @@ impl App {
         worked?;
         tracing::info!(service = %self.name, "stopped");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app() -> App {
+        let env = Env::from_pairs([
+            ("REDIS_URL", "redis://127.0.0.1:1"),
+            ("HTTP_ADDR", "127.0.0.1:0"),
+        ]);
+        App::init("test", env, "127.0.0.1:0", CancellationToken::new()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_panicking_stage_stops_the_service_with_an_error() {
+        let app = app();
+        let listener = app.bind().await.unwrap();
+        let served = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            app.serve(listener, Router::new(), async {
+                panic!("a handler bug");
+            }),
+        )
+        .await
+        .expect("serve returns instead of serving on without its stage");
+        let error = served.expect_err("a panic is an error").to_string();
+        assert!(error.contains("panicked"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_failing_stage_stops_the_service_and_its_error_is_returned() {
+        let app = app();
+        let listener = app.bind().await.unwrap();
+        let served = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            app.serve(listener, Router::new(), async {
+                Err(anyhow::anyhow!("the stage gave up"))
+            }),
+        )
+        .await
+        .expect("serve returns");
+        assert_eq!(served.unwrap_err().to_string(), "the stage gave up");
+    }
+
+    #[tokio::test]
+    async fn work_that_ends_at_shutdown_returns_ok() {
+        let app = app();
+        let token = app.shutdown.clone();
+        let listener = app.bind().await.unwrap();
+        let stop = token.clone();
+        let serving = tokio::spawn(app.serve(listener, Router::new(), async move {
+            stop.cancelled().await;
+            Ok(())
+        }));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!serving.is_finished(), "serves until shutdown");
+        token.cancel();
+        serving.await.unwrap().unwrap();
     }
 }

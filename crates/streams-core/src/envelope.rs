@@ -13,11 +13,21 @@
 //! | `payload`     | the protobuf-encoded message                                  |
 //!
 //! Only this module encodes or decodes it: stages see [`Envelope`] values.
+//!
+//! The trace context is optional, and so is its validity: a `traceparent` that is not a W3C
+//! trace context (or not UTF-8), and the `tracestate` that goes with it, are read as absent
+//! (W3C: a receiver ignores an invalid `traceparent`), so they are neither a reason to
+//! dead-letter an event nor carried on to the next stage. So is a `tracestate` longer than
+//! [`MAX_TRACESTATE_LEN`].
 
 use bytes::Bytes;
 
 /// The envelope format version this build writes and reads.
 pub const FORMAT_VERSION: &str = "1";
+
+/// The longest `tracestate` read (W3C: 32 members of at most 256 characters each would be
+/// more; 512 is what every receiver must keep). A longer one is dropped.
+pub const MAX_TRACESTATE_LEN: usize = 512;
 
 /// One event as it travels between stages.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -151,8 +161,18 @@ impl Envelope {
                 b"type" => event_type = Some(text("type", value)?),
                 b"key" => partition_key = Some(text("key", value)?),
                 b"ts" => origin = Some(value),
-                b"traceparent" => traceparent = Some(text("traceparent", value)?),
-                b"tracestate" => tracestate = Some(text("tracestate", value)?),
+                b"traceparent" => {
+                    traceparent = std::str::from_utf8(value)
+                        .ok()
+                        .filter(|t| is_valid_traceparent(t))
+                        .map(str::to_owned);
+                }
+                b"tracestate" => {
+                    tracestate = std::str::from_utf8(value)
+                        .ok()
+                        .filter(|t| t.len() <= MAX_TRACESTATE_LEN)
+                        .map(str::to_owned);
+                }
                 b"payload" => payload = Some(Bytes::copy_from_slice(value)),
                 _ => {}
             }
@@ -178,6 +198,8 @@ impl Envelope {
                 reason: "empty".into(),
             });
         }
+        // A trace state means nothing without the trace it belongs to.
+        let tracestate = tracestate.filter(|_| traceparent.is_some());
         Ok(Self {
             event_type,
             partition_key: partition_key.ok_or(EnvelopeError::MissingField("key"))?,
@@ -187,6 +209,22 @@ impl Envelope {
             payload: payload.ok_or(EnvelopeError::MissingField("payload"))?,
         })
     }
+}
+
+/// Whether `value` is a W3C `traceparent`: `<2 hex>-<32 hex>-<16 hex>-<2 hex>`, version not
+/// `ff`, neither id all zeros.
+pub fn is_valid_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|c| c.is_ascii_hexdigit());
+    let nonzero = |s: &str| s.bytes().any(|c| c != b'0');
+    parts.len() == 4
+        && hex(parts[0], 2)
+        && !parts[0].eq_ignore_ascii_case("ff")
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && nonzero(parts[1])
+        && nonzero(parts[2])
 }
 
 fn text(field: &'static str, value: &[u8]) -> Result<String, EnvelopeError> {
@@ -248,6 +286,49 @@ mod tests {
             assert_eq!(streamed, listed);
             assert_eq!(envelope.field_count(), listed.len());
         }
+    }
+
+    #[test]
+    fn a_bad_trace_context_is_read_as_absent() {
+        let valid = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let decode = |traceparent: &[u8], tracestate: &[u8]| {
+            let fields: [(&[u8], &[u8]); 7] = [
+                (b"v", b"1"),
+                (b"type", b"tick"),
+                (b"key", b"AAPL"),
+                (b"ts", b"5"),
+                (b"traceparent", traceparent),
+                (b"tracestate", tracestate),
+                (b"payload", b""),
+            ];
+            let envelope = Envelope::from_fields(fields).expect("the event is read");
+            (envelope.traceparent, envelope.tracestate)
+        };
+        assert_eq!(
+            decode(valid.as_bytes(), b"k=v"),
+            (Some(valid.to_owned()), Some("k=v".to_owned()))
+        );
+        for bad in [
+            &b"garbage"[..],
+            &[0xff, 0xfe],
+            b"",
+            b"00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            b"00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            b"ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            b"00-0af7651916cd43dd8448eb211c80319g-b7ad6b7169203331-01",
+        ] {
+            assert_eq!(decode(bad, b"k=v"), (None, None), "{bad:?}");
+        }
+        let long = "k=".to_owned() + &"v".repeat(MAX_TRACESTATE_LEN);
+        assert_eq!(
+            decode(valid.as_bytes(), long.as_bytes()),
+            (Some(valid.to_owned()), None)
+        );
+        assert_eq!(
+            decode(valid.as_bytes(), &[0xff]),
+            (Some(valid.to_owned()), None)
+        );
     }
 
     #[test]

@@ -19,16 +19,19 @@
 //! - [`backpressure`]: downstream backlog checks for producers.
 //! - [`admin`]: `/livez`, `/readyz`, `/metrics`, `/admin/*`.
 //! - [`telemetry`], [`shutdown`]: logs, metrics and signals.
+//! - [`healthcheck`]: the `healthcheck` subcommand of every service binary.
 //! - [`app`]: the bootstrap every service's `main.rs` uses.
 
 pub mod admin;
 mod admin_ops;
 pub mod app;
+pub mod append;
 pub mod backpressure;
 pub mod config;
 pub mod connection;
 pub mod envelope;
 pub mod error;
+pub mod healthcheck;
 pub mod keys;
 mod maintenance;
 mod ownership;

@@ -77,6 +77,7 @@ pub(crate) fn scripts() -> &'static Scripts {
         release_lease: LuaScript::new(RELEASE_LEASE),
         membership: LuaScript::new(MEMBERSHIP),
         replay_dead_letters: LuaScript::new(REPLAY_DEAD_LETTERS),
+        append_once: LuaScript::new(APPEND_ONCE),
     })
 }
 
@@ -89,6 +90,7 @@ pub(crate) struct Scripts {
     pub(crate) release_lease: LuaScript,
     pub(crate) membership: LuaScript,
     pub(crate) replay_dead_letters: LuaScript,
+    pub(crate) append_once: LuaScript,
 }
 
 /// The prefix of the error a script returns when the caller's lease is not current.
@@ -266,6 +268,39 @@ else
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 end
 return redis.call('ZRANGE', KEYS[1], 0, -1)
+"#;
+
+/// KEYS[1] idempotency key, KEYS[2..] the stream of each entry. ARGV[1] ttl ms, then per
+/// entry: its number of field and value arguments, then those. If the key exists, returns
+/// {1, its stored ids}; else appends every entry, stores their ids (space-separated) under
+/// the key with the ttl, and returns {0, ids}. All in one atomic step; it refuses, writing
+/// nothing, when a stream key holds another type.
+const APPEND_ONCE: &str = r#"
+local prior = redis.call('GET', KEYS[1])
+if prior then
+  return {1, prior}
+end
+-- A script is not rolled back on error: refuse before writing anything.
+for k = 2, #KEYS do
+  local t = redis.call('TYPE', KEYS[k]).ok
+  if t ~= 'none' and t ~= 'stream' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[k] .. ' is a ' .. t .. ', not a stream')
+  end
+end
+local ids = {}
+local a = 2
+for k = 2, #KEYS do
+  local n = tonumber(ARGV[a])
+  local args = {KEYS[k], '*'}
+  for j = 1, n do
+    args[j + 2] = ARGV[a + j]
+  end
+  a = a + n + 1
+  ids[#ids + 1] = redis.call('XADD', unpack(args))
+end
+local joined = table.concat(ids, ' ')
+redis.call('SET', KEYS[1], joined, 'PX', ARGV[1])
+return {0, joined}
 "#;
 
 /// KEYS[1] dead-letter stream, KEYS[2] the stream its entries came from. ARGV[1] how many
