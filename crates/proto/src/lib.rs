@@ -55,3 +55,70 @@ pub mod topology {
     /// Consumer group of ingest on its external streams.
     pub const INGEST_GROUP: &str = "ingest";
 }
+
+/// What a symbol and a client order id must look like, wherever they are read. Ingest
+/// refuses a request that breaks these; a stage reading an entry that breaks them
+/// dead-letters it (no tickflow stage wrote it).
+pub mod rules {
+    /// The longest symbol.
+    pub const MAX_SYMBOL_LEN: usize = 32;
+    /// The longest client order id.
+    pub const MAX_ORDER_ID_LEN: usize = 64;
+
+    /// What is wrong with `symbol` (as written: not trimmed), if anything: empty, longer
+    /// than [`MAX_SYMBOL_LEN`], or holding anything but letters, digits and `. - _ /`.
+    pub fn symbol_problem(symbol: &str) -> Option<String> {
+        if symbol.is_empty() {
+            Some("is empty".into())
+        } else if symbol.len() > MAX_SYMBOL_LEN {
+            Some(format!("is longer than {MAX_SYMBOL_LEN} characters"))
+        } else if !symbol
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'))
+        {
+            Some("may hold only letters, digits and . - _ /".into())
+        } else {
+            None
+        }
+    }
+
+    /// What is wrong with a client order id, if anything: empty, longer than
+    /// [`MAX_ORDER_ID_LEN`], or holding a control character.
+    pub fn order_id_problem(id: &str) -> Option<String> {
+        if id.is_empty() {
+            Some("is empty".into())
+        } else if id.len() > MAX_ORDER_ID_LEN {
+            Some(format!("is longer than {MAX_ORDER_ID_LEN} characters"))
+        } else if id.chars().any(char::is_control) {
+            Some("must not contain control characters".into())
+        } else {
+            None
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn symbols_and_order_ids_are_checked() {
+            assert_eq!(symbol_problem("BTC-USD"), None);
+            assert_eq!(symbol_problem("").as_deref(), Some("is empty"));
+            assert!(
+                symbol_problem(&"A".repeat(33))
+                    .unwrap()
+                    .contains("longer than 32")
+            );
+            assert!(symbol_problem(" AAPL").unwrap().contains("may hold only"));
+            assert!(symbol_problem("AA{1}").unwrap().contains("may hold only"));
+            assert_eq!(order_id_problem("o-1"), None);
+            assert_eq!(order_id_problem("").as_deref(), Some("is empty"));
+            assert!(
+                order_id_problem(&"o".repeat(65))
+                    .unwrap()
+                    .contains("longer than 64")
+            );
+            assert!(order_id_problem("a\u{0}b").unwrap().contains("control"));
+        }
+    }
+}

@@ -18,7 +18,7 @@ use streams_core::{
     Delivery, Envelope, Handler, HandlerError, KeySpace, Outputs, Partition, Redis,
     envelope::now_micros,
 };
-use tickflow_proto::{event_type as types, v1};
+use tickflow_proto::{event_type as types, rules, v1};
 
 use crate::latency;
 
@@ -230,11 +230,6 @@ impl Aggregator {
         trade: &v1::Trade,
     ) -> Result<(), HandlerError> {
         let symbol = trade.symbol.as_str();
-        if symbol.is_empty() || trade.qty == 0 || trade.price_e6 <= 0 {
-            return Err(HandlerError::Permanent(format!(
-                "trade without symbol, price or qty: {trade:?}"
-            )));
-        }
         let at_ms = envelope.origin_us / 1000;
         // Compute every bar first, so a Redis error leaves the cache untouched.
         let mut updated = Vec::new();
@@ -249,7 +244,7 @@ impl Aggregator {
             bar.h = bar.h.max(trade.price_e6);
             bar.l = bar.l.min(trade.price_e6);
             bar.c = trade.price_e6;
-            bar.v += trade.qty;
+            bar.v = bar.v.saturating_add(trade.qty);
             bar.n += 1;
             updated.push((interval, bucket, bar));
         }
@@ -261,7 +256,7 @@ impl Aggregator {
         }
         let stats = delta.stats.entry(symbol.to_owned()).or_default();
         stats.trades += 1;
-        stats.volume += trade.qty;
+        stats.volume = stats.volume.saturating_add(trade.qty);
         stats.notional += trade.price_e6 as f64 / 1e6 * trade.qty as f64;
         stats.last_price_e6 = Some(trade.price_e6);
         self.evict(at_ms);
@@ -286,6 +281,87 @@ fn decode<M: Message + Default>(envelope: &Envelope) -> Result<M, HandlerError> 
     })
 }
 
+/// The largest trade quantity counted: what transform lets through (1e15), so that a
+/// batch's sums stay far within what `HINCRBY` takes (a failing command would fail the
+/// whole batch's commit).
+pub const MAX_TRADE_QTY: u64 = 1_000_000_000_000_000;
+
+/// Why a market event of `symbol` read from `partition` cannot be counted, if it cannot:
+/// the symbol is not one, or its statistics live in another partition (whose owner counts
+/// them; a second writer would race it).
+fn symbol_problem(
+    keys: &AnalyticsKeys,
+    what: &str,
+    symbol: &str,
+    partition: Partition,
+) -> Option<String> {
+    if let Some(problem) = rules::symbol_problem(symbol) {
+        return Some(format!("{what} symbol {problem}"));
+    }
+    let home = keys.partition(symbol);
+    (home != partition)
+        .then(|| format!("{what} of {symbol} belongs to partition {home}, not {partition}"))
+}
+
+/// What makes a trade impossible to count, if anything.
+pub fn trade_problem(
+    keys: &AnalyticsKeys,
+    trade: &v1::Trade,
+    partition: Partition,
+) -> Option<String> {
+    if let Some(problem) = symbol_problem(keys, "trade", &trade.symbol, partition) {
+        Some(problem)
+    } else if trade.qty == 0 {
+        Some("trade qty is 0".into())
+    } else if trade.qty > MAX_TRADE_QTY {
+        Some(format!(
+            "trade qty {} is too large (at most {MAX_TRADE_QTY})",
+            trade.qty
+        ))
+    } else if trade.price_e6 <= 0 {
+        Some(format!("trade price_e6 {} is not positive", trade.price_e6))
+    } else {
+        None
+    }
+}
+
+/// What makes a tick impossible to count, if anything.
+pub fn tick_problem(
+    keys: &AnalyticsKeys,
+    tick: &v1::ValidatedTick,
+    partition: Partition,
+) -> Option<String> {
+    if let Some(problem) = symbol_problem(keys, "tick", &tick.symbol, partition) {
+        Some(problem)
+    } else if tick.price_e6 <= 0 {
+        Some(format!("tick price_e6 {} is not positive", tick.price_e6))
+    } else {
+        None
+    }
+}
+
+/// The lower-case name of an execution report's status (`filled`), or what makes the report
+/// impossible to count.
+pub fn execution_status(
+    keys: &AnalyticsKeys,
+    report: &v1::ExecutionReport,
+    partition: Partition,
+) -> Result<String, String> {
+    if let Some(problem) = symbol_problem(keys, "execution report", &report.symbol, partition) {
+        return Err(problem);
+    }
+    match v1::ExecStatus::try_from(report.status) {
+        Ok(status) if status != v1::ExecStatus::Unspecified => Ok(status
+            .as_str_name()
+            .trim_start_matches("EXEC_STATUS_")
+            .to_ascii_lowercase()),
+        _ => Err(format!(
+            "execution report status {} is not a known status",
+            report.status
+        )),
+    }
+}
+
 impl Handler for Aggregator {
     async fn handle(
         &mut self,
@@ -297,10 +373,16 @@ impl Handler for Aggregator {
         match envelope.event_type.as_str() {
             types::TRADE => {
                 let trade: v1::Trade = decode(envelope)?;
+                if let Some(problem) = trade_problem(&self.keys, &trade, partition) {
+                    return Err(HandlerError::Permanent(problem));
+                }
                 self.trade(partition, envelope, &trade).await?;
             }
             types::VALIDATED_TICK => {
                 let tick: v1::ValidatedTick = decode(envelope)?;
+                if let Some(problem) = tick_problem(&self.keys, &tick, partition) {
+                    return Err(HandlerError::Permanent(problem));
+                }
                 let stats = self
                     .batch
                     .entry(partition)
@@ -313,13 +395,8 @@ impl Handler for Aggregator {
             }
             types::EXECUTION => {
                 let report: v1::ExecutionReport = decode(envelope)?;
-                let status = v1::ExecStatus::try_from(report.status)
-                    .map(|s| {
-                        s.as_str_name()
-                            .trim_start_matches("EXEC_STATUS_")
-                            .to_ascii_lowercase()
-                    })
-                    .unwrap_or_else(|_| "unknown".into());
+                let status = execution_status(&self.keys, &report, partition)
+                    .map_err(HandlerError::Permanent)?;
                 let stats = self
                     .batch
                     .entry(partition)
@@ -431,5 +508,90 @@ impl Handler for Aggregator {
                 vec![bucket.to_string().into_bytes(), int(count)],
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> AnalyticsKeys {
+        AnalyticsKeys::new(KeySpace::new("t", 4))
+    }
+
+    fn trade(symbol: &str, price_e6: i64, qty: u64) -> v1::Trade {
+        v1::Trade {
+            symbol: symbol.into(),
+            price_e6,
+            qty,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn market_events_that_cannot_be_counted_are_named() {
+        let keys = keys();
+        let home = keys.partition("AAPL");
+        let elsewhere = (home + 1) % 4;
+        assert_eq!(trade_problem(&keys, &trade("AAPL", 1, 1), home), None);
+        for (bad, says) in [
+            (trade("", 1, 1), "trade symbol is empty"),
+            (trade(&"A".repeat(1 << 20), 1, 1), "longer than 32"),
+            (trade("AAPL", 1, 0), "qty is 0"),
+            (trade("AAPL", 1, u64::MAX), "too large"),
+            (trade("AAPL", 0, 1), "price_e6 0 is not positive"),
+        ] {
+            let problem = trade_problem(&keys, &bad, home).unwrap();
+            assert!(problem.contains(says), "{problem}");
+            assert!(problem.len() < 200, "{problem}");
+        }
+        let problem = trade_problem(&keys, &trade("AAPL", 1, 1), elsewhere).unwrap();
+        assert!(
+            problem.contains(&format!("belongs to partition {home}")),
+            "{problem}"
+        );
+
+        let tick = |price_e6| v1::ValidatedTick {
+            symbol: "AAPL".into(),
+            price_e6,
+            qty: 1,
+        };
+        assert_eq!(tick_problem(&keys, &tick(1), home), None);
+        assert!(
+            tick_problem(&keys, &tick(0), home)
+                .unwrap()
+                .contains("price")
+        );
+        assert!(
+            tick_problem(&keys, &v1::ValidatedTick::default(), home)
+                .unwrap()
+                .contains("symbol is empty")
+        );
+
+        let report = |status| v1::ExecutionReport {
+            symbol: "AAPL".into(),
+            status,
+            ..Default::default()
+        };
+        let filled = v1::ExecStatus::Filled as i32;
+        assert_eq!(
+            execution_status(&keys, &report(filled), home).as_deref(),
+            Ok("filled")
+        );
+        assert!(
+            execution_status(&keys, &report(99), home)
+                .unwrap_err()
+                .contains("status 99")
+        );
+        assert!(
+            execution_status(&keys, &report(0), home)
+                .unwrap_err()
+                .contains("status 0")
+        );
+        assert!(
+            execution_status(&keys, &v1::ExecutionReport::default(), home)
+                .unwrap_err()
+                .contains("symbol is empty")
+        );
     }
 }

@@ -73,13 +73,16 @@ pub async fn run(
         .await
 }
 
+/// Where the service listens for HTTP unless `HTTP_ADDR` says otherwise.
+pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8083";
+
 /// The whole service as its binary runs it: configuration from `env`, then [`run`] until
 /// `shutdown`.
 pub async fn main_with(
     env: streams_core::Env,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let app = App::init("analytics", env.clone(), "0.0.0.0:8083", shutdown)?;
+    let app = App::init("analytics", env.clone(), DEFAULT_HTTP_ADDR, shutdown)?;
     let settings = AnalyticsConfig::from_env(&env)?;
     let http = app.bind().await?;
     run(app, settings, http).await

@@ -2,12 +2,16 @@
 //!
 //! This crate is the deterministic core of the engine stage: one limit order book per
 //! symbol, matched by price-time priority, with no Redis, no I/O, no clocks and no floats.
-//! The stage around it (not in this crate yet) feeds each owned partition's commands, in
-//! stream order, to that partition's [`Books`], forwards the returned [`Event`]s, and
-//! stores the serialized `Books` as the partition's state. Because the same commands always
-//! produce the same events and state, a replica that takes over a partition restores the
-//! last snapshot, replays the commands after it and continues exactly where the previous
-//! owner was.
+//! The stage around it ([`stage`]) feeds each owned partition's validated entries, in
+//! stream order, to that partition's [`Books`] ([`stage::apply`]) and forwards the returned
+//! [`Event`]s. In the same atomic step that acknowledges a batch and appends its events,
+//! it writes what the batch changed in the books (each touched book's band, last price and
+//! sequence, and each changed resting order): the stored books are always the snapshot as
+//! of the last acknowledged entry. Because the same entries always produce the same events
+//! and state, a replica that takes over a partition (or a restarted one) loads that
+//! snapshot ([`stage::load_books`]), then replays the entries after it — exactly the
+//! entries still pending, which it must handle first, in order — and continues exactly
+//! where the previous owner was.
 //!
 //! # Layout
 //!
@@ -102,13 +106,16 @@ pub use book::{
     RejectReason, Resting, Side, SnapshotError,
 };
 
+/// Where the service listens for HTTP unless `HTTP_ADDR` says otherwise.
+pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8082";
+
 /// The whole service as its binary runs it: configuration from `env`, then [`run`] until
 /// `shutdown`.
 pub async fn main_with(
     env: streams_core::Env,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let app = App::init("engine", env, "0.0.0.0:8082", shutdown)?;
+    let app = App::init("engine", env, DEFAULT_HTTP_ADDR, shutdown)?;
     let http = app.bind().await?;
     run(app, http).await
 }

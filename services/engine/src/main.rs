@@ -2,6 +2,8 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // `engine healthcheck`: exit 0 when our /readyz answers 200 (images have no curl).
+    streams_core::healthcheck::exit_if_requested(engine::DEFAULT_HTTP_ADDR);
     engine::main_with(
         streams_core::Env::process(),
         streams_core::shutdown::on_signals(),

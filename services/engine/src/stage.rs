@@ -12,7 +12,7 @@ use streams_core::{
     Delivery, Envelope, Handler, HandlerError, KeySpace, Outputs, Partition, Redis,
 };
 use tickflow_proto::{
-    event_type as types, topology,
+    event_type as types, rules, topology,
     v1::{self, ExecStatus},
 };
 
@@ -40,27 +40,6 @@ impl Matching {
         }
     }
 
-    /// The symbols with a book in `partition` (a set).
-    fn symbols_key(&self, partition: Partition) -> String {
-        self.keys
-            .partition_state(topology::ENGINE_GROUP, "symbols", partition)
-    }
-
-    /// Each book's band, last price and sequence in `partition` (hash: symbol → JSON).
-    fn meta_key(&self, partition: Partition) -> String {
-        self.keys
-            .partition_state(topology::ENGINE_GROUP, "meta", partition)
-    }
-
-    /// The resting orders of `symbol` (hash: order id → JSON).
-    fn orders_key(&self, partition: Partition, symbol: &str) -> String {
-        self.keys.partition_state(
-            topology::ENGINE_GROUP,
-            &format!("orders:{symbol}"),
-            partition,
-        )
-    }
-
     fn touch(&mut self, partition: Partition, symbol: &str) -> &mut BTreeSet<String> {
         self.touched
             .entry(partition)
@@ -73,6 +52,176 @@ impl Matching {
     pub fn books(&self, partition: Partition) -> Option<&Books> {
         self.books.get(&partition)
     }
+}
+
+/// The symbols with a book in `partition` (a set).
+fn symbols_key(keys: &KeySpace, partition: Partition) -> String {
+    keys.partition_state(topology::ENGINE_GROUP, "symbols", partition)
+}
+
+/// Each book's band, last price and sequence in `partition` (hash: symbol → JSON).
+fn meta_key(keys: &KeySpace, partition: Partition) -> String {
+    keys.partition_state(topology::ENGINE_GROUP, "meta", partition)
+}
+
+/// The resting orders of `symbol` (hash: order id → JSON).
+fn orders_key(keys: &KeySpace, partition: Partition, symbol: &str) -> String {
+    keys.partition_state(
+        topology::ENGINE_GROUP,
+        &format!("orders:{symbol}"),
+        partition,
+    )
+}
+
+/// The books of `partition` as of its last acknowledged batch (empty if it never had
+/// any): what a replica taking the partition over starts from.
+pub async fn load_books(
+    redis: &Redis,
+    keys: &KeySpace,
+    partition: Partition,
+) -> Result<Books, String> {
+    let mut conn = redis.pooled().await.map_err(|e| e.to_string())?;
+    let symbols: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(symbols_key(keys, partition))
+        .query_async(&mut *conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut books = Books::default();
+    for symbol in symbols {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGET").arg(meta_key(keys, partition)).arg(&symbol);
+        pipe.cmd("HVALS").arg(orders_key(keys, partition, &symbol));
+        let (meta, orders): (Option<String>, Vec<String>) = pipe
+            .query_async(&mut *conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        let book = restore(meta.as_deref(), &orders)
+            .map_err(|e| format!("the stored book of {symbol} is invalid: {e}"))?;
+        books.insert(&symbol, book);
+    }
+    Ok(books)
+}
+
+/// What one validated entry did to its partition's books.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// An order or a cancel of `symbol`, and the events it produced, in order.
+    Book {
+        /// The instrument.
+        symbol: String,
+        /// What the book did.
+        events: Vec<Event>,
+    },
+    /// A tick of `symbol` (it moves the reference price; passed through to the market
+    /// stream as it is).
+    Tick {
+        /// The instrument.
+        symbol: String,
+    },
+}
+
+/// Applies one validated entry to `books`: the whole of matching, with no I/O. The same
+/// entries in the same order always give the same events and books, which is what lets
+/// any replica continue a partition exactly.
+///
+/// An entry no transform would have written (a bad symbol or order id, a price that is not
+/// positive, a symbol `in_partition` says belongs elsewhere) is refused before it touches
+/// a book: a permanent error, so the stage dead-letters it with the reason.
+pub fn apply(
+    books: &mut Books,
+    envelope: &Envelope,
+    in_partition: impl Fn(&str) -> bool,
+) -> Result<Applied, HandlerError> {
+    let check_symbol = |symbol: &str| {
+        if let Some(problem) = rules::symbol_problem(symbol) {
+            return Err(invalid(format!("symbol {problem}")));
+        }
+        if !in_partition(symbol) {
+            return Err(invalid(format!(
+                "symbol {symbol} belongs to another partition"
+            )));
+        }
+        Ok(())
+    };
+    let check_id = |id: &str| match rules::order_id_problem(id) {
+        Some(problem) => Err(invalid(format!("client_order_id {problem}"))),
+        None => Ok(()),
+    };
+    match envelope.event_type.as_str() {
+        types::VALIDATED_ORDER => {
+            let order: v1::ValidatedOrder = decode(envelope)?;
+            check_symbol(&order.symbol)?;
+            check_id(&order.client_order_id)?;
+            let side = match v1::Side::try_from(order.side) {
+                Ok(v1::Side::Buy) => Side::Buy,
+                Ok(v1::Side::Sell) => Side::Sell,
+                _ => {
+                    return Err(HandlerError::Permanent(format!(
+                        "order {} without a side",
+                        order.client_order_id
+                    )));
+                }
+            };
+            let kind = if order.r#type == v1::OrderType::Market as i32 {
+                OrderKind::Market
+            } else {
+                if order.price_e6 <= 0 {
+                    return Err(invalid(format!(
+                        "price of limit order {} is not positive ({} e-6)",
+                        order.client_order_id, order.price_e6
+                    )));
+                }
+                OrderKind::Limit {
+                    price: order.price_e6,
+                }
+            };
+            let book = books.book_mut(&order.symbol);
+            book.set_band_bps(order.instrument.as_ref().map_or(0, |i| i.band_bps));
+            let events = book.submit(NewOrder {
+                client_order_id: order.client_order_id,
+                side,
+                kind,
+                qty: order.qty,
+            });
+            Ok(Applied::Book {
+                symbol: order.symbol,
+                events,
+            })
+        }
+        types::VALIDATED_CANCEL => {
+            let cancel: v1::ValidatedCancel = decode(envelope)?;
+            check_symbol(&cancel.symbol)?;
+            check_id(&cancel.client_order_id)?;
+            let events = books
+                .book_mut(&cancel.symbol)
+                .cancel(&cancel.client_order_id);
+            Ok(Applied::Book {
+                symbol: cancel.symbol,
+                events,
+            })
+        }
+        types::VALIDATED_TICK => {
+            let tick: v1::ValidatedTick = decode(envelope)?;
+            check_symbol(&tick.symbol)?;
+            if tick.price_e6 <= 0 {
+                return Err(invalid(format!(
+                    "price of a {} tick is not positive ({} e-6)",
+                    tick.symbol, tick.price_e6
+                )));
+            }
+            books.book_mut(&tick.symbol).on_tick(tick.price_e6);
+            Ok(Applied::Tick {
+                symbol: tick.symbol,
+            })
+        }
+        other => Err(HandlerError::Permanent(format!(
+            "engine does not handle event type {other:?}"
+        ))),
+    }
+}
+
+fn invalid(reason: String) -> HandlerError {
+    HandlerError::Permanent(reason)
 }
 
 fn decode<M: Message + Default>(envelope: &Envelope) -> Result<M, HandlerError> {
@@ -89,57 +238,18 @@ impl Handler for Matching {
         let envelope = delivery.envelope.as_ref().expect("envelope stage");
         let market = self.keys.stream(topology::MARKET, delivery.partition);
         let books = self.books.entry(delivery.partition).or_default();
-        let (symbol, events) = match envelope.event_type.as_str() {
-            types::VALIDATED_ORDER => {
-                let order: v1::ValidatedOrder = decode(envelope)?;
-                let side = match v1::Side::try_from(order.side) {
-                    Ok(v1::Side::Buy) => Side::Buy,
-                    Ok(v1::Side::Sell) => Side::Sell,
-                    _ => {
-                        return Err(HandlerError::Permanent(format!(
-                            "order {} without a side",
-                            order.client_order_id
-                        )));
-                    }
-                };
-                let kind = if order.r#type == v1::OrderType::Market as i32 {
-                    OrderKind::Market
-                } else {
-                    OrderKind::Limit {
-                        price: order.price_e6,
-                    }
-                };
-                let book = books.book_mut(&order.symbol);
-                book.set_band_bps(order.instrument.as_ref().map_or(0, |i| i.band_bps));
-                let events = book.submit(NewOrder {
-                    client_order_id: order.client_order_id,
-                    side,
-                    kind,
-                    qty: order.qty,
-                });
-                (order.symbol, events)
-            }
-            types::VALIDATED_CANCEL => {
-                let cancel: v1::ValidatedCancel = decode(envelope)?;
-                let events = books
-                    .book_mut(&cancel.symbol)
-                    .cancel(&cancel.client_order_id);
-                (cancel.symbol, events)
-            }
-            types::VALIDATED_TICK => {
-                let tick: v1::ValidatedTick = decode(envelope)?;
-                books.book_mut(&tick.symbol).on_tick(tick.price_e6);
-                self.touch(delivery.partition, &tick.symbol);
+        let keys = &self.keys;
+        let in_partition =
+            |symbol: &str| keys.partition_for(symbol.as_bytes()) == delivery.partition;
+        let (symbol, events) = match apply(books, envelope, in_partition)? {
+            Applied::Book { symbol, events } => (symbol, events),
+            Applied::Tick { symbol } => {
+                self.touch(delivery.partition, &symbol);
                 out.append(
                     market,
                     &envelope.derive(types::VALIDATED_TICK, envelope.payload.clone()),
                 );
                 return Ok(());
-            }
-            other => {
-                return Err(HandlerError::Permanent(format!(
-                    "engine does not handle event type {other:?}"
-                )));
             }
         };
         let changed = self.touch(delivery.partition, &symbol);
@@ -164,27 +274,11 @@ impl Handler for Matching {
     /// had any), so a replica taking a partition over continues exactly where the last
     /// owner committed.
     async fn partition_acquired(&mut self, partition: Partition) -> Result<(), HandlerError> {
-        let retry = |e: &dyn std::fmt::Display| {
-            HandlerError::Retry(format!("loading the books of partition {partition}: {e}"))
-        };
-        let mut conn = self.redis.pooled().await.map_err(|e| retry(&e))?;
-        let symbols: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(self.symbols_key(partition))
-            .query_async(&mut *conn)
+        let books = load_books(&self.redis, &self.keys, partition)
             .await
-            .map_err(|e| retry(&e))?;
-        let mut books = Books::default();
-        for symbol in symbols {
-            let mut pipe = redis::pipe();
-            pipe.cmd("HGET").arg(self.meta_key(partition)).arg(&symbol);
-            pipe.cmd("HVALS").arg(self.orders_key(partition, &symbol));
-            let (meta, orders): (Option<String>, Vec<String>) =
-                pipe.query_async(&mut *conn).await.map_err(|e| retry(&e))?;
-            let book = restore(meta.as_deref(), &orders).map_err(|e| {
-                HandlerError::Retry(format!("the stored book of {symbol} is invalid: {e}"))
+            .map_err(|e| {
+                HandlerError::Retry(format!("loading the books of partition {partition}: {e}"))
             })?;
-            books.insert(&symbol, book);
-        }
         self.books.insert(partition, books);
         self.touched.remove(&partition);
         Ok(())
@@ -231,7 +325,7 @@ impl Handler for Matching {
                     None => gone.push(id.into_bytes()),
                 }
             }
-            let key = self.orders_key(partition, &symbol);
+            let key = orders_key(&self.keys, partition, &symbol);
             if !resting.is_empty() {
                 out.command("HSET", key.clone(), resting);
             }
@@ -240,8 +334,8 @@ impl Handler for Matching {
             }
         }
         if !symbols.is_empty() {
-            out.command("SADD", self.symbols_key(partition), symbols);
-            out.command("HSET", self.meta_key(partition), meta);
+            out.command("SADD", symbols_key(&self.keys, partition), symbols);
+            out.command("HSET", meta_key(&self.keys, partition), meta);
         }
     }
 }

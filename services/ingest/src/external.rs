@@ -33,19 +33,78 @@ impl Handler for ExternalEvents {
             None => Vec::new(),
         };
         let mut envelope = Envelope::new(validate::event_type(&event), symbol.as_str(), payload);
-        envelope.traceparent = delivery
-            .field("traceparent")
-            .and_then(|t| std::str::from_utf8(t).ok())
-            .filter(|t| crate::http::is_valid_traceparent(t))
-            .map(str::to_owned);
-        envelope.tracestate = envelope
-            .traceparent
-            .as_ref()
-            .and(delivery.field("tracestate"))
-            .and_then(|t| std::str::from_utf8(t).ok())
-            .map(str::to_owned);
+        (envelope.traceparent, envelope.tracestate) = trace_context(delivery);
         let partition = self.keys.partition_for(symbol.as_bytes());
         out.append(self.keys.stream(topology::INBOUND, partition), &envelope);
         Ok(())
+    }
+}
+
+/// The producer's W3C trace context in an entry's `traceparent` and `tracestate` fields,
+/// what is valid of it: no `traceparent` unless it is one, no `tracestate` without it or
+/// longer than [`streams_core::envelope::MAX_TRACESTATE_LEN`].
+fn trace_context(delivery: &Delivery) -> (Option<String>, Option<String>) {
+    let traceparent = delivery
+        .field("traceparent")
+        .and_then(|t| std::str::from_utf8(t).ok())
+        .filter(|t| streams_core::envelope::is_valid_traceparent(t))
+        .map(str::to_owned);
+    let tracestate = traceparent
+        .as_ref()
+        .and(delivery.field("tracestate"))
+        .and_then(|t| std::str::from_utf8(t).ok())
+        .filter(|t| t.len() <= streams_core::envelope::MAX_TRACESTATE_LEN)
+        .map(str::to_owned);
+    (traceparent, tracestate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(pairs: &[(&str, &[u8])]) -> Delivery {
+        Delivery {
+            partition: 0,
+            stream: "ingest_stream".into(),
+            id: "1-0".into(),
+            deliveries: 1,
+            fields: pairs
+                .iter()
+                .map(|(n, v)| (n.as_bytes().to_vec(), v.to_vec()))
+                .collect(),
+            envelope: None,
+        }
+    }
+
+    #[test]
+    fn only_what_is_valid_of_a_trace_context_is_carried() {
+        let valid = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let huge = "k=".to_owned() + &"v".repeat(1 << 20);
+        let owned = |s: &str| Some(s.to_owned());
+        for (pairs, expected) in [
+            (
+                vec![("traceparent", valid.as_bytes()), ("tracestate", b"k=v")],
+                (owned(valid), owned("k=v")),
+            ),
+            (
+                vec![
+                    ("traceparent", valid.as_bytes()),
+                    ("tracestate", huge.as_bytes()),
+                ],
+                (owned(valid), None),
+            ),
+            (
+                vec![("traceparent", valid.as_bytes()), ("tracestate", &[0xff])],
+                (owned(valid), None),
+            ),
+            (
+                vec![("traceparent", b"garbage"), ("tracestate", b"k=v")],
+                (None, None),
+            ),
+            (vec![("traceparent", &[0xff, 0xfe])], (None, None)),
+            (vec![("tracestate", b"k=v")], (None, None)),
+        ] {
+            assert_eq!(trace_context(&delivery(&pairs)), expected, "{pairs:?}");
+        }
     }
 }

@@ -23,7 +23,7 @@ use serde_json::json;
 use tickflow_proto::v1;
 
 use crate::{
-    publish::{PublishError, Publisher},
+    publish::{self, PublishError, Publisher},
     validate::{self, FieldError, JsonKind},
 };
 
@@ -180,35 +180,47 @@ async fn publish(
     route: &str,
     events: Vec<v1::Event>,
 ) -> Result<Response, ApiError> {
-    let traceparent = header_text(headers, "traceparent").filter(|t| is_valid_traceparent(t));
+    let traceparent = header_text(headers, "traceparent")
+        .filter(|t| streams_core::envelope::is_valid_traceparent(t));
     let tracestate = traceparent.and(header_text(headers, "tracestate"));
-    let ids = state
+    let idempotency_key = match headers.get(IDEMPOTENCY_KEY) {
+        None => None,
+        Some(value) => {
+            let key = value
+                .to_str()
+                .map_err(|_| "must be printable ASCII".to_owned());
+            let key = key.and_then(|k| publish::check_idempotency_key(k).map(|()| k));
+            Some(key.map_err(|message| {
+                ApiError::Invalid(vec![FieldError {
+                    index: 0,
+                    field: IDEMPOTENCY_KEY.into(),
+                    message,
+                }])
+            })?)
+        }
+    };
+    let appended = state
         .publisher
-        .publish(route, &events, traceparent, tracestate)
+        .publish(route, &events, traceparent, tracestate, idempotency_key)
         .await
         .map_err(ApiError::Publish)?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "accepted": ids.len(), "ids": ids })),
+        Json(json!({
+            "accepted": appended.ids.len(),
+            "ids": appended.ids,
+            "replayed": appended.replayed,
+        })),
     )
         .into_response())
 }
 
+/// The header carrying a client's idempotency key: a retry with the same key is not
+/// appended twice.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
 fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-/// `00-<32 hex>-<16 hex>-<2 hex>`, not all-zero ids.
-pub fn is_valid_traceparent(value: &str) -> bool {
-    let parts: Vec<&str> = value.split('-').collect();
-    let hex = |s: &str, len: usize| s.len() == len && s.chars().all(|c| c.is_ascii_hexdigit());
-    parts.len() == 4
-        && hex(parts[0], 2)
-        && hex(parts[1], 32)
-        && hex(parts[2], 16)
-        && hex(parts[3], 2)
-        && parts[1].chars().any(|c| c != '0')
-        && parts[2].chars().any(|c| c != '0')
 }
 
 fn to_field_errors(problems: Vec<(&'static str, String)>) -> Vec<FieldError> {

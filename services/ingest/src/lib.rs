@@ -33,6 +33,8 @@ pub struct IngestConfig {
     pub max_body_bytes: usize,
     /// `INGEST_MAX_EVENTS`: most events per HTTP request or gRPC `Publish`.
     pub max_events: usize,
+    /// `INGEST_IDEMPOTENCY_TTL_MS`: how long an `Idempotency-Key` is remembered.
+    pub idempotency_ttl_ms: u64,
 }
 
 impl IngestConfig {
@@ -55,6 +57,12 @@ impl IngestConfig {
             max_body_bytes: env.ranged_or("INGEST_MAX_BODY_BYTES", 1 << 20, 1024, 64 << 20)?
                 as usize,
             max_events: env.ranged_or("INGEST_MAX_EVENTS", 10_000, 1, 1_000_000)? as usize,
+            idempotency_ttl_ms: env.ranged_or(
+                "INGEST_IDEMPOTENCY_TTL_MS",
+                publish::DEFAULT_IDEMPOTENCY_TTL_MS,
+                1_000,
+                7 * 24 * 3_600_000,
+            )?,
         })
     }
 }
@@ -70,7 +78,8 @@ pub async fn run(
         app.redis.clone(),
         app.config.keys.clone(),
         settings.max_backlog,
-    );
+    )
+    .with_idempotency_ttl_ms(settings.idempotency_ttl_ms);
     let monitor = publisher
         .backlog()
         .spawn_monitor(Duration::from_millis(100), app.shutdown.clone());
@@ -116,13 +125,16 @@ pub async fn run(
     app.serve(http, routes, work).await
 }
 
+/// Where the service listens for HTTP unless `HTTP_ADDR` says otherwise.
+pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8080";
+
 /// The whole service as its binary runs it: configuration from `env`, listeners, then
 /// [`run`] until `shutdown`.
 pub async fn main_with(
     env: streams_core::Env,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let app = App::init("ingest", env.clone(), "0.0.0.0:8080", shutdown)?;
+    let app = App::init("ingest", env.clone(), DEFAULT_HTTP_ADDR, shutdown)?;
     let settings = IngestConfig::from_env(&env)?;
     let http = app.bind().await?;
     let grpc = TcpListener::bind(settings.grpc_addr)

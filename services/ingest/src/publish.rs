@@ -3,6 +3,7 @@
 use prost::Message;
 use streams_core::{
     Envelope, KeySpace, Redis, StreamsError,
+    append::{Appended, Once, append},
     backpressure::{Backlog, Overloaded},
 };
 use tickflow_proto::{topology, v1};
@@ -28,6 +29,27 @@ pub struct Publisher {
     keys: KeySpace,
     backlog: Backlog,
     backlog_limit: u64,
+    idempotency_ttl_ms: u64,
+}
+
+/// How long an idempotency key is remembered by default (10 minutes).
+pub const DEFAULT_IDEMPOTENCY_TTL_MS: u64 = 600_000;
+
+/// The longest idempotency key accepted.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
+
+/// Why an idempotency key is refused (the client's mistake: 400 / INVALID_ARGUMENT).
+pub fn check_idempotency_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(format!(
+            "must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters, got {}",
+            key.len()
+        ));
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be printable ASCII without spaces".into());
+    }
+    Ok(())
 }
 
 impl Publisher {
@@ -44,7 +66,14 @@ impl Publisher {
             keys,
             backlog,
             backlog_limit,
+            idempotency_ttl_ms: DEFAULT_IDEMPOTENCY_TTL_MS,
         }
+    }
+
+    /// Remember idempotency keys for `ttl_ms` (a retry after that appends again).
+    pub fn with_idempotency_ttl_ms(mut self, ttl_ms: u64) -> Self {
+        self.idempotency_ttl_ms = ttl_ms;
+        self
     }
 
     /// The backlog monitor, to be started once with `spawn_monitor`.
@@ -60,14 +89,18 @@ impl Publisher {
     /// Appends `events` (already validated) atomically; returns their stream ids in order.
     /// `traceparent`/`tracestate` are the caller's W3C trace context: the append happens in
     /// a server span continuing it (or starting a trace), whose context each entry carries;
-    /// with tracing off, the caller's context is carried unchanged.
+    /// with tracing off, the caller's context is carried unchanged. With an
+    /// `idempotency_key` (checked by [`check_idempotency_key`]), a request already appended
+    /// under that key is not appended again: the first append's ids come back, marked
+    /// `replayed`.
     pub async fn publish(
         &self,
         route: &str,
         events: &[v1::Event],
         traceparent: Option<&str>,
         tracestate: Option<&str>,
-    ) -> Result<Vec<String>, PublishError> {
+        idempotency_key: Option<&str>,
+    ) -> Result<Appended, PublishError> {
         let span = tracing::debug_span!(
             "ingest",
             otel.name = %route,
@@ -93,9 +126,14 @@ impl Publisher {
                 tracestate.map(str::to_owned),
             ),
         };
-        self.append(events, traceparent.as_deref(), tracestate.as_deref())
-            .instrument(span)
-            .await
+        self.append(
+            events,
+            traceparent.as_deref(),
+            tracestate.as_deref(),
+            idempotency_key,
+        )
+        .instrument(span)
+        .await
     }
 
     async fn append(
@@ -103,33 +141,37 @@ impl Publisher {
         events: &[v1::Event],
         traceparent: Option<&str>,
         tracestate: Option<&str>,
-    ) -> Result<Vec<String>, PublishError> {
+        idempotency_key: Option<&str>,
+    ) -> Result<Appended, PublishError> {
         self.check_capacity()?;
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for event in events {
-            let symbol = validate::symbol(event);
-            let payload = match &event.kind {
-                Some(v1::event::Kind::NewOrder(m)) => m.encode_to_vec(),
-                Some(v1::event::Kind::Cancel(m)) => m.encode_to_vec(),
-                Some(v1::event::Kind::Tick(m)) => m.encode_to_vec(),
-                None => Vec::new(),
-            };
-            let mut envelope = Envelope::new(validate::event_type(event), symbol, payload);
-            envelope.traceparent = traceparent.map(str::to_owned);
-            envelope.tracestate = tracestate.map(str::to_owned);
-            let partition = self.keys.partition_for(symbol.as_bytes());
-            pipe.cmd("XADD")
-                .arg(self.keys.stream(topology::INBOUND, partition))
-                .arg("*")
-                .arg(envelope.to_fields());
+        let entries: Vec<(String, Envelope)> = events
+            .iter()
+            .map(|event| {
+                let symbol = validate::symbol(event);
+                let payload = match &event.kind {
+                    Some(v1::event::Kind::NewOrder(m)) => m.encode_to_vec(),
+                    Some(v1::event::Kind::Cancel(m)) => m.encode_to_vec(),
+                    Some(v1::event::Kind::Tick(m)) => m.encode_to_vec(),
+                    None => Vec::new(),
+                };
+                let mut envelope = Envelope::new(validate::event_type(event), symbol, payload);
+                envelope.traceparent = traceparent.map(str::to_owned);
+                envelope.tracestate = tracestate.map(str::to_owned);
+                let partition = self.keys.partition_for(symbol.as_bytes());
+                (self.keys.stream(topology::INBOUND, partition), envelope)
+            })
+            .collect();
+        let key = idempotency_key.map(|k| self.keys.global(&format!("ingest:idem:{k}")));
+        let once = key.as_deref().map(|key| Once {
+            key,
+            ttl_ms: self.idempotency_ttl_ms,
+        });
+        let appended = append(&self.redis, &entries, once).await?;
+        if appended.replayed {
+            metrics::counter!("tickflow_ingest_replayed_requests_total").increment(1);
+        } else {
+            metrics::counter!("tickflow_ingest_events_total").increment(appended.ids.len() as u64);
         }
-        let mut conn = self.redis.pooled().await?;
-        let ids: Vec<String> = pipe
-            .query_async(&mut *conn)
-            .await
-            .map_err(StreamsError::from)?;
-        metrics::counter!("tickflow_ingest_events_total").increment(ids.len() as u64);
-        Ok(ids)
+        Ok(appended)
     }
 }

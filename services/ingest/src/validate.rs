@@ -25,9 +25,9 @@ impl std::fmt::Display for FieldError {
 }
 
 /// The longest symbol accepted.
-pub const MAX_SYMBOL_LEN: usize = 32;
+pub const MAX_SYMBOL_LEN: usize = tickflow_proto::rules::MAX_SYMBOL_LEN;
 /// The longest client order id accepted.
-pub const MAX_ORDER_ID_LEN: usize = 64;
+pub const MAX_ORDER_ID_LEN: usize = tickflow_proto::rules::MAX_ORDER_ID_LEN;
 
 /// Which kind of event a JSON body holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,7 +260,7 @@ pub fn event_from_fields(fields: &[(Vec<u8>, Vec<u8>)]) -> Result<v1::Event, Str
     let number = |name: &str| -> Result<f64, String> {
         let text = get(name)?.ok_or_else(|| format!("field `{name}` is required"))?;
         text.parse::<f64>()
-            .map_err(|_| format!("field `{name}` is not a number: {text:?}"))
+            .map_err(|_| format!("field `{name}` is not a number: {}", quoted(text)))
     };
     let symbol = get("symbol")?
         .ok_or("field `symbol` is required")?
@@ -274,14 +274,20 @@ pub fn event_from_fields(fields: &[(Vec<u8>, Vec<u8>)]) -> Result<v1::Event, Str
         let side = match side.to_ascii_lowercase().as_str() {
             "buy" => v1::Side::Buy,
             "sell" => v1::Side::Sell,
-            other => return Err(format!("field `side` must be buy or sell, not {other:?}")),
+            other => {
+                return Err(format!(
+                    "field `side` must be buy or sell, not {}",
+                    quoted(other)
+                ));
+            }
         };
         let order_type = match get("type")?.map(str::to_ascii_lowercase).as_deref() {
             None | Some("limit") => v1::OrderType::Limit,
             Some("market") => v1::OrderType::Market,
             Some(other) => {
                 return Err(format!(
-                    "field `type` must be limit or market, not {other:?}"
+                    "field `type` must be limit or market, not {}",
+                    quoted(other)
                 ));
             }
         };
@@ -314,6 +320,16 @@ pub fn event_from_fields(fields: &[(Vec<u8>, Vec<u8>)]) -> Result<v1::Event, Str
             .join("; ")
     })?;
     Ok(event)
+}
+
+/// A value quoted in a reason: at most 32 characters of it, so that a huge field does not
+/// come back as a huge reason (in the dead letter and the log).
+fn quoted(value: &str) -> String {
+    const MAX: usize = 32;
+    match value.char_indices().nth(MAX) {
+        None => format!("{value:?}"),
+        Some((end, _)) => format!("{:?}… ({} bytes)", &value[..end], value.len()),
+    }
 }
 
 fn error(index: usize, field: &str, message: &str) -> FieldError {
@@ -542,5 +558,50 @@ mod tests {
         assert!(
             event_from_fields(&fields(&[("symbol", "A"), ("price", "NaN"), ("qty", "1")])).is_err()
         );
+    }
+
+    #[test]
+    fn huge_flat_fields_are_not_echoed_back() {
+        let huge = "x".repeat(1 << 20);
+        let fields = |pairs: &[(&str, &str)]| -> Vec<(Vec<u8>, Vec<u8>)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        for (pairs, says) in [
+            (
+                vec![("symbol", "A"), ("price", &huge[..]), ("qty", "1")],
+                "field `price` is not a number: \"xxxx",
+            ),
+            (
+                vec![
+                    ("symbol", "A"),
+                    ("side", &huge[..]),
+                    ("price", "1"),
+                    ("qty", "1"),
+                ],
+                "field `side` must be buy or sell, not \"xxxx",
+            ),
+            (
+                vec![
+                    ("symbol", "A"),
+                    ("side", "buy"),
+                    ("type", &huge[..]),
+                    ("qty", "1"),
+                ],
+                "field `type` must be limit or market, not \"xxxx",
+            ),
+        ] {
+            let reason = event_from_fields(&fields(&pairs)).unwrap_err();
+            assert!(reason.starts_with(says), "{reason}");
+            assert!(reason.ends_with("… (1048576 bytes)"), "{reason}");
+            assert!(reason.len() < 200, "{reason}");
+        }
+        assert_eq!(
+            quoted("é".repeat(32).as_str()),
+            format!("{:?}", "é".repeat(32))
+        );
+        assert!(quoted("é".repeat(33).as_str()).ends_with("… (66 bytes)"));
     }
 }

@@ -85,13 +85,16 @@ pub async fn run(
     .await
 }
 
+/// Where the service listens for HTTP unless `HTTP_ADDR` says otherwise.
+pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8081";
+
 /// The whole service as its binary runs it: configuration from `env`, then [`run`] until
 /// `shutdown`.
 pub async fn main_with(
     env: streams_core::Env,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let app = App::init("transform", env.clone(), "0.0.0.0:8081", shutdown)?;
+    let app = App::init("transform", env.clone(), DEFAULT_HTTP_ADDR, shutdown)?;
     let settings = TransformConfig::from_env(&env)?;
     let http = app.bind().await?;
     run(app, settings, http).await
@@ -102,7 +105,7 @@ pub async fn load_refdata_command(env: streams_core::Env, path: &str) -> anyhow:
     let app = App::init(
         "transform",
         env,
-        "0.0.0.0:8081",
+        DEFAULT_HTTP_ADDR,
         tokio_util::sync::CancellationToken::new(),
     )?;
     Ok(refdata::load_file(&app.redis, &app.config.keys, path).await?)

@@ -3,9 +3,9 @@
 //! business rule violations into rejection reports.
 
 use prost::Message;
-use streams_core::{Delivery, Envelope, Handler, HandlerError, KeySpace, Outputs};
+use streams_core::{Delivery, Envelope, Handler, HandlerError, KeySpace, Outputs, Partition};
 use tickflow_proto::{
-    event_type as types, topology,
+    event_type as types, rules, topology,
     v1::{self, ExecStatus},
 };
 
@@ -82,6 +82,12 @@ impl Transform {
         }
         let tick = instrument.tick_e6() as f64;
         let ticks = price * 1e6 / tick;
+        if !(ticks.is_finite() && ticks < MAX_TICKS) {
+            return Err(Rejection(format!(
+                "price {price} is too large for the tick size {} of {}",
+                instrument.tick_size, instrument.symbol
+            )));
+        }
         let rounded = ticks.round();
         if (ticks - rounded).abs() > self.tick_tolerance + 1e-9 {
             return Err(Rejection(format!(
@@ -92,7 +98,9 @@ impl Transform {
         if rounded < 1.0 {
             return Err(Rejection(format!("price {price} is below one tick")));
         }
-        let price_e6 = rounded as i64 * instrument.tick_e6();
+        let price_e6 = (rounded as i64)
+            .checked_mul(instrument.tick_e6())
+            .ok_or_else(|| Rejection(format!("price {price} is too large")))?;
         let as_decimal = price_e6 as f64 / 1e6;
         if instrument.min_price.is_some_and(|min| as_decimal < min)
             || instrument.max_price.is_some_and(|max| as_decimal > max)
@@ -122,7 +130,14 @@ impl Transform {
                 "tick price and qty must be positive numbers".into(),
             ));
         }
-        let price_e6 = ((tick.price * 1e6 / tick_e6 as f64).round() as i64).max(1) * tick_e6;
+        let ticks = (tick.price * 1e6 / tick_e6 as f64).round();
+        let price_e6 = Some(ticks)
+            .filter(|t| *t < MAX_TICKS)
+            .and_then(|t| (t as i64).max(1).checked_mul(tick_e6))
+            .ok_or_else(|| Rejection(format!("tick price {} is too large", tick.price)))?;
+        if tick.qty > MAX_QTY {
+            return Err(Rejection(format!("tick qty {} is too large", tick.qty)));
+        }
         Ok(v1::ValidatedTick {
             symbol,
             price_e6,
@@ -131,6 +146,12 @@ impl Transform {
     }
 }
 
+/// The largest quantity taken (orders and ticks).
+const MAX_QTY: f64 = 1e15;
+
+/// Tick counts from here on do not fit a price in millionths (`i64`).
+const MAX_TICKS: f64 = i64::MAX as f64;
+
 /// Rounds a quantity down to whole lots (never more than asked).
 fn lots(qty: f64, instrument: &Instrument) -> Result<u64, Rejection> {
     if !(qty.is_finite() && qty > 0.0) {
@@ -138,7 +159,7 @@ fn lots(qty: f64, instrument: &Instrument) -> Result<u64, Rejection> {
             "quantity {qty} is not a positive number"
         )));
     }
-    if qty > 1e15 {
+    if qty > MAX_QTY {
         return Err(Rejection(format!("quantity {qty} is too large")));
     }
     let lots = (qty + 1e-9).floor() as u64 / instrument.lot_size;
@@ -151,13 +172,16 @@ fn lots(qty: f64, instrument: &Instrument) -> Result<u64, Rejection> {
     Ok(lots * instrument.lot_size)
 }
 
+/// Decodes the payload as an `M` and checks it with `check`: an entry that is not one (it
+/// was not written by ingest, which checks the same) is dead-lettered, naming the problem.
 fn decode<M: Message + Default>(
     delivery: &Delivery,
     envelope: &Envelope,
+    check: fn(&M) -> Vec<String>,
 ) -> Result<M, HandlerError> {
-    M::decode(envelope.payload.as_ref()).map_err(|e| {
+    let invalid = |problem: String| {
         HandlerError::Permanent(format!(
-            "payload of {} entry {} is not a valid {}: {e}",
+            "payload of {} entry {} is not a valid {}: {problem}",
             envelope.event_type,
             delivery.id,
             std::any::type_name::<M>()
@@ -165,7 +189,85 @@ fn decode<M: Message + Default>(
                 .next()
                 .unwrap_or("message")
         ))
-    })
+    };
+    let message = M::decode(envelope.payload.as_ref()).map_err(|e| invalid(e.to_string()))?;
+    let problems = check(&message);
+    if problems.is_empty() {
+        Ok(message)
+    } else {
+        Err(invalid(problems.join("; ")))
+    }
+}
+
+fn symbol_problems(symbol: &str, problems: &mut Vec<String>) {
+    if let Some(problem) = rules::symbol_problem(symbol.trim()) {
+        problems.push(format!("symbol {problem}"));
+    }
+}
+
+fn order_id_problems(id: &str, problems: &mut Vec<String>) {
+    if let Some(problem) = rules::order_id_problem(id) {
+        problems.push(format!("client_order_id {problem}"));
+    }
+}
+
+/// What makes a new order unreadable (prices and quantities are business rules, reported).
+pub fn order_problems(order: &v1::NewOrder) -> Vec<String> {
+    let mut problems = Vec::new();
+    symbol_problems(&order.symbol, &mut problems);
+    if !matches!(
+        v1::Side::try_from(order.side),
+        Ok(v1::Side::Buy | v1::Side::Sell)
+    ) {
+        problems.push(format!("side {} is not buy or sell", order.side));
+    }
+    if v1::OrderType::try_from(order.r#type).is_err() {
+        problems.push(format!("type {} is not limit or market", order.r#type));
+    }
+    order_id_problems(&order.client_order_id, &mut problems);
+    problems
+}
+
+/// What makes a cancel unreadable.
+pub fn cancel_problems(cancel: &v1::CancelOrder) -> Vec<String> {
+    let mut problems = Vec::new();
+    symbol_problems(&cancel.symbol, &mut problems);
+    order_id_problems(&cancel.client_order_id, &mut problems);
+    problems
+}
+
+/// What makes a tick unreadable (its price and quantity are checked by [`Transform::tick`]).
+pub fn tick_problems(tick: &v1::MarketTick) -> Vec<String> {
+    let mut problems = Vec::new();
+    symbol_problems(&tick.symbol, &mut problems);
+    problems
+}
+
+/// Why an event of `symbol` (normalized) read from `partition` with envelope key `key` is
+/// not where ingest puts it, if it is not: the key is the symbol, and the partition the
+/// symbol's. Handling it anyway would keep a second book of the symbol in another partition.
+pub fn routing_problem(
+    keys: &KeySpace,
+    partition: Partition,
+    key: &str,
+    symbol: &str,
+) -> Option<String> {
+    let home = keys.partition_for(symbol.as_bytes());
+    if key != symbol {
+        let shown: String = key.chars().take(40).collect();
+        let more = if shown.len() < key.len() { "…" } else { "" };
+        Some(format!(
+            "the envelope key {shown:?}{more} is not the event's symbol {symbol}"
+        ))
+    } else if home != partition {
+        Some(format!(
+            "symbol {symbol} belongs to partition {home} of {}, not {partition} (is \
+             TICKFLOW_PARTITIONS the same for every process?)",
+            keys.partitions()
+        ))
+    } else {
+        None
+    }
 }
 
 impl Handler for Transform {
@@ -173,9 +275,19 @@ impl Handler for Transform {
         let envelope = delivery.envelope.as_ref().expect("envelope stage");
         let validated = self.keys.stream(topology::VALIDATED, delivery.partition);
         let market = self.keys.stream(topology::MARKET, delivery.partition);
+        let routed = |symbol: &str| match routing_problem(
+            &self.keys,
+            delivery.partition,
+            &envelope.partition_key,
+            &symbol.trim().to_ascii_uppercase(),
+        ) {
+            Some(problem) => Err(HandlerError::Permanent(problem)),
+            None => Ok(()),
+        };
         match envelope.event_type.as_str() {
             types::NEW_ORDER => {
-                let order: v1::NewOrder = decode(delivery, envelope)?;
+                let order: v1::NewOrder = decode(delivery, envelope, order_problems)?;
+                routed(&order.symbol)?;
                 match self.order(&order) {
                     Ok(valid) => out.append(
                         validated,
@@ -198,7 +310,8 @@ impl Handler for Transform {
                 }
             }
             types::CANCEL_ORDER => {
-                let cancel: v1::CancelOrder = decode(delivery, envelope)?;
+                let cancel: v1::CancelOrder = decode(delivery, envelope, cancel_problems)?;
+                routed(&cancel.symbol)?;
                 let symbol = cancel.symbol.trim().to_ascii_uppercase();
                 if self.refdata.snapshot().instruments.contains_key(&symbol) {
                     let valid = v1::ValidatedCancel {
@@ -224,7 +337,8 @@ impl Handler for Transform {
                 }
             }
             types::TICK => {
-                let tick: v1::MarketTick = decode(delivery, envelope)?;
+                let tick: v1::MarketTick = decode(delivery, envelope, tick_problems)?;
+                routed(&tick.symbol)?;
                 // A tick has no sender to answer: an unusable one is dead-lettered with the reason.
                 let valid = self
                     .tick(&tick)
@@ -324,6 +438,81 @@ mod tests {
                 .0
                 .contains("maximum")
         );
+    }
+
+    #[test]
+    fn prices_beyond_what_a_tick_count_holds_are_rejected_not_overflowed() {
+        let t = transform();
+        for price in [1e300, f64::MAX, 1e15] {
+            let reason = t.order(&order("AAPL", price, 10.0)).unwrap_err().0;
+            assert!(reason.contains("too large"), "{price}: {reason}");
+            let tick = v1::MarketTick {
+                symbol: "AAPL".into(),
+                price,
+                qty: 1.0,
+            };
+            let reason = t.tick(&tick).unwrap_err().0;
+            assert!(reason.contains("too large"), "{price}: {reason}");
+        }
+        let tick = v1::MarketTick {
+            symbol: "AAPL".into(),
+            price: 1.0,
+            qty: 1e300,
+        };
+        assert!(t.tick(&tick).unwrap_err().0.contains("qty"));
+    }
+
+    #[test]
+    fn payloads_no_ingest_would_write_are_named() {
+        let mut bad = order("AAPL", 1.0, 1.0);
+        bad.side = 7;
+        bad.r#type = 9;
+        bad.client_order_id.clear();
+        assert_eq!(
+            order_problems(&bad),
+            vec![
+                "side 7 is not buy or sell",
+                "type 9 is not limit or market",
+                "client_order_id is empty"
+            ]
+        );
+        assert_eq!(
+            order_problems(&v1::NewOrder::default()),
+            vec![
+                "symbol is empty",
+                "side 0 is not buy or sell",
+                "client_order_id is empty"
+            ]
+        );
+        assert!(order_problems(&order(" aapl ", 1.0, 1.0)).is_empty());
+        assert!(order_problems(&order(&"A".repeat(1 << 20), 1.0, 1.0))[0].contains("longer"));
+        assert_eq!(
+            cancel_problems(&v1::CancelOrder::default()),
+            vec!["symbol is empty", "client_order_id is empty"]
+        );
+        assert_eq!(
+            tick_problems(&v1::MarketTick::default()),
+            vec!["symbol is empty"]
+        );
+    }
+
+    #[test]
+    fn events_must_be_in_their_symbols_partition_under_their_symbols_key() {
+        let keys = KeySpace::new("t", 4);
+        let home = keys.partition_for(b"AAPL");
+        assert_eq!(routing_problem(&keys, home, "AAPL", "AAPL"), None);
+        let reason = routing_problem(&keys, (home + 1) % 4, "AAPL", "AAPL").unwrap();
+        assert!(
+            reason.contains(&format!("belongs to partition {home} of 4")),
+            "{reason}"
+        );
+        let reason = routing_problem(&keys, home, "MSFT", "AAPL").unwrap();
+        assert!(
+            reason.contains("\"MSFT\" is not the event's symbol AAPL"),
+            "{reason}"
+        );
+        let reason = routing_problem(&keys, home, &"K".repeat(1 << 20), "AAPL").unwrap();
+        assert!(reason.len() < 200, "{reason}");
     }
 
     #[test]
