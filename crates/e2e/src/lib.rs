@@ -39,7 +39,7 @@ use redis::{Value, aio::MultiplexedConnection};
 use serde_json::Value as Json;
 use streams_core::{
     App, Env, Envelope, KeySpace, Partition, Redis,
-    testing::{RedisServer, unique_namespace},
+    testing::{RedisOptions, RedisServer, unique_namespace},
 };
 use tickflow_proto::{
     event_type, topology,
@@ -159,8 +159,9 @@ impl Ground {
         name: &str,
         partitions: u32,
         extra_env: &[(String, String)],
+        redis_options: RedisOptions,
     ) -> Self {
-        let server = RedisServer::start();
+        let server = RedisServer::start_with(redis_options);
         let namespace = unique_namespace(name);
         let keys = KeySpace::new(namespace.clone(), partitions);
         let external_stream = format!("{namespace}:ingest_stream");
@@ -333,7 +334,13 @@ impl Pipeline {
             redis,
             conn,
             http,
-        } = Ground::prepare(&options.name, options.partitions, &options.env).await;
+        } = Ground::prepare(
+            &options.name,
+            options.partitions,
+            &options.env,
+            RedisOptions::default(),
+        )
+        .await;
 
         let mut pipeline = Self {
             services: Vec::new(),
@@ -879,19 +886,13 @@ impl Pipeline {
     }
 
     /// `(lag, pending)` of `group` on `stream` (`lag` is `None` when the group does not
-    /// exist or Redis cannot tell).
+    /// exist; counted when Redis cannot tell).
     pub async fn group_backlog(&self, stream: &str, group: &str) -> (Option<i64>, i64) {
         group_backlog(&mut self.conn(), stream, group).await
     }
 
-    async fn xrange(&self, key: &str) -> Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> {
-        redis::cmd("XRANGE")
-            .arg(key)
-            .arg("-")
-            .arg("+")
-            .query_async(&mut self.conn())
-            .await
-            .unwrap_or_else(|e| panic!("XRANGE {key}: {e}"))
+    async fn xrange(&self, key: &str) -> Vec<(String, Fields)> {
+        xrange(&mut self.conn(), key).await
     }
 }
 
@@ -943,6 +944,39 @@ fn decode<M: Message + Default>(payload: &[u8], entry: &StreamEntry) -> M {
     M::decode(payload).unwrap_or_else(|e| panic!("undecodable payload in {entry:?}: {e}"))
 }
 
+/// A stream entry's fields as `XRANGE` returns them.
+pub(crate) type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Every entry of `key`, read in pages (one reply with a long stream would take longer
+/// than a response may).
+pub(crate) async fn xrange(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> Vec<(String, Fields)> {
+    const PAGE: usize = 1_000;
+    let mut all = Vec::new();
+    let mut start = "-".to_owned();
+    loop {
+        let page: Vec<(String, Fields)> = redis::cmd("XRANGE")
+            .arg(key)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(PAGE)
+            .query_async(conn)
+            .await
+            .unwrap_or_else(|e| panic!("XRANGE {key}: {e}"));
+        let full = page.len() == PAGE;
+        if let Some((last, _)) = page.last() {
+            start = format!("({last}");
+        }
+        all.extend(page);
+        if !full {
+            return all;
+        }
+    }
+}
+
 /// `Ok` when, for the external stream and every partition of the inbound, validated and
 /// market streams, the consuming group has read every entry and has nothing pending.
 pub(crate) async fn check_settled(
@@ -969,8 +1003,8 @@ pub(crate) async fn check_settled(
     Ok(())
 }
 
-/// `(lag, pending)` of `group` on `stream` (`lag` is `None` when the group does not exist
-/// or Redis cannot tell).
+/// `(lag, pending)` of `group` on `stream` (`lag` is `None` when the group does not
+/// exist; counted when Redis cannot tell).
 pub(crate) async fn group_backlog(
     conn: &mut redis::aio::MultiplexedConnection,
     stream: &str,
@@ -997,7 +1031,26 @@ pub(crate) async fn group_backlog(
             Some(Value::Int(n)) => Some(*n),
             _ => None,
         };
-        return (int("lag"), int("pending").unwrap_or(0));
+        let pending = int("pending").unwrap_or(0);
+        if let Some(lag) = int("lag") {
+            return (Some(lag), pending);
+        }
+        // Redis cannot always tell the lag (after it reloads its data, or once entries
+        // were trimmed): count the entries after the group's last delivered one instead.
+        let last = match info.get("last-delivered-id") {
+            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(Value::SimpleString(s)) => s.clone(),
+            _ => return (None, pending),
+        };
+        let after: redis::RedisResult<Vec<Value>> = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(format!("({last}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(100_000)
+            .query_async(conn)
+            .await;
+        return (after.ok().map(|a| a.len() as i64), pending);
     }
     (None, 0)
 }

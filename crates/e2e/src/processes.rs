@@ -31,14 +31,14 @@ use std::{
 
 use redis::aio::MultiplexedConnection;
 use serde_json::Value as Json;
-use streams_core::{Envelope, KeySpace, testing::RedisServer};
+use streams_core::{
+    Envelope, KeySpace,
+    testing::{RedisOptions, RedisServer},
+};
 use tempfile::TempDir;
 use tickflow_proto::v1::ingest_service_client::IngestServiceClient;
 
 use crate::{POLL, Role, StreamEntry, read_response, stream_id};
-
-/// A stream entry's fields as `XRANGE` returns them.
-type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// How long every process gets to answer `/readyz`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -93,6 +93,10 @@ pub struct ProcessOptions {
     pub env: Vec<(String, String)>,
     /// Prefix of the namespace (`t-<prefix>-…`).
     pub name: String,
+    /// Processes per role (default 1 each; ingest, transform, engine, analytics).
+    pub replicas: [usize; 4],
+    /// How the redis-server runs (e.g. with AOF, to survive being killed).
+    pub redis: RedisOptions,
 }
 
 impl Default for ProcessOptions {
@@ -101,6 +105,8 @@ impl Default for ProcessOptions {
             partitions: 4,
             env: Vec::new(),
             name: "proc".into(),
+            replicas: [1; 4],
+            redis: RedisOptions::default(),
         }
     }
 }
@@ -109,6 +115,10 @@ impl Default for ProcessOptions {
 #[derive(Debug)]
 pub struct ServiceProcess {
     role: Role,
+    index: usize,
+    consumer: String,
+    /// Killed on purpose ([`ProcessPipeline::kill`]): not a failure.
+    killed: bool,
     pid: u32,
     http: SocketAddr,
     grpc: Option<SocketAddr>,
@@ -123,6 +133,21 @@ impl ServiceProcess {
     /// Which service.
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// Its replica index within its role.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Its `CONSUMER_NAME`.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// Whether it is running (not exited, not killed).
+    pub fn is_running(&self) -> bool {
+        self.try_exit_status().is_none()
     }
 
     /// Its process id.
@@ -181,6 +206,10 @@ impl ServiceProcess {
 /// [module documentation](self).
 pub struct ProcessPipeline {
     services: Vec<ServiceProcess>,
+    binaries: Binaries,
+    env: BTreeMap<String, String>,
+    /// Processes spawned so far (numbers their log files).
+    spawned: usize,
     namespace: String,
     keys: KeySpace,
     external_stream: String,
@@ -214,19 +243,24 @@ impl ProcessPipeline {
             redis: _,
             conn,
             http,
-        } = crate::Ground::prepare(&options.name, options.partitions, &options.env).await;
+        } = crate::Ground::prepare(
+            &options.name,
+            options.partitions,
+            &options.env,
+            options.redis,
+        )
+        .await;
         let env: BTreeMap<String, String> = base_env.into_iter().collect();
         let logs = tempfile::Builder::new()
             .prefix("tickflow-e2e-logs-")
             .tempdir()
             .expect("a directory for the services' logs");
 
-        let services = Role::ALL
-            .into_iter()
-            .map(|role| spawn(binaries.path(role), role, &env, logs.path()))
-            .collect();
-        let pipeline = Self {
-            services,
+        let mut pipeline = Self {
+            services: Vec::new(),
+            binaries,
+            env,
+            spawned: 0,
             namespace,
             keys,
             external_stream,
@@ -235,6 +269,12 @@ impl ProcessPipeline {
             logs,
             server,
         };
+        for (role, count) in Role::ALL.into_iter().zip(options.replicas) {
+            for index in 0..count {
+                let process = pipeline.spawn(role, index, format!("{role}-{index}"));
+                pipeline.services.push(process);
+            }
+        }
         pipeline.wait_ready().await;
         pipeline
     }
@@ -260,12 +300,12 @@ impl ProcessPipeline {
     /// Sends SIGTERM to every process and waits for each to exit; panics (with its log)
     /// if one did not exit with status 0 within the time allowed. Redis stays up.
     pub async fn stop(&mut self) {
-        for service in &self.services {
+        for service in self.services.iter().filter(|s| !s.killed) {
             service.signal("TERM");
         }
         let deadline = Instant::now() + STOP_TIMEOUT;
         let mut problems = Vec::new();
-        for service in &self.services {
+        for service in self.services.iter().filter(|s| !s.killed) {
             let status = loop {
                 if let Some(status) = service.try_exit_status() {
                     break Some(status);
@@ -316,17 +356,88 @@ impl ProcessPipeline {
         &self.external_stream
     }
 
+    /// The URL of the pipeline's redis-server.
+    pub fn redis_url(&self) -> String {
+        self.server.url()
+    }
+
     /// A connection to the pipeline's Redis.
     pub fn conn(&self) -> MultiplexedConnection {
         self.conn.clone()
     }
 
-    /// The process of `role`.
+    /// A process of `role`: the first one running, else the first one.
     pub fn service(&self, role: Role) -> &ServiceProcess {
         self.services
             .iter()
-            .find(|s| s.role == role)
+            .filter(|s| s.role == role)
+            .min_by_key(|s| (!s.is_running(), s.index))
             .unwrap_or_else(|| panic!("no {role} process"))
+    }
+
+    /// Every process of `role`, by index.
+    pub fn replicas(&self, role: Role) -> impl Iterator<Item = &ServiceProcess> {
+        self.services.iter().filter(move |s| s.role == role)
+    }
+
+    // ----- crashing and restarting -----------------------------------------------------
+
+    /// Kills replica `index` of `role` with SIGKILL (no shutdown: a crash) and reaps it.
+    pub fn kill(&mut self, role: Role, index: usize) {
+        let service = self.slot(role, index);
+        service.signal("KILL");
+        service.child.lock().expect("child").wait().expect("reap");
+        service.killed = true;
+    }
+
+    /// Starts replica `index` of `role` again (a new process on new ports) under
+    /// `CONSUMER_NAME` `consumer`; one still running is killed first. Does not wait for it
+    /// to be ready.
+    pub fn restart(&mut self, role: Role, index: usize, consumer: String) {
+        if self.slot(role, index).is_running() {
+            self.kill(role, index);
+        }
+        let process = self.spawn(role, index, consumer);
+        *self.slot(role, index) = process;
+    }
+
+    /// Kills the redis-server with SIGKILL.
+    pub fn kill_redis(&mut self) {
+        self.server.kill();
+    }
+
+    /// Starts the redis-server again on its port and data (with AOF, what it had), and
+    /// reconnects [`Self::conn`].
+    pub async fn restart_redis(&mut self) {
+        self.server.restart();
+        self.conn = redis::Client::open(self.server.url())
+            .expect("redis client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("reconnect to the restarted redis-server");
+    }
+
+    fn slot(&mut self, role: Role, index: usize) -> &mut ServiceProcess {
+        self.services
+            .iter_mut()
+            .find(|s| s.role == role && s.index == index)
+            .unwrap_or_else(|| panic!("no {role} replica {index}"))
+    }
+
+    fn spawn(&mut self, role: Role, index: usize, consumer: String) -> ServiceProcess {
+        self.spawned += 1;
+        let log = self
+            .logs
+            .path()
+            .join(format!("{role}-{index}.{}.log", self.spawned));
+        spawn(
+            self.binaries.path(role),
+            role,
+            index,
+            consumer,
+            &self.env,
+            log,
+        )
     }
 
     /// What the process of `role` printed so far.
@@ -438,14 +549,7 @@ impl ProcessPipeline {
         let mut all = Vec::new();
         for partition in self.keys.all_partitions() {
             let key = self.keys.stream(stream, partition);
-            let entries: Vec<(String, Fields)> = redis::cmd("XRANGE")
-                .arg(&key)
-                .arg("-")
-                .arg("+")
-                .query_async(&mut self.conn())
-                .await
-                .unwrap_or_else(|e| panic!("XRANGE {key}: {e}"));
-            for (id, fields) in entries {
+            for (id, fields) in crate::xrange(&mut self.conn(), &key).await {
                 let envelope =
                     Envelope::from_fields(fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
                         .unwrap_or_else(|e| panic!("{key} entry {id} is not an envelope: {e}"));
@@ -514,15 +618,39 @@ impl ProcessPipeline {
             };
             self.assert_running();
             if Instant::now() >= deadline {
-                panic!("timed out after {timeout:?} waiting for: {last}");
+                panic!(
+                    "timed out after {timeout:?} waiting for: {last}\n{}",
+                    self.log_tails(40)
+                );
             }
             tokio::time::sleep(POLL).await;
         }
     }
 
+    /// The last `lines` lines of every process's log, headed by its role, index and state.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for service in &self.services {
+            let log = service.log();
+            let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+            out.push_str(&format!(
+                "--- {} {} ({}, running: {}):\n",
+                service.role,
+                service.index,
+                service.consumer,
+                service.is_running()
+            ));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
     /// Panics, with its log, if a process has exited.
     pub fn assert_running(&self) {
-        for service in &self.services {
+        for service in self.services.iter().filter(|s| !s.killed) {
             if let Some(status) = service.try_exit_status() {
                 panic!(
                     "{} exited on its own with {status}; its log:\n{}",
@@ -545,7 +673,7 @@ impl ProcessPipeline {
     }
 
     /// `(lag, pending)` of `group` on `stream` (`lag` is `None` when the group does not
-    /// exist or Redis cannot tell).
+    /// exist; counted when Redis cannot tell).
     pub async fn group_backlog(&self, stream: &str, group: &str) -> (Option<i64>, i64) {
         crate::group_backlog(&mut self.conn(), stream, group).await
     }
@@ -564,11 +692,17 @@ impl Drop for ProcessPipeline {
     }
 }
 
-/// Spawns the process of `role` on free ports, its output to `<logs>/<role>.log`.
-fn spawn(binary: &Path, role: Role, env: &BTreeMap<String, String>, logs: &Path) -> ServiceProcess {
+/// Spawns replica `index` of `role` on free ports, its output to `log`.
+fn spawn(
+    binary: &Path,
+    role: Role,
+    index: usize,
+    consumer: String,
+    env: &BTreeMap<String, String>,
+    log: PathBuf,
+) -> ServiceProcess {
     let http = free_addr();
     let grpc = (role == Role::Ingest).then(free_addr);
-    let log = logs.join(format!("{role}.log"));
     let out = File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
     let err = out.try_clone().expect("clone the log file");
     let mut command = Command::new(binary);
@@ -581,7 +715,7 @@ fn spawn(binary: &Path, role: Role, env: &BTreeMap<String, String>, logs: &Path)
     }
     command
         .envs(env)
-        .env("CONSUMER_NAME", format!("{role}-0"))
+        .env("CONSUMER_NAME", &consumer)
         .env("HTTP_ADDR", http.to_string())
         .stdin(Stdio::null())
         .stdout(out)
@@ -594,6 +728,9 @@ fn spawn(binary: &Path, role: Role, env: &BTreeMap<String, String>, logs: &Path)
         .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()));
     ServiceProcess {
         role,
+        index,
+        consumer,
+        killed: false,
         pid: child.id(),
         http,
         grpc,

@@ -3,7 +3,10 @@
 //! (see the `e2e` harness). One test binary; one module per area.
 
 mod backpressure;
+mod bad_input_sweep;
 mod bad_inputs;
+mod chaos;
+mod idempotency;
 mod process_metrics;
 mod replicas;
 mod scripted;
