@@ -540,6 +540,20 @@ async fn assert_counters(p: &Pipeline, role: Role, group: &str, dead: usize) {
 }
 
 /// The dead-letter streams of every partition of `logical`.
+/// The dead letters of every partition of `input` and the counters of `role`'s stage on
+/// it: exactly `injected`, each with its reason.
+async fn assert_stage_dead_lettered(
+    p: &Pipeline,
+    role: Role,
+    input: &str,
+    group: &str,
+    injected: &[Injected],
+) {
+    let keys = dlq_keys(p, input);
+    assert_dead_lettered(p, group, &keys, injected).await;
+    assert_counters(p, role, group, injected.len()).await;
+}
+
 fn dlq_keys(p: &Pipeline, logical: &str) -> BTreeSet<String> {
     p.keys()
         .all_partitions()
@@ -740,7 +754,6 @@ async fn transform_dead_letters_every_malformed_inbound_entry_and_keeps_trading(
             &["not a valid MarketTick", "symbol"],
         ),
     ]);
-    let count = cases.len();
     let injected = inject(&p, Some(topology::INBOUND), cases).await;
     let traced = bad_trace_contexts(types::TICK, &market_tick("AAPL", 172.50, 1.0));
     for entry in &traced {
@@ -797,9 +810,14 @@ async fn transform_dead_letters_every_malformed_inbound_entry_and_keeps_trading(
         "{stats}"
     );
 
-    let keys = dlq_keys(&p, topology::INBOUND);
-    assert_dead_lettered(&p, topology::TRANSFORM_GROUP, &keys, &injected).await;
-    assert_counters(&p, Role::Transform, topology::TRANSFORM_GROUP, count).await;
+    assert_stage_dead_lettered(
+        &p,
+        Role::Transform,
+        topology::INBOUND,
+        topology::TRANSFORM_GROUP,
+        &injected,
+    )
+    .await;
     p.shutdown().await;
 }
 
@@ -827,7 +845,6 @@ async fn engine_dead_letters_every_malformed_validated_entry_and_keeps_matching(
         envelope(types::VALIDATED_ORDER, "AAPL", Vec::new()),
         &["symbol"],
     ));
-    let count = cases.len();
     let injected = inject(&p, Some(topology::VALIDATED), cases).await;
     let traced = bad_trace_contexts(
         types::VALIDATED_TICK,
@@ -866,16 +883,20 @@ async fn engine_dead_letters_every_malformed_validated_entry_and_keeps_matching(
         "{stats}"
     );
 
-    let keys = dlq_keys(&p, topology::VALIDATED);
-    assert_dead_lettered(&p, topology::ENGINE_GROUP, &keys, &injected).await;
-    assert_counters(&p, Role::Engine, topology::ENGINE_GROUP, count).await;
+    assert_stage_dead_lettered(
+        &p,
+        Role::Engine,
+        topology::VALIDATED,
+        topology::ENGINE_GROUP,
+        &injected,
+    )
+    .await;
     p.shutdown().await;
 }
 
-/// Validated entries that decode, but as nothing the engine should act on. Today the
-/// engine (services/engine/src/stage.rs, `apply` and `Matching::handle`, not this sweep's
-/// to change) accepts each of them: it opens a book for an empty or 1 MiB symbol, moves
-/// the reference price to 0, and matches an order in a partition its symbol does not
+/// Validated entries that decode, but as nothing the engine should act on: without the
+/// checks in `engine::stage::apply` it would open a book for an empty or 1 MiB symbol,
+/// move the reference price to 0, and match an order in a partition its symbol does not
 /// belong to (a second book of the same symbol).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn engine_dead_letters_validated_payloads_that_decode_but_are_invalid() {
@@ -962,14 +983,18 @@ async fn engine_dead_letters_validated_payloads_that_decode_but_are_invalid() {
             &["AAPL", "partition"],
         ),
     ];
-    let count = cases.len();
     let injected = inject(&p, Some(topology::VALIDATED), cases).await;
 
     post_order(&p, "buy", 10, "good-b1").await;
     p.wait_settled(WAIT).await;
-    let keys = dlq_keys(&p, topology::VALIDATED);
-    assert_dead_lettered(&p, topology::ENGINE_GROUP, &keys, &injected).await;
-    assert_counters(&p, Role::Engine, topology::ENGINE_GROUP, count).await;
+    assert_stage_dead_lettered(
+        &p,
+        Role::Engine,
+        topology::VALIDATED,
+        topology::ENGINE_GROUP,
+        &injected,
+    )
+    .await;
     // With the bad entries dead-lettered, the good orders trade as if they were alone (a
     // tick at 0 would have moved the price band away from them).
     let trades: Vec<_> = p.trades().await.iter().map(trade_view).collect();
@@ -1085,7 +1110,6 @@ async fn analytics_dead_letters_every_malformed_market_entry_and_keeps_counting(
             &["execution", "symbol"],
         ),
     ]);
-    let count = cases.len();
     let injected = inject(&p, Some(topology::MARKET), cases).await;
     let traced = bad_trace_contexts(
         types::VALIDATED_TICK,
@@ -1127,9 +1151,14 @@ async fn analytics_dead_letters_every_malformed_market_entry_and_keeps_counting(
         ]
     );
 
-    let keys = dlq_keys(&p, topology::MARKET);
-    assert_dead_lettered(&p, topology::ANALYTICS_GROUP, &keys, &injected).await;
-    assert_counters(&p, Role::Analytics, topology::ANALYTICS_GROUP, count).await;
+    assert_stage_dead_lettered(
+        &p,
+        Role::Analytics,
+        topology::MARKET,
+        topology::ANALYTICS_GROUP,
+        &injected,
+    )
+    .await;
     p.shutdown().await;
 }
 
