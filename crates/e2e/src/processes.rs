@@ -673,7 +673,7 @@ impl ProcessPipeline {
     }
 
     /// `(lag, pending)` of `group` on `stream` (`lag` is `None` when the group does not
-    /// exist; counted when Redis cannot tell).
+    /// exist; counted, not Redis's figure).
     pub async fn group_backlog(&self, stream: &str, group: &str) -> (Option<i64>, i64) {
         crate::group_backlog(&mut self.conn(), stream, group).await
     }

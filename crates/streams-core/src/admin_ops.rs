@@ -113,7 +113,7 @@ pub(crate) async fn partition_status(
             .get("pending")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        status.lag = info.get("lag").and_then(|v| v.parse().ok());
+        status.lag = bounded_lag(info.get("lag").and_then(|v| v.parse().ok()), length);
         status.last_delivered_id = info.get("last-delivered-id").cloned();
         let consumers: Value = redis::cmd("XINFO")
             .arg("CONSUMERS")
@@ -160,7 +160,7 @@ pub(crate) async fn backlog_gauges(
     if let Some(Ok(groups)) = replies.into_iter().nth(2) {
         for info in records(groups) {
             if info.get("name").map(String::as_str) == Some(group) {
-                lag = info.get("lag").and_then(|v| v.parse().ok());
+                lag = bounded_lag(info.get("lag").and_then(|v| v.parse().ok()), length);
                 pending = info
                     .get("pending")
                     .and_then(|v| v.parse().ok())
@@ -169,6 +169,14 @@ pub(crate) async fn backlog_gauges(
         }
     }
     Ok((length, lag, pending, dead_letters))
+}
+
+/// A group's lag as XINFO GROUPS reports it, but never more than the stream holds: the
+/// entries not yet delivered are in the stream. Redis derives the lag from counters
+/// (entries added minus entries read) that can be left too high after it reloads its data
+/// from the AOF; measured here: a lag of 764 on a partition holding 1 entry, all delivered.
+pub(crate) fn bounded_lag(lag: Option<u64>, length: u64) -> Option<u64> {
+    lag.map(|lag| lag.min(length))
 }
 
 /// XINFO replies (RESP2 flat arrays or RESP3 maps) as string maps; nested values dropped.
@@ -308,4 +316,16 @@ pub(crate) async fn delete_idle_consumers(
         }
     }
     Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bounded_lag;
+
+    #[test]
+    fn a_lag_is_never_more_than_the_stream_holds() {
+        assert_eq!(bounded_lag(Some(764), 1), Some(1));
+        assert_eq!(bounded_lag(Some(3), 10), Some(3));
+        assert_eq!(bounded_lag(None, 10), None);
+    }
 }

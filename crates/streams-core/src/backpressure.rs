@@ -70,14 +70,14 @@ impl Backlog {
                 Err(e) => return Err(e.clone().into()),
             };
             let groups = pair[1].as_ref().unwrap_or(&Value::Nil);
-            total += self.group_backlog(groups).unwrap_or(length);
+            total += self.group_backlog(groups, length).unwrap_or(length);
         }
         self.value.store(total, Ordering::Relaxed);
         self.known.store(true, Ordering::Relaxed);
         Ok(total)
     }
 
-    fn group_backlog(&self, groups: &Value) -> Option<u64> {
+    fn group_backlog(&self, groups: &Value, length: u64) -> Option<u64> {
         let Value::Array(groups) = groups else {
             return None;
         };
@@ -102,7 +102,8 @@ impl Backlog {
                 }
             }
             if name.as_deref() == Some(self.group.as_str()) {
-                return lag.map(|l| l.max(0) as u64 + pending);
+                let lag = crate::admin_ops::bounded_lag(lag.map(|l| l.max(0) as u64), length);
+                return lag.map(|lag| lag + pending);
             }
         }
         None
