@@ -554,6 +554,20 @@ async fn assert_stage_dead_lettered(
     assert_counters(p, role, group, injected.len()).await;
 }
 
+/// Only the good orders were reported on, and AAPL's stats hold their one trade (10 at
+/// one price) and the `ticks` good ticks.
+async fn assert_only_the_good_trade(p: &Pipeline, ticks: usize) {
+    for report in p.execution_reports().await {
+        assert!(report.client_order_id.starts_with("good-"), "{report:?}");
+    }
+    let stats = p.stats("AAPL").await;
+    assert_eq!(
+        (&stats["trades"], &stats["volume"], &stats["ticks"]),
+        (&json!(1), &json!(10), &json!(ticks)),
+        "{stats}"
+    );
+}
+
 fn dlq_keys(p: &Pipeline, logical: &str) -> BTreeSet<String> {
     p.keys()
         .all_partitions()
@@ -800,15 +814,7 @@ async fn transform_dead_letters_every_malformed_inbound_entry_and_keeps_trading(
     );
     expected.push(order);
     assert_eq!(validated, expected, "the engine's input");
-    for report in p.execution_reports().await {
-        assert!(report.client_order_id.starts_with("good-"), "{report:?}");
-    }
-    let stats = p.stats("AAPL").await;
-    assert_eq!(
-        (&stats["trades"], &stats["volume"], &stats["ticks"]),
-        (&json!(1), &json!(10), &json!(traced.len())),
-        "{stats}"
-    );
+    assert_only_the_good_trade(&p, traced.len()).await;
 
     assert_stage_dead_lettered(
         &p,
@@ -873,15 +879,7 @@ async fn engine_dead_letters_every_malformed_validated_entry_and_keeps_matching(
         .map(|e| (e.envelope.traceparent, e.envelope.tracestate))
         .collect();
     assert_eq!(ticks, kept_trace_contexts());
-    for report in p.execution_reports().await {
-        assert!(report.client_order_id.starts_with("good-"), "{report:?}");
-    }
-    let stats = p.stats("AAPL").await;
-    assert_eq!(
-        (&stats["trades"], &stats["volume"], &stats["ticks"]),
-        (&json!(1), &json!(10), &json!(traced.len())),
-        "{stats}"
-    );
+    assert_only_the_good_trade(&p, traced.len()).await;
 
     assert_stage_dead_lettered(
         &p,
