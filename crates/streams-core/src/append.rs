@@ -5,11 +5,35 @@
 //! Redis restart between the write and the reply) cannot know whether its events went in.
 //! Retrying without a key may append them twice; retrying with the same key returns the
 //! ids of the first append and appends nothing. The key is stored (with a time to live)
-//! in the same atomic step as the entries, so no crash can separate them.
+//! in the same atomic step as the entries, so no crash can separate them. It is stored
+//! with a fingerprint of what was appended (each entry's stream, type, key and payload),
+//! so a key reused for a different request is refused ([`AppendError::KeyReused`])
+//! instead of answered with another request's ids.
 
 use redis::Value;
 
-use crate::{Envelope, Redis, error::Result, scripts::scripts};
+use crate::{
+    Envelope, Redis, StreamsError,
+    scripts::{KEY_REUSED, scripts},
+};
+
+/// Why an append failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// The idempotency key was used before for a different request (the client's mistake:
+    /// nothing was appended).
+    #[error("idempotency key {0:?} was used for a different request")]
+    KeyReused(String),
+    /// Redis could not take the entries; nothing was appended.
+    #[error(transparent)]
+    Redis(#[from] StreamsError),
+}
+
+impl From<redis::RedisError> for AppendError {
+    fn from(e: redis::RedisError) -> Self {
+        AppendError::Redis(e.into())
+    }
+}
 
 /// What [`append`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +60,7 @@ pub async fn append(
     redis: &Redis,
     entries: &[(String, Envelope)],
     once: Option<Once<'_>>,
-) -> Result<Appended> {
+) -> Result<Appended, AppendError> {
     let mut conn = redis.pooled().await?;
     let Some(once) = once else {
         let mut pipe = redis::pipe();
@@ -53,6 +77,7 @@ pub async fn append(
             replayed: false,
         });
     };
+    let fingerprint = format!("{:016x}", fingerprint(entries));
     let reply = scripts()
         .append_once
         .run_with(&mut *conn, 1 + entries.len(), |cmd| {
@@ -61,6 +86,7 @@ pub async fn append(
                 cmd.arg(stream);
             }
             cmd.arg(once.ttl_ms.max(1));
+            cmd.arg(&fingerprint);
             for (_, envelope) in entries {
                 cmd.arg(envelope.field_count() * 2);
                 envelope.for_each_field(|name, value| {
@@ -68,12 +94,41 @@ pub async fn append(
                 });
             }
         })
-        .await?;
-    parse_once(reply)
+        .await;
+    match reply {
+        Ok(reply) => Ok(parse_once(reply)?),
+        Err(StreamsError::Redis(e))
+            if e.code() == Some(KEY_REUSED) || e.to_string().contains(KEY_REUSED) =>
+        {
+            Err(AppendError::KeyReused(once.key.to_owned()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// FNV-1a (64 bit) over each entry's stream, type, key and payload, each preceded by its
+/// length: what a request is, whatever time or trace context a retry carries.
+fn fingerprint(entries: &[(String, Envelope)]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for part in [&(bytes.len() as u64).to_le_bytes()[..], bytes] {
+            for byte in part {
+                hash ^= u64::from(*byte);
+                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+    };
+    for (stream, envelope) in entries {
+        eat(stream.as_bytes());
+        eat(envelope.event_type.as_bytes());
+        eat(envelope.partition_key.as_bytes());
+        eat(&envelope.payload);
+    }
+    hash
 }
 
 /// `{replayed (0|1), "id id …"}`.
-fn parse_once(reply: Value) -> Result<Appended> {
+fn parse_once(reply: Value) -> Result<Appended, StreamsError> {
     if let Value::Array(items) = &reply
         && let [Value::Int(flag), Value::BulkString(ids)] = items.as_slice()
         && let Ok(ids) = std::str::from_utf8(ids)
@@ -170,6 +225,37 @@ mod tests {
         assert!(!second.replayed);
         assert_ne!(second.ids, first.ids);
         assert_eq!(len(&redis, "t:{0}:in").await, 6);
+    }
+
+    #[tokio::test]
+    async fn a_key_reused_for_another_request_is_refused_and_appends_nothing() {
+        let server = RedisServer::start();
+        let redis = Redis::new(&server.url(), 2).unwrap();
+        let once = Once {
+            key: "t:idem:reused",
+            ttl_ms: 60_000,
+        };
+        let first = append(&redis, &entries(2), Some(once)).await.unwrap();
+        // Another payload, another stream, one entry more: each is another request.
+        let mut other_payload = entries(2);
+        other_payload[1].1.payload = vec![9u8; 3].into();
+        let mut other_stream = entries(2);
+        other_stream[0].0 = "t:{9}:in".into();
+        for other in [other_payload, other_stream, entries(3)] {
+            match append(&redis, &other, Some(once)).await {
+                Err(AppendError::KeyReused(key)) => assert_eq!(key, once.key),
+                other => panic!("expected KeyReused, got {other:?}"),
+            }
+        }
+        assert_eq!(len(&redis, "t:{0}:in").await, 1);
+        assert_eq!(len(&redis, "t:{1}:in").await, 1);
+        assert_eq!(len(&redis, "t:{9}:in").await, 0);
+        // The same request again (new timestamps and trace context) is still a replay.
+        let mut again = entries(2);
+        again[0].1.traceparent = None;
+        let replay = append(&redis, &again, Some(once)).await.unwrap();
+        assert!(replay.replayed);
+        assert_eq!(replay.ids, first.ids);
     }
 
     #[tokio::test]

@@ -100,6 +100,9 @@ pub(crate) const FENCED: &str = "TICKFLOW_FENCED";
 /// still pending.
 pub(crate) const OUT_OF_ORDER: &str = "TICKFLOW_OUT_OF_ORDER";
 
+/// The prefix of the error APPEND_ONCE returns when its key was used for another request.
+pub(crate) const KEY_REUSED: &str = "TICKFLOW_KEY_REUSED";
+
 /// Acknowledge a batch of one partition and apply each entry's effects, atomically.
 ///
 /// KEYS[1] input stream, KEYS[2] lease key (or the input again when unfenced), KEYS[3..]
@@ -270,15 +273,22 @@ end
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 "#;
 
-/// KEYS[1] idempotency key, KEYS[2..] the stream of each entry. ARGV[1] ttl ms, then per
-/// entry: its number of field and value arguments, then those. If the key exists, returns
-/// {1, its stored ids}; else appends every entry, stores their ids (space-separated) under
-/// the key with the ttl, and returns {0, ids}. All in one atomic step; it refuses, writing
-/// nothing, when a stream key holds another type.
+/// KEYS[1] idempotency key, KEYS[2..] the stream of each entry. ARGV[1] ttl ms, ARGV[2]
+/// the request's fingerprint, then per entry: its number of field and value arguments,
+/// then those. If the key exists with the same fingerprint, returns {1, its stored ids};
+/// with another, refuses (TICKFLOW_KEY_REUSED). Else appends every entry, stores
+/// 'fingerprint ids…' (space-separated) under the key with the ttl, and returns {0, ids}.
+/// All in one atomic step; it refuses, writing nothing, when a stream key holds another
+/// type.
 const APPEND_ONCE: &str = r#"
 local prior = redis.call('GET', KEYS[1])
 if prior then
-  return {1, prior}
+  local space = string.find(prior, ' ', 1, true)
+  local fingerprint = space and string.sub(prior, 1, space - 1) or prior
+  if fingerprint ~= ARGV[2] then
+    return redis.error_reply('TICKFLOW_KEY_REUSED the key was used for another request')
+  end
+  return {1, space and string.sub(prior, space + 1) or ''}
 end
 -- A script is not rolled back on error: refuse before writing anything.
 for k = 2, #KEYS do
@@ -288,7 +298,7 @@ for k = 2, #KEYS do
   end
 end
 local ids = {}
-local a = 2
+local a = 3
 for k = 2, #KEYS do
   local n = tonumber(ARGV[a])
   local args = {KEYS[k], '*'}
@@ -299,7 +309,7 @@ for k = 2, #KEYS do
   ids[#ids + 1] = redis.call('XADD', unpack(args))
 end
 local joined = table.concat(ids, ' ')
-redis.call('SET', KEYS[1], joined, 'PX', ARGV[1])
+redis.call('SET', KEYS[1], ARGV[2] .. ' ' .. joined, 'PX', ARGV[1])
 return {0, joined}
 "#;
 

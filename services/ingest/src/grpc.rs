@@ -178,6 +178,9 @@ fn check(index: usize, event: &mut v1::Event) -> Result<(), Status> {
 fn to_status(error: PublishError) -> Status {
     match error {
         PublishError::Overloaded(e) => Status::resource_exhausted(e.to_string()),
+        PublishError::KeyReused => Status::invalid_argument(
+            "idempotency-key was already used for a different request; nothing was accepted",
+        ),
         PublishError::Redis(e) => {
             tracing::warn!(error = %e, "publish failed");
             Status::unavailable("the pipeline's Redis is unavailable; nothing was accepted")

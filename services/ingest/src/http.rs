@@ -88,6 +88,13 @@ impl IntoResponse for ApiError {
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 response
             }
+            ApiError::Publish(PublishError::KeyReused) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(json!({
+                    "error": "idempotency-key was already used for a different request; nothing was accepted"
+                })),
+            )
+                .into_response(),
             ApiError::Publish(PublishError::Redis(e)) => {
                 tracing::warn!(error = %e, "publish failed");
                 (

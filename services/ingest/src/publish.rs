@@ -3,7 +3,7 @@
 use prost::Message;
 use streams_core::{
     Envelope, KeySpace, Redis, StreamsError,
-    append::{Appended, Once, append},
+    append::{AppendError, Appended, Once, append},
     backpressure::{Backlog, Overloaded},
 };
 use tickflow_proto::{topology, v1};
@@ -20,6 +20,19 @@ pub enum PublishError {
     /// Redis could not take the events (503 / UNAVAILABLE); nothing was appended.
     #[error("could not append to Redis: {0}")]
     Redis(#[from] StreamsError),
+    /// The idempotency key was used for a different request (422 / INVALID_ARGUMENT);
+    /// nothing was appended.
+    #[error("the idempotency key was already used for a different request")]
+    KeyReused,
+}
+
+impl From<AppendError> for PublishError {
+    fn from(e: AppendError) -> Self {
+        match e {
+            AppendError::KeyReused(_) => PublishError::KeyReused,
+            AppendError::Redis(e) => PublishError::Redis(e),
+        }
+    }
 }
 
 /// Appends events to partition `partition_for(symbol)` of the inbound stream.

@@ -65,6 +65,17 @@ async fn a_retry_with_the_same_idempotency_key_is_not_appended_twice() {
     assert_eq!(other["replayed"], false, "{other}");
     assert_eq!(inbound(&p).await, 4);
 
+    // The same key for another request: 422, nothing appended.
+    let (status, answer) = post(
+        &p,
+        "order-batch-1",
+        &json!([limit_json("AAPL", "sell", 172.50, 11, "i1")]),
+    )
+    .await;
+    assert_eq!(status, 422, "{answer}");
+    assert!(answer.to_string().contains("idempotency-key"), "{answer}");
+    assert_eq!(inbound(&p).await, 4);
+
     // A key that cannot be one: 400 naming the header, nothing appended.
     let too_long = "k".repeat(201);
     for bad in [too_long.as_str(), "has space"] {
@@ -99,6 +110,18 @@ async fn a_retry_with_the_same_idempotency_key_is_not_appended_twice() {
     bad.metadata_mut()
         .insert("idempotency-key", "a b".parse().unwrap());
     let status = grpc.publish(bad).await.expect_err("a bad key is refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("idempotency-key"), "{status:?}");
+    let mut reused = tonic::Request::new(v1::PublishRequest {
+        events: vec![limit("AAPL", v1::Side::Buy, 172.40, 4.0, "g1")],
+    });
+    reused
+        .metadata_mut()
+        .insert("idempotency-key", "grpc-1".parse().unwrap());
+    let status = grpc
+        .publish(reused)
+        .await
+        .expect_err("a reused key is refused");
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("idempotency-key"), "{status:?}");
     assert_eq!(inbound(&p).await, 5);
