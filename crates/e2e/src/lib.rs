@@ -599,22 +599,13 @@ impl Pipeline {
             .service(Role::Ingest, 0)
             .grpc
             .expect("ingest has a gRPC address");
-        IngestServiceClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap_or_else(|e| panic!("connect to ingest gRPC at {addr}: {e}"))
+        ingest_client(addr).await
     }
 
     /// `XADD <external stream> * field value ...`, as an outside producer would; returns
     /// the entry id.
     pub async fn xadd_external(&self, fields: &[(&str, &str)]) -> String {
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(&self.external_stream).arg("*");
-        for (name, value) in fields {
-            cmd.arg(*name).arg(*value);
-        }
-        cmd.query_async(&mut self.conn())
-            .await
-            .expect("XADD to the external stream")
+        xadd(&mut self.conn(), &self.external_stream, fields).await
     }
 
     // ----- reading ---------------------------------------------------------------------
@@ -622,21 +613,7 @@ impl Pipeline {
     /// Every entry of every partition of the logical stream `stream`, decoded as
     /// envelopes, ordered by stream id (partitions interleaved by time).
     pub async fn stream_entries(&self, stream: &str) -> Vec<StreamEntry> {
-        let mut all = Vec::new();
-        for partition in self.keys.all_partitions() {
-            for (id, fields) in self.xrange(&self.keys.stream(stream, partition)).await {
-                let envelope =
-                    Envelope::from_fields(fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
-                        .unwrap_or_else(|e| panic!("{stream} entry {id} is not an envelope: {e}"));
-                all.push(StreamEntry {
-                    partition,
-                    id,
-                    envelope,
-                });
-            }
-        }
-        all.sort_by_key(|e| stream_id(&e.id));
-        all
+        stream_entries(&mut self.conn(), &self.keys, stream).await
     }
 
     /// Every entry of the market stream, decoded: `(envelope type, message)`.
@@ -942,6 +919,56 @@ async fn read_response(response: reqwest::Response) -> (u16, Json) {
 
 fn decode<M: Message + Default>(payload: &[u8], entry: &StreamEntry) -> M {
     M::decode(payload).unwrap_or_else(|e| panic!("undecodable payload in {entry:?}: {e}"))
+}
+
+/// A gRPC client of ingest at `addr`.
+pub(crate) async fn ingest_client(
+    addr: SocketAddr,
+) -> IngestServiceClient<tonic::transport::Channel> {
+    IngestServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap_or_else(|e| panic!("connect to ingest gRPC at {addr}: {e}"))
+}
+
+/// `XADD <stream> * field value ...`; returns the entry id.
+pub(crate) async fn xadd(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    fields: &[(&str, &str)],
+) -> String {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream).arg("*");
+    for (name, value) in fields {
+        cmd.arg(*name).arg(*value);
+    }
+    cmd.query_async(conn)
+        .await
+        .unwrap_or_else(|e| panic!("XADD to {stream}: {e}"))
+}
+
+/// Every entry of every partition of the logical stream `stream`, decoded as envelopes,
+/// ordered by stream id (partitions interleaved by time).
+pub(crate) async fn stream_entries(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &KeySpace,
+    stream: &str,
+) -> Vec<StreamEntry> {
+    let mut all = Vec::new();
+    for partition in keys.all_partitions() {
+        let key = keys.stream(stream, partition);
+        for (id, fields) in xrange(conn, &key).await {
+            let envelope =
+                Envelope::from_fields(fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
+                    .unwrap_or_else(|e| panic!("{key} entry {id} is not an envelope: {e}"));
+            all.push(StreamEntry {
+                partition,
+                id,
+                envelope,
+            });
+        }
+    }
+    all.sort_by_key(|e| stream_id(&e.id));
+    all
 }
 
 /// A stream entry's fields as `XRANGE` returns them.

@@ -32,13 +32,13 @@ use std::{
 use redis::aio::MultiplexedConnection;
 use serde_json::Value as Json;
 use streams_core::{
-    Envelope, KeySpace,
+    KeySpace,
     testing::{RedisOptions, RedisServer},
 };
 use tempfile::TempDir;
 use tickflow_proto::v1::ingest_service_client::IngestServiceClient;
 
-use crate::{POLL, Role, StreamEntry, read_response, stream_id};
+use crate::{POLL, Role, StreamEntry, read_response};
 
 /// How long every process gets to answer `/readyz`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -524,21 +524,12 @@ impl ProcessPipeline {
             .service(Role::Ingest)
             .grpc
             .expect("ingest has a gRPC address");
-        IngestServiceClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap_or_else(|e| panic!("connect to ingest gRPC at {addr}: {e}"))
+        crate::ingest_client(addr).await
     }
 
     /// `XADD <external stream> * field value ...`; returns the entry id.
     pub async fn xadd_external(&self, fields: &[(&str, &str)]) -> String {
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(&self.external_stream).arg("*");
-        for (name, value) in fields {
-            cmd.arg(*name).arg(*value);
-        }
-        cmd.query_async(&mut self.conn())
-            .await
-            .expect("XADD to the external stream")
+        crate::xadd(&mut self.conn(), &self.external_stream, fields).await
     }
 
     // ----- reading ---------------------------------------------------------------------
@@ -546,22 +537,7 @@ impl ProcessPipeline {
     /// Every entry of every partition of the logical stream `stream`, decoded as
     /// envelopes, ordered by stream id.
     pub async fn stream_entries(&self, stream: &str) -> Vec<StreamEntry> {
-        let mut all = Vec::new();
-        for partition in self.keys.all_partitions() {
-            let key = self.keys.stream(stream, partition);
-            for (id, fields) in crate::xrange(&mut self.conn(), &key).await {
-                let envelope =
-                    Envelope::from_fields(fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
-                        .unwrap_or_else(|e| panic!("{key} entry {id} is not an envelope: {e}"));
-                all.push(StreamEntry {
-                    partition,
-                    id,
-                    envelope,
-                });
-            }
-        }
-        all.sort_by_key(|e| stream_id(&e.id));
-        all
+        crate::stream_entries(&mut self.conn(), &self.keys, stream).await
     }
 
     /// The number of entries in every partition of the logical stream `stream` (`XLEN`).

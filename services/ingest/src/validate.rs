@@ -382,19 +382,8 @@ fn check_symbol(symbol: &mut String, problems: &mut Vec<(&'static str, String)>)
     let trimmed = symbol.trim();
     if trimmed.is_empty() {
         problems.push(("symbol", "must not be empty".to_owned()));
-    } else if trimmed.len() > MAX_SYMBOL_LEN {
-        problems.push((
-            "symbol",
-            format!("is longer than {MAX_SYMBOL_LEN} characters"),
-        ));
-    } else if !trimmed
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'))
-    {
-        problems.push((
-            "symbol",
-            "may hold only letters, digits and . - _ /".to_owned(),
-        ));
+    } else if let Some(problem) = tickflow_proto::rules::symbol_problem(trimmed) {
+        problems.push(("symbol", problem));
     } else {
         // Symbols are case-insensitive: one spelling, so one partition, per instrument.
         *symbol = trimmed.to_ascii_uppercase();
@@ -413,16 +402,12 @@ fn check_positive(value: f64, name: &'static str, problems: &mut Vec<(&'static s
 }
 
 fn check_order_id(id: &str, problems: &mut Vec<(&'static str, String)>) {
-    if id.len() > MAX_ORDER_ID_LEN {
-        problems.push((
-            "client_order_id",
-            format!("is longer than {MAX_ORDER_ID_LEN} characters"),
-        ));
-    } else if id.chars().any(|c| c.is_control()) {
-        problems.push((
-            "client_order_id",
-            "must not contain control characters".to_owned(),
-        ));
+    // An empty id is allowed here: ingest generates one.
+    if let Some(problem) = (!id.is_empty())
+        .then(|| tickflow_proto::rules::order_id_problem(id))
+        .flatten()
+    {
+        problems.push(("client_order_id", problem));
     }
 }
 
