@@ -1,12 +1,31 @@
 //! Connections to Redis, used the one way that measured well (see ARCHITECTURE.md):
 //! every blocking read loop owns a dedicated connection whose response timeout exceeds its
-//! BLOCK time; every other command goes through one shared deadpool-redis pool, whose
-//! multiplexed connections pipeline concurrent requests.
+//! BLOCK time; every other command goes through one shared pool, whose multiplexed
+//! connections pipeline concurrent requests.
+//!
+//! The pool checks a connection only when there is reason to: one that failed (I/O error,
+//! dropped, timed out) is discarded when it comes back, and one idle for [`IDLE_CHECK`] is
+//! PINGed before reuse. A connection in steady use is handed out without a round trip:
+//! a PING per checkout (deadpool-redis's check) cost one extra round trip per commit, which
+//! on a small machine is most of what Redis spends per event at moderate rates (see
+//! BENCHMARKS.md).
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
-use deadpool_redis::{Manager, Pool, Runtime};
-use redis::{AsyncConnectionConfig, Client, aio::MultiplexedConnection};
+use deadpool::{
+    Runtime,
+    managed::{self, Metrics, Pool, RecycleError, RecycleResult},
+};
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, Value,
+    aio::{ConnectionLike, MultiplexedConnection},
+};
 
 use crate::{
     config::{Config, redact},
@@ -17,12 +36,115 @@ use crate::{
 pub const POOL_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long connecting to Redis may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A pooled connection unused this long is PINGed before it is handed out again.
+pub const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// A multiplexed connection that remembers whether a request on it failed in a way that
+/// means the connection is gone (I/O error, dropped, timed out). Clones share that mark.
+#[derive(Clone)]
+pub struct Connection {
+    inner: MultiplexedConnection,
+    broken: Arc<AtomicBool>,
+}
+
+impl Connection {
+    fn note<T>(&self, result: &Result<T, RedisError>) {
+        if let Err(e) = result
+            && (e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_timeout()
+                || e.is_connection_refusal())
+        {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a request on this connection (or a clone) failed as if it were gone.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("broken", &self.is_broken())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let result = self.inner.req_packed_command(cmd).await;
+            self.note(&result);
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let result = self.inner.req_packed_commands(cmd, offset, count).await;
+            self.note(&result);
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
+}
+
+/// Creates pooled connections and decides whether one may be reused (see the module docs).
+#[derive(Debug)]
+pub struct Manager {
+    client: Client,
+    config: AsyncConnectionConfig,
+    pings: AtomicUsize,
+}
+
+impl managed::Manager for Manager {
+    type Type = Connection;
+    type Error = RedisError;
+
+    async fn create(&self) -> Result<Connection, RedisError> {
+        let inner = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
+        Ok(Connection {
+            inner,
+            broken: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    async fn recycle(&self, conn: &mut Connection, metrics: &Metrics) -> RecycleResult<RedisError> {
+        if conn.is_broken() {
+            return Err(RecycleError::message("a request on it failed"));
+        }
+        if metrics.last_used() < IDLE_CHECK {
+            return Ok(());
+        }
+        let ping = self.pings.fetch_add(1, Ordering::Relaxed).to_string();
+        let pong: String = redis::cmd("PING").arg(&ping).query_async(conn).await?;
+        if pong == ping {
+            Ok(())
+        } else {
+            Err(RecycleError::message("unexpected PING reply"))
+        }
+    }
+}
 
 /// A handle on one Redis deployment: a client for dedicated connections and the shared pool.
 #[derive(Clone)]
 pub struct Redis {
     client: Client,
-    pool: Pool,
+    pool: Pool<Manager>,
     display_url: String,
 }
 
@@ -35,19 +157,20 @@ impl std::fmt::Debug for Redis {
 }
 
 /// A connection taken from the pool; returned to it when dropped.
-pub type PooledConnection = deadpool_redis::Connection;
+pub type PooledConnection = managed::Object<Manager>;
 
 impl Redis {
     /// Prepares the client and the pool. Connects lazily: Redis need not be up yet.
     pub fn new(url: &str, pool_size: usize) -> Result<Self> {
         install_tls_provider();
         let client = Client::open(url)?;
-        let manager = Manager::new_with_config(
-            url,
-            AsyncConnectionConfig::new()
+        let manager = Manager {
+            client: client.clone(),
+            config: AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(CONNECT_TIMEOUT))
                 .set_response_timeout(Some(POOL_RESPONSE_TIMEOUT)),
-        )?;
+            pings: AtomicUsize::new(0),
+        };
         let pool = Pool::builder(manager)
             .max_size(pool_size)
             .runtime(Runtime::Tokio1)
@@ -111,4 +234,81 @@ fn install_tls_provider() {
         // An error means another provider is already installed, which serves as well.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::RedisServer;
+
+    async fn client_list_len(redis: &Redis) -> usize {
+        let mut conn = redis.pooled().await.unwrap();
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut *conn)
+            .await
+            .unwrap();
+        list.lines().count()
+    }
+
+    async fn pings(redis: &Redis) -> u64 {
+        let mut conn = redis.pooled().await.unwrap();
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut *conn)
+            .await
+            .unwrap();
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_ping:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_connection_in_steady_use_is_handed_out_without_a_ping() {
+        let server = RedisServer::start();
+        let redis = Redis::new(&server.url(), 4).unwrap();
+        let before = pings(&redis).await;
+        for _ in 0..50 {
+            let mut conn = redis.pooled().await.unwrap();
+            let _: i64 = redis::cmd("INCR")
+                .arg("n")
+                .query_async(&mut *conn)
+                .await
+                .unwrap();
+        }
+        assert_eq!(pings(&redis).await, before, "checkouts sent PINGs");
+        assert_eq!(
+            client_list_len(&redis).await,
+            1,
+            "one connection serves it all"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_failed_is_replaced_after_redis_restarts() {
+        let mut server = RedisServer::start();
+        let redis = Redis::new(&server.url(), 2).unwrap();
+        let mut conn = redis.pooled().await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("k")
+            .arg("v")
+            .query_async(&mut *conn)
+            .await
+            .unwrap();
+        drop(conn);
+        server.restart();
+        // The old connection's socket is gone: the first request on it fails and marks it.
+        let mut conn = redis.pooled().await.unwrap();
+        let first: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut *conn).await;
+        assert!(first.is_err(), "a request on a dead socket succeeded");
+        assert!(conn.is_broken());
+        drop(conn);
+        // It is discarded on return: the next checkout is a new, working connection.
+        let mut conn = redis.pooled().await.unwrap();
+        let pong: String = redis::cmd("PING").query_async(&mut *conn).await.unwrap();
+        assert_eq!(pong, "PONG");
+        assert!(!conn.is_broken());
+    }
 }

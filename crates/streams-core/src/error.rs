@@ -55,10 +55,10 @@ impl StreamsError {
     }
 }
 
-impl From<deadpool_redis::PoolError> for StreamsError {
-    fn from(error: deadpool_redis::PoolError) -> Self {
+impl From<deadpool::managed::PoolError<redis::RedisError>> for StreamsError {
+    fn from(error: deadpool::managed::PoolError<redis::RedisError>) -> Self {
         match error {
-            deadpool_redis::PoolError::Backend(e) => StreamsError::Redis(e),
+            deadpool::managed::PoolError::Backend(e) => StreamsError::Redis(e),
             other => StreamsError::Pool(other.to_string()),
         }
     }

@@ -1110,7 +1110,7 @@ impl<H: Handler> Stage<H> {
 
     async fn commit_one(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut crate::connection::Connection,
         source: usize,
         commit: &Commit,
         token: Option<&str>,
