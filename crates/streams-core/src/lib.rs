@@ -22,6 +22,12 @@
 //! - [`healthcheck`]: the `healthcheck` subcommand of every service binary.
 //! - [`app`]: the bootstrap every service's `main.rs` uses.
 
+/// The global allocator of every binary linking streams-core (feature `mimalloc`, on by
+/// default; BENCHMARKS.md has what it changed).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod admin;
 mod admin_ops;
 pub mod app;
