@@ -14,7 +14,7 @@ echo "== machine"
 echo "nproc=$(nproc)  cpu=\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)\"  $(redis-server --version | cut -d' ' -f1-3)"
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-cargo build --release -p tickflow -p streams-core --features streams-core/test-util --example stage_bench
+cargo build --release -p tickflow -p streams-core --features streams-core/test-util --bins --example stage_bench
 
 echo
 echo "== one stage (cargo run --release -p streams-core --features test-util --example stage_bench -- --batch 64,256,1024)"
