@@ -189,11 +189,7 @@ impl Ground {
             .await
             .expect("load demo/instruments.json into Redis");
         assert!(loaded > 0, "demo/instruments.json has instruments");
-        let conn = redis::Client::open(server.url())
-            .expect("redis client")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect to the test redis-server");
+        let conn = server.connect().await;
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(15))

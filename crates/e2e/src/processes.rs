@@ -410,11 +410,7 @@ impl ProcessPipeline {
     /// reconnects [`Self::conn`].
     pub async fn restart_redis(&mut self) {
         self.server.restart();
-        self.conn = redis::Client::open(self.server.url())
-            .expect("redis client")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("reconnect to the restarted redis-server");
+        self.conn = self.server.connect().await;
     }
 
     fn slot(&mut self, role: Role, index: usize) -> &mut ServiceProcess {

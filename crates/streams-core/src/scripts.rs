@@ -411,14 +411,6 @@ mod tests {
     use super::*;
     use crate::testing::RedisServer;
 
-    async fn connect(server: &RedisServer) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(server.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap()
-    }
-
     /// Calls ACK_FORWARD for `ids`, each forwarding one entry `{id}` to `out`.
     async fn ack_forward(
         conn: &mut redis::aio::MultiplexedConnection,
@@ -475,7 +467,7 @@ mod tests {
     #[tokio::test]
     async fn the_same_batch_submitted_twice_is_forwarded_once() {
         let server = RedisServer::start();
-        let mut conn = connect(&server).await;
+        let mut conn = server.connect().await;
         let _: () = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg("in")
@@ -521,7 +513,7 @@ mod tests {
     #[tokio::test]
     async fn a_wrong_fencing_token_acknowledges_and_forwards_nothing() {
         let server = RedisServer::start();
-        let mut conn = connect(&server).await;
+        let mut conn = server.connect().await;
         let _: () = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg("in")

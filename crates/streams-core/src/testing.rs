@@ -58,6 +58,12 @@ const LOG_FILE: &str = "redis.log";
 /// Where the server's own stdout/stderr go (early start-up errors).
 const STDIO_FILE: &str = "redis.stdio";
 
+/// How long a test's own connection ([`connect`]) waits for one reply. redis-rs'
+/// default (500 ms) is not always enough on a loaded 2-core machine while a pipeline
+/// under test keeps Redis busy, and a harness that times out reports a failure the
+/// code under test did not cause.
+pub const TEST_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Options for [`RedisServer::start_with`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RedisOptions {
@@ -268,6 +274,17 @@ impl RedisServer {
         self.restart();
     }
 
+    /// A connection for test code: see [`connect`].
+    ///
+    /// # Panics
+    ///
+    /// If the server does not accept it.
+    pub async fn connect(&self) -> redis::aio::MultiplexedConnection {
+        connect(&self.url())
+            .await
+            .unwrap_or_else(|e| panic!("connect to the test redis-server at {}: {e}", self.url()))
+    }
+
     fn lock_child(&self) -> MutexGuard<'_, Option<Child>> {
         self.child
             .lock()
@@ -279,6 +296,17 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A multiplexed connection to `url` for test and benchmark code (asserting, seeding,
+/// counting), whose replies may take up to [`TEST_RESPONSE_TIMEOUT`].
+pub async fn connect(url: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(TEST_RESPONSE_TIMEOUT))
+        .set_connection_timeout(Some(Duration::from_secs(5)));
+    redis::Client::open(url)?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
 }
 
 /// Returns a key prefix no other test (in this or another process) uses:

@@ -162,8 +162,7 @@ pub(crate) async fn run(options: BenchOptions) -> anyhow::Result<()> {
         .unwrap_or_else(|_| server.as_ref().expect("started above").url());
     let namespace = streams_core::testing::unique_namespace("bench");
     let keys = KeySpace::new(namespace.as_str(), options.partitions);
-    let client = redis::Client::open(redis_url.as_str())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut conn = streams_core::testing::connect(&redis_url).await?;
 
     // Reference data.
     let refdata: Vec<Json> = instruments(options.symbols)

@@ -606,13 +606,12 @@ impl Producer {
     }
 
     async fn run(url: String, keys: Vec<String>, tag: String, stop: CancellationToken) {
-        let client = redis::Client::open(url).unwrap();
         let mut conn: Option<MultiplexedConnection> = None;
         let mut next = vec![0u64; keys.len()];
         while !stop.is_cancelled() {
             tokio::time::sleep(Duration::from_millis(20)).await;
             if conn.is_none() {
-                let Ok(mut fresh) = client.get_multiplexed_async_connection().await else {
+                let Ok(mut fresh) = streams_core::testing::connect(&url).await else {
                     continue;
                 };
                 match Self::resync(&mut fresh, &keys).await {

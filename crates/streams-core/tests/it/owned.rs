@@ -18,22 +18,9 @@ fn spawn_owned(redis: &TestRedis, name: &str, slow: Duration) -> (Running, Forwa
     (running, handler)
 }
 
-/// A connection whose response timeout (10 s) survives a loaded test machine; redis-rs'
-/// default (500 ms) does not always, for a few thousand entries in a debug build.
-async fn patient_conn(redis: &TestRedis) -> redis::aio::MultiplexedConnection {
-    let config = redis::AsyncConnectionConfig::new()
-        .set_response_timeout(Some(Duration::from_secs(10)))
-        .set_connection_timeout(Some(Duration::from_secs(5)));
-    redis::Client::open(redis.server.url())
-        .unwrap()
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-        .unwrap()
-}
-
 /// Every payload in partition `partition` of `stream`, in stream order, read in pages.
 async fn payloads(redis: &TestRedis, stream: &str, partition: Partition) -> Vec<String> {
-    let mut conn = patient_conn(redis).await;
+    let mut conn = redis.conn().await;
     let key = redis.key(stream, partition);
     let mut out = Vec::new();
     let mut start = "-".to_owned();
@@ -57,7 +44,7 @@ fn lease_key(redis: &TestRedis, partition: Partition) -> String {
 
 /// The value of every partition's lease key (`None`: nobody holds it).
 async fn leases(redis: &TestRedis) -> Vec<Option<String>> {
-    let mut conn = patient_conn(redis).await;
+    let mut conn = redis.conn().await;
     let mut values = Vec::new();
     for p in 0..redis.partitions {
         let value: Option<String> = conn.get(lease_key(redis, p)).await.unwrap();
@@ -92,7 +79,7 @@ async fn wait_for_spread(redis: &TestRedis, expected: &[(&str, usize)]) {
 
 /// Live members of the group, as the membership sorted set holds them.
 async fn members(redis: &TestRedis) -> Vec<String> {
-    let mut conn = patient_conn(redis).await;
+    let mut conn = redis.conn().await;
     conn.zrange(redis.config("x").keys.members(GROUP), 0, -1)
         .await
         .unwrap()
@@ -100,7 +87,7 @@ async fn members(redis: &TestRedis) -> Vec<String> {
 
 /// Pending entries of `group` per consumer, over every partition of `stream`.
 async fn pending_by_consumer(redis: &TestRedis, stream: &str) -> BTreeMap<String, u64> {
-    let mut conn = patient_conn(redis).await;
+    let mut conn = redis.conn().await;
     let mut by_consumer = BTreeMap::new();
     for p in 0..redis.partitions {
         let reply: redis::RedisResult<Value> = redis::cmd("XPENDING")
@@ -137,11 +124,7 @@ impl Producer {
         let tag = tag.to_owned();
         let token = stop.clone();
         let task = tokio::spawn(async move {
-            let mut conn = redis::Client::open(url)
-                .unwrap()
-                .get_multiplexed_async_connection()
-                .await
-                .unwrap();
+            let mut conn = streams_core::testing::connect(&url).await.unwrap();
             let mut counts = vec![0u64; keys.len()];
             while !token.is_cancelled() && counts.iter().any(|c| *c < total) {
                 let mut pipe = redis::pipe();
@@ -347,11 +330,7 @@ async fn former_owner_is_fenced(steal: impl AsyncFnOnce(&TestRedis, &str) -> Opt
     if let Some(token) = retaken {
         // The refused commit must not make a forget the lease it took again meanwhile (it
         // would then sit unrenewed until it expired, stalling the partition).
-        let now: Option<String> = patient_conn(&redis)
-            .await
-            .get(lease_key(&redis, 0))
-            .await
-            .unwrap();
+        let now: Option<String> = redis.conn().await.get(lease_key(&redis, 0)).await.unwrap();
         assert_eq!(now, Some(token), "a finished under the lease it took again");
     }
     a.stop().await;
@@ -361,7 +340,7 @@ async fn former_owner_is_fenced(steal: impl AsyncFnOnce(&TestRedis, &str) -> Opt
 async fn a_former_owner_whose_lease_was_taken_can_neither_ack_nor_forward() {
     former_owner_is_fenced(async |redis, lease| {
         // As if b had taken the partition over while a was paused.
-        let mut conn = patient_conn(redis).await;
+        let mut conn = redis.conn().await;
         let _: () = redis::cmd("SET")
             .arg(lease)
             .arg("b#00000000000000ff")
@@ -380,15 +359,15 @@ async fn a_commit_under_an_expired_lease_is_refused_even_after_retaking_it() {
     former_owner_is_fenced(async |redis, lease| {
         // As if a's lease had expired: its lease manager takes the partition again at once,
         // with a new token, while the batch read under the old one is still in hand.
-        let mut conn = patient_conn(redis).await;
+        let mut conn = redis.conn().await;
         let old: String = conn.get(lease).await.unwrap();
         let _: () = conn.del(lease).await.unwrap();
         eventually(Duration::from_secs(5), "a holds a new lease", || async {
-            let now: Option<String> = patient_conn(redis).await.get(lease).await.unwrap();
+            let now: Option<String> = redis.conn().await.get(lease).await.unwrap();
             now.is_some_and(|t| t != old && t.starts_with("a#"))
         })
         .await;
-        patient_conn(redis).await.get(lease).await.unwrap()
+        redis.conn().await.get(lease).await.unwrap()
     })
     .await;
 }

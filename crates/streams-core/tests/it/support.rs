@@ -54,11 +54,7 @@ impl TestRedis {
     }
 
     pub(crate) async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.server.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap()
+        self.server.connect().await
     }
 
     pub(crate) fn key(&self, stream: &str, partition: Partition) -> String {
