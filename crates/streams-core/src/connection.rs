@@ -49,10 +49,7 @@ pub struct Connection {
 impl Connection {
     fn note<T>(&self, result: &Result<T, RedisError>) {
         if let Err(e) = result
-            && (e.is_io_error()
-                || e.is_connection_dropped()
-                || e.is_timeout()
-                || e.is_connection_refusal())
+            && crate::error::is_connection_lost(e)
         {
             self.broken.store(true, Ordering::Relaxed);
         }

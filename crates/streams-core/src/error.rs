@@ -34,10 +34,7 @@ impl StreamsError {
         match self {
             StreamsError::Pool(_) => true,
             StreamsError::Redis(e) => {
-                e.is_io_error()
-                    || e.is_timeout()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
+                is_connection_lost(e)
                     || matches!(
                         e.code(),
                         Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "READONLY")
@@ -53,6 +50,16 @@ impl StreamsError {
     pub fn is_no_group(&self) -> bool {
         matches!(self, StreamsError::Redis(e) if e.code() == Some("NOGROUP"))
     }
+}
+
+/// Whether `error` says the connection it came from is gone or unusable (I/O error,
+/// dropped, refused, or no reply in time), as opposed to an error reply from a live
+/// server. The pool discards such connections; the stage loop retries after them.
+pub(crate) fn is_connection_lost(error: &redis::RedisError) -> bool {
+    error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
 }
 
 impl From<deadpool::managed::PoolError<redis::RedisError>> for StreamsError {
