@@ -254,12 +254,12 @@ impl Service {
     }
 }
 
-/// One decoded entry of the market stream.
+/// One decoded event of the market stream (an `order.events` entry holds several).
 #[derive(Debug, Clone, PartialEq)]
 pub enum MarketEvent {
-    /// `execution`.
+    /// `execution`, alone (a transform rejection) or in `order.events`.
     Execution(v1::ExecutionReport),
-    /// `trade`.
+    /// `trade`, in `order.events`.
     Trade(v1::Trade),
     /// `tick.validated`, passed through by the engine.
     Tick(v1::ValidatedTick),
@@ -612,22 +612,41 @@ impl Pipeline {
         stream_entries(&mut self.conn(), &self.keys, stream).await
     }
 
-    /// Every entry of the market stream, decoded: `(envelope type, message)`.
+    /// Every event of the market stream, decoded, in stream order, an `order.events` entry
+    /// read as its events in their order: `(event type, message)`, the type being
+    /// `execution`, `trade` or `tick.validated`.
     pub async fn market_events(&self) -> Vec<(String, MarketEvent)> {
-        self.stream_entries(topology::MARKET)
-            .await
-            .into_iter()
-            .map(|entry| {
-                let payload = entry.envelope.payload.as_ref();
-                let event = match entry.envelope.event_type.as_str() {
-                    event_type::EXECUTION => MarketEvent::Execution(decode(payload, &entry)),
-                    event_type::TRADE => MarketEvent::Trade(decode(payload, &entry)),
-                    event_type::VALIDATED_TICK => MarketEvent::Tick(decode(payload, &entry)),
-                    other => panic!("unexpected type {other:?} on the market stream: {entry:?}"),
-                };
-                (entry.envelope.event_type, event)
-            })
-            .collect()
+        let mut events = Vec::new();
+        for entry in self.stream_entries(topology::MARKET).await {
+            let payload = entry.envelope.payload.as_ref();
+            match entry.envelope.event_type.as_str() {
+                event_type::ORDER_EVENTS => {
+                    let order_events: v1::OrderEvents = decode(payload, &entry);
+                    for event in order_events.events {
+                        events.push(match event.kind {
+                            Some(v1::market_event::Kind::Execution(report)) => (
+                                event_type::EXECUTION.to_owned(),
+                                MarketEvent::Execution(report),
+                            ),
+                            Some(v1::market_event::Kind::Trade(trade)) => {
+                                (event_type::TRADE.to_owned(), MarketEvent::Trade(trade))
+                            }
+                            None => panic!("an order event without a kind in {entry:?}"),
+                        });
+                    }
+                }
+                event_type::EXECUTION => events.push((
+                    event_type::EXECUTION.to_owned(),
+                    MarketEvent::Execution(decode(payload, &entry)),
+                )),
+                event_type::VALIDATED_TICK => events.push((
+                    event_type::VALIDATED_TICK.to_owned(),
+                    MarketEvent::Tick(decode(payload, &entry)),
+                )),
+                other => panic!("unexpected type {other:?} on the market stream: {entry:?}"),
+            }
+        }
+        events
     }
 
     /// Every trade, ordered by symbol, then book sequence.

@@ -25,10 +25,15 @@ pub mod event_type {
     pub const VALIDATED_CANCEL: &str = "order.cancel.validated";
     /// [`crate::v1::ValidatedTick`] from transform.
     pub const VALIDATED_TICK: &str = "tick.validated";
-    /// [`crate::v1::ExecutionReport`] from transform or the engine.
+    /// [`crate::v1::ExecutionReport`] from transform (rejections); the engine writes its
+    /// reports inside [`ORDER_EVENTS`].
     pub const EXECUTION: &str = "execution";
-    /// [`crate::v1::Trade`] from the engine.
+    /// [`crate::v1::Trade`]; the engine writes trades inside [`ORDER_EVENTS`], analytics
+    /// also reads a lone one.
     pub const TRADE: &str = "trade";
+    /// [`crate::v1::OrderEvents`] from the engine: every execution report and trade one
+    /// order or cancel produced, in the book's order.
+    pub const ORDER_EVENTS: &str = "order.events";
 }
 
 /// The pipeline's logical streams and consumer groups: who writes and who reads each.
@@ -43,8 +48,8 @@ pub mod topology {
     /// Normalized events (`order.validated`, `order.cancel.validated`, `tick.validated`);
     /// written by transform.
     pub const VALIDATED: &str = "validated";
-    /// Outcomes (`execution`, `trade`, `tick.validated`); written by the engine, and by
-    /// transform for business rejections.
+    /// Outcomes (`order.events`, `tick.validated`) written by the engine, and `execution`
+    /// written by transform for business rejections.
     pub const MARKET: &str = "market";
     /// Consumer group of transform on [`INBOUND`].
     pub const TRANSFORM_GROUP: &str = "transform";

@@ -676,14 +676,27 @@ async fn exactly_once(
                         }
                     }
                 }
-                if kind != event_type::EXECUTION.as_bytes() {
-                    continue;
-                }
-                let report = v1::ExecutionReport::decode(payload.as_slice())?;
-                if report.status == v1::ExecStatus::Accepted as i32
-                    || report.status == v1::ExecStatus::Rejected as i32
-                {
-                    *seen.entry(report.client_order_id).or_default() += 1;
+                // The engine's reports come in `order.events`; transform's rejections alone.
+                let reports = if kind == event_type::ORDER_EVENTS.as_bytes() {
+                    v1::OrderEvents::decode(payload.as_slice())?
+                        .events
+                        .into_iter()
+                        .filter_map(|event| match event.kind {
+                            Some(v1::market_event::Kind::Execution(report)) => Some(report),
+                            _ => None,
+                        })
+                        .collect()
+                } else if kind == event_type::EXECUTION.as_bytes() {
+                    vec![v1::ExecutionReport::decode(payload.as_slice())?]
+                } else {
+                    Vec::new()
+                };
+                for report in reports {
+                    if report.status == v1::ExecStatus::Accepted as i32
+                        || report.status == v1::ExecStatus::Rejected as i32
+                    {
+                        *seen.entry(report.client_order_id).or_default() += 1;
+                    }
                 }
             }
             if fetched < 10_000 {

@@ -223,44 +223,67 @@ impl Aggregator {
             }))
     }
 
-    async fn trade(
+    /// Counts `trades` (a lone `trade` entry's, or those of one `order.events`, which share
+    /// the entry's origin time) into the batch and the bar cache.
+    async fn trades(
         &mut self,
         partition: Partition,
         envelope: &Envelope,
-        trade: &v1::Trade,
+        trades: &[v1::Trade],
     ) -> Result<(), HandlerError> {
-        let symbol = trade.symbol.as_str();
         let at_ms = envelope.origin_us / 1000;
-        // Compute every bar first, so a Redis error leaves the cache untouched.
-        let mut updated = Vec::new();
-        for interval in Interval::ALL {
-            let bucket = at_ms - at_ms % interval.millis();
-            let mut bar = self.bar(partition, symbol, interval, bucket).await?;
-            if bar.n == 0 {
-                bar.o = trade.price_e6;
-                bar.h = trade.price_e6;
-                bar.l = trade.price_e6;
+        // Compute every bar first, so a Redis error leaves the cache and the batch untouched.
+        let mut updated: Vec<((String, Interval, u64), Bar)> = Vec::new();
+        for trade in trades {
+            for interval in Interval::ALL {
+                let bucket = at_ms - at_ms % interval.millis();
+                let key = (trade.symbol.clone(), interval, bucket);
+                let index = match updated.iter().position(|(k, _)| *k == key) {
+                    Some(index) => index,
+                    None => {
+                        let bar = self.bar(partition, &trade.symbol, interval, bucket).await?;
+                        updated.push((key, bar));
+                        updated.len() - 1
+                    }
+                };
+                let bar = &mut updated[index].1;
+                if bar.n == 0 {
+                    bar.o = trade.price_e6;
+                    bar.h = trade.price_e6;
+                    bar.l = trade.price_e6;
+                }
+                bar.h = bar.h.max(trade.price_e6);
+                bar.l = bar.l.min(trade.price_e6);
+                bar.c = trade.price_e6;
+                bar.v = bar.v.saturating_add(trade.qty);
+                bar.n += 1;
             }
-            bar.h = bar.h.max(trade.price_e6);
-            bar.l = bar.l.min(trade.price_e6);
-            bar.c = trade.price_e6;
-            bar.v = bar.v.saturating_add(trade.qty);
-            bar.n += 1;
-            updated.push((interval, bucket, bar));
         }
         let delta = self.batch.entry(partition).or_default();
-        for (interval, bucket, bar) in updated {
-            delta.bars.insert((symbol.to_owned(), interval, bucket));
-            self.bars
-                .insert((partition, symbol.to_owned(), interval, bucket), bar);
+        for ((symbol, interval, bucket), bar) in updated {
+            delta.bars.insert((symbol.clone(), interval, bucket));
+            self.bars.insert((partition, symbol, interval, bucket), bar);
         }
-        let stats = delta.stats.entry(symbol.to_owned()).or_default();
-        stats.trades += 1;
-        stats.volume = stats.volume.saturating_add(trade.qty);
-        stats.notional += trade.price_e6 as f64 / 1e6 * trade.qty as f64;
-        stats.last_price_e6 = Some(trade.price_e6);
+        for trade in trades {
+            let stats = delta.stats.entry(trade.symbol.clone()).or_default();
+            stats.trades += 1;
+            stats.volume = stats.volume.saturating_add(trade.qty);
+            stats.notional += trade.price_e6 as f64 / 1e6 * trade.qty as f64;
+            stats.last_price_e6 = Some(trade.price_e6);
+        }
         self.evict(at_ms);
         Ok(())
+    }
+
+    fn execution(&mut self, partition: Partition, symbol: String, status: String) {
+        let stats = self
+            .batch
+            .entry(partition)
+            .or_default()
+            .stats
+            .entry(symbol)
+            .or_default();
+        *stats.executions.entry(status).or_default() += 1;
     }
 
     /// Keeps the cache small: forgets bars more than two minutes older than `now_ms`.
@@ -376,7 +399,7 @@ impl Handler for Aggregator {
                 if let Some(problem) = trade_problem(&self.keys, &trade, partition) {
                     return Err(HandlerError::Permanent(problem));
                 }
-                self.trade(partition, envelope, &trade).await?;
+                self.trades(partition, envelope, &[trade]).await?;
             }
             types::VALIDATED_TICK => {
                 let tick: v1::ValidatedTick = decode(envelope)?;
@@ -397,14 +420,41 @@ impl Handler for Aggregator {
                 let report: v1::ExecutionReport = decode(envelope)?;
                 let status = execution_status(&self.keys, &report, partition)
                     .map_err(HandlerError::Permanent)?;
-                let stats = self
-                    .batch
-                    .entry(partition)
-                    .or_default()
-                    .stats
-                    .entry(report.symbol)
-                    .or_default();
-                *stats.executions.entry(status).or_default() += 1;
+                self.execution(partition, report.symbol, status);
+            }
+            types::ORDER_EVENTS => {
+                let events: v1::OrderEvents = decode(envelope)?;
+                if events.events.is_empty() {
+                    return Err(HandlerError::Permanent("order events hold no event".into()));
+                }
+                // Check them all before counting any: one entry counts whole or not at all.
+                let mut trades = Vec::new();
+                let mut executions = Vec::new();
+                for event in events.events {
+                    match event.kind {
+                        Some(v1::market_event::Kind::Trade(trade)) => {
+                            if let Some(problem) = trade_problem(&self.keys, &trade, partition) {
+                                return Err(HandlerError::Permanent(problem));
+                            }
+                            trades.push(trade);
+                        }
+                        Some(v1::market_event::Kind::Execution(report)) => {
+                            let status = execution_status(&self.keys, &report, partition)
+                                .map_err(HandlerError::Permanent)?;
+                            executions.push((report.symbol, status));
+                        }
+                        None => {
+                            return Err(HandlerError::Permanent(
+                                "order events hold an event that is neither a report nor a trade"
+                                    .into(),
+                            ));
+                        }
+                    }
+                }
+                self.trades(partition, envelope, &trades).await?;
+                for (symbol, status) in executions {
+                    self.execution(partition, symbol, status);
+                }
             }
             other => {
                 return Err(HandlerError::Permanent(format!(

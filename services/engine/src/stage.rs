@@ -263,9 +263,17 @@ impl Handler for Matching {
                 Event::Rejected { .. } | Event::Trade { .. } => {}
             }
         }
-        for event in events {
-            let (event_type, payload) = encode(&symbol, event);
-            out.append(market.clone(), &envelope.derive(event_type, payload));
+        if !events.is_empty() {
+            let order_events = v1::OrderEvents {
+                events: events
+                    .into_iter()
+                    .map(|event| market_event(&symbol, event))
+                    .collect(),
+            };
+            out.append(
+                market,
+                &envelope.derive(types::ORDER_EVENTS, order_events.encode_to_vec()),
+            );
         }
         Ok(())
     }
@@ -373,8 +381,9 @@ fn restore(meta: Option<&str>, orders: &[String]) -> Result<OrderBook, String> {
     serde_json::from_value(snapshot).map_err(|e| e.to_string())
 }
 
-/// The message an engine event becomes on the market stream.
-pub fn encode(symbol: &str, event: Event) -> (&'static str, Vec<u8>) {
+/// An engine event as it goes into the market stream's [`v1::OrderEvents`].
+pub fn market_event(symbol: &str, event: Event) -> v1::MarketEvent {
+    use v1::market_event::Kind;
     let report = |order_id: String, status: ExecStatus, seq: u64| v1::ExecutionReport {
         symbol: symbol.to_owned(),
         client_order_id: order_id,
@@ -382,13 +391,13 @@ pub fn encode(symbol: &str, event: Event) -> (&'static str, Vec<u8>) {
         sequence: seq,
         ..Default::default()
     };
-    match event {
+    let kind = match event {
         Event::Accepted {
             seq, order_id, qty, ..
         } => {
             let mut r = report(order_id, ExecStatus::Accepted, seq);
             r.leaves_qty = qty;
-            (types::EXECUTION, r.encode_to_vec())
+            Kind::Execution(r)
         }
         Event::Rejected {
             seq,
@@ -397,7 +406,7 @@ pub fn encode(symbol: &str, event: Event) -> (&'static str, Vec<u8>) {
         } => {
             let mut r = report(order_id, ExecStatus::Rejected, seq);
             r.reason = reason.to_string();
-            (types::EXECUTION, r.encode_to_vec())
+            Kind::Execution(r)
         }
         Event::Fill {
             seq,
@@ -418,7 +427,7 @@ pub fn encode(symbol: &str, event: Event) -> (&'static str, Vec<u8>) {
             r.last_qty = qty;
             r.cum_qty = cumulative_qty;
             r.leaves_qty = leaves_qty;
-            (types::EXECUTION, r.encode_to_vec())
+            Kind::Execution(r)
         }
         Event::Cancelled {
             seq,
@@ -434,7 +443,7 @@ pub fn encode(symbol: &str, event: Event) -> (&'static str, Vec<u8>) {
                 CancelReason::Requested => "cancel requested".into(),
                 CancelReason::MarketRemainder => "market order remainder".into(),
             };
-            (types::EXECUTION, r.encode_to_vec())
+            Kind::Execution(r)
         }
         Event::Trade {
             seq,
@@ -456,9 +465,10 @@ pub fn encode(symbol: &str, event: Event) -> (&'static str, Vec<u8>) {
                 } as i32,
                 sequence: seq,
             };
-            (types::TRADE, trade.encode_to_vec())
+            Kind::Trade(trade)
         }
-    }
+    };
+    v1::MarketEvent { kind: Some(kind) }
 }
 
 #[cfg(test)]

@@ -203,6 +203,17 @@ fn execution_payload(symbol: &str, status: i32, id: &str) -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// An `order.events` payload holding `events` (`None`: an event without a kind).
+fn order_events_payload(events: Vec<Option<v1::market_event::Kind>>) -> Vec<u8> {
+    v1::OrderEvents {
+        events: events
+            .into_iter()
+            .map(|kind| v1::MarketEvent { kind })
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
 // ----- the envelope-level table --------------------------------------------------------------
 
 /// The malformations every envelope stage must dead-letter, as entries of partition
@@ -1107,6 +1118,61 @@ async fn analytics_dead_letters_every_malformed_market_entry_and_keeps_counting(
             on_market(types::EXECUTION, execution_payload("", filled, "x")),
             &["execution", "symbol"],
         ),
+        bad(
+            "order events that are not protobuf",
+            aapl,
+            on_market(types::ORDER_EVENTS, vec![0xff; 7]),
+            &["order.events", "not valid"],
+        ),
+        bad(
+            "order events holding no event",
+            aapl,
+            on_market(types::ORDER_EVENTS, order_events_payload(Vec::new())),
+            &["order events", "no event"],
+        ),
+        bad(
+            "order events holding an event without a kind",
+            aapl,
+            on_market(types::ORDER_EVENTS, order_events_payload(vec![None])),
+            &["neither a report nor a trade"],
+        ),
+        // A good report before a bad trade: the entry counts whole or not at all, so the
+        // executions asserted below stay what the good orders made.
+        bad(
+            "order events with a good report and a trade of qty 0",
+            aapl,
+            on_market(
+                types::ORDER_EVENTS,
+                order_events_payload(vec![
+                    Some(v1::market_event::Kind::Execution(
+                        v1::ExecutionReport::decode(
+                            execution_payload("AAPL", v1::ExecStatus::Accepted as i32, "x")
+                                .as_slice(),
+                        )
+                        .unwrap(),
+                    )),
+                    Some(v1::market_event::Kind::Trade(
+                        v1::Trade::decode(
+                            trade_payload("AAPL", 100_000_000, 0, "b", "s").as_slice(),
+                        )
+                        .unwrap(),
+                    )),
+                ]),
+            ),
+            &["trade", "qty"],
+        ),
+        bad(
+            "order events with a report of AAPL in another partition",
+            elsewhere,
+            on_market(
+                types::ORDER_EVENTS,
+                order_events_payload(vec![Some(v1::market_event::Kind::Execution(
+                    v1::ExecutionReport::decode(execution_payload("AAPL", filled, "x").as_slice())
+                        .unwrap(),
+                ))]),
+            ),
+            &["AAPL", "partition"],
+        ),
     ]);
     let injected = inject(&p, Some(topology::MARKET), cases).await;
     let traced = bad_trace_contexts(
@@ -1138,8 +1204,16 @@ async fn analytics_dead_letters_every_malformed_market_entry_and_keeps_counting(
     let trades: Vec<_> = envelopes_except(&p, topology::MARKET, &injected)
         .await
         .into_iter()
-        .filter(|(_, _, e)| e.event_type == types::TRADE)
-        .map(|(_, _, e)| trade_view(&v1::Trade::decode(e.payload.as_ref()).expect("a trade")))
+        .filter(|(_, _, e)| e.event_type == types::ORDER_EVENTS)
+        .flat_map(|(_, _, e)| {
+            v1::OrderEvents::decode(e.payload.as_ref())
+                .expect("order events")
+                .events
+        })
+        .filter_map(|event| match event.kind {
+            Some(v1::market_event::Kind::Trade(t)) => Some(trade_view(&t)),
+            _ => None,
+        })
         .collect();
     assert_eq!(
         trades,

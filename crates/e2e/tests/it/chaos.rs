@@ -379,15 +379,15 @@ async fn nothing_is_lost_or_doubled_when_stages_and_redis_crash() {
                     expected.push((types::VALIDATED_TICK.into(), envelope.payload.to_vec()));
                 }
                 Applied::Book { symbol, events } => {
+                    let mut order_events = v1::OrderEvents::default();
                     for event in events {
                         if let engine::Event::Trade { qty, .. } = &event {
                             let t = trades.entry(symbol.clone()).or_default();
                             t.0 += 1;
                             t.1 += qty;
                         }
-                        let (event_type, payload) = engine::stage::encode(&symbol, event);
-                        if event_type == types::EXECUTION {
-                            let r = v1::ExecutionReport::decode(payload.as_slice()).unwrap();
+                        let event = engine::stage::market_event(&symbol, event);
+                        if let Some(v1::market_event::Kind::Execution(r)) = &event.kind {
                             let status = v1::ExecStatus::try_from(r.status)
                                 .unwrap()
                                 .as_str_name()
@@ -395,7 +395,10 @@ async fn nothing_is_lost_or_doubled_when_stages_and_redis_crash() {
                                 .to_ascii_lowercase();
                             *executions.entry((symbol.clone(), status)).or_default() += 1;
                         }
-                        expected.push((event_type.into(), payload));
+                        order_events.events.push(event);
+                    }
+                    if !order_events.events.is_empty() {
+                        expected.push((types::ORDER_EVENTS.into(), order_events.encode_to_vec()));
                     }
                 }
             }

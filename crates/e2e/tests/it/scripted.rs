@@ -173,20 +173,22 @@ async fn a_scripted_session_through_every_ingest_path_gives_the_expected_results
         assert_eq!(sum("trades"), count, "{symbol} bars: {bars:?}");
     }
 
-    // Latency: one measurement per market event analytics consumed.
-    let market_events = p.market_events().await.len() as u64;
-    // 12 + 8 reports, 5 trades, 2 ticks.
-    assert_eq!(market_events, 27);
+    // 12 + 8 reports, 5 trades, 2 ticks, in 12 entries: one per order or cancel (6 of
+    // AAPL, 4 of MSFT) and one per tick.
+    assert_eq!(p.market_events().await.len(), 27);
+    let market_entries = p.stream_entries(topology::MARKET).await.len() as u64;
+    assert_eq!(market_entries, 12);
+    // Latency: one measurement per market entry analytics consumed.
     let (status, latency) = p.get_json(&p.analytics_url("/v1/latency")).await;
     assert_eq!(status, 200, "{latency}");
-    assert_eq!(latency["count"], market_events, "{latency}");
+    assert_eq!(latency["count"], market_entries, "{latency}");
     p.wait_until(
         WAIT,
-        "analytics to count every market event as processed",
+        "analytics to count every market entry as processed",
         async || {
             let status = p.admin_status(Role::Analytics, 0).await;
             stage_status(&status, topology::ANALYTICS_GROUP)["counters"]["processed"]
-                == market_events
+                == market_entries
         },
     )
     .await;

@@ -10,10 +10,22 @@ use e2e::{
     service_binaries,
 };
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use prost::Message;
 use serde_json::Value;
-use tickflow_proto::{event_type, topology};
+use tickflow_proto::{event_type, topology, v1};
 
 use crate::support::{WAIT, limit_json};
+
+/// Whether a market entry holds a trade (the engine writes them inside `order.events`).
+fn holds_trade(entry: &e2e::StreamEntry) -> bool {
+    entry.envelope.event_type == event_type::ORDER_EVENTS
+        && v1::OrderEvents::decode(entry.envelope.payload.as_ref()).is_ok_and(|events| {
+            events
+                .events
+                .iter()
+                .any(|e| matches!(e.kind, Some(v1::market_event::Kind::Trade(_))))
+        })
+}
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs
@@ -152,12 +164,12 @@ async fn an_order_that_trades_is_one_trace_through_the_four_services() {
     wait_trades(&p, "AAPL", 1).await;
     p.wait_settled(WAIT).await;
 
-    // The trade entry on the market stream carries the trace.
+    // The market entry holding the trade carries the trace.
     let trade = p
         .stream_entries(topology::MARKET)
         .await
         .into_iter()
-        .find(|e| e.envelope.event_type == event_type::TRADE)
+        .find(holds_trade)
         .expect("a trade on the market stream");
     let carried = trade.envelope.traceparent.clone().expect("a traceparent");
     assert!(
@@ -298,7 +310,7 @@ async fn a_zero_ratio_sampler_exports_nothing_and_the_pipeline_still_works() {
         .stream_entries(topology::MARKET)
         .await
         .into_iter()
-        .find(|e| e.envelope.event_type == event_type::TRADE)
+        .find(holds_trade)
         .expect("a trade on the market stream");
     let carried = trade.envelope.traceparent.clone().expect("a traceparent");
     assert!(carried.ends_with("-00"), "not sampled: {carried}");
