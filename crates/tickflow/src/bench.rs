@@ -386,7 +386,7 @@ fn print_report(r: &Json) {
     );
     let l = &r["latency_us"];
     println!(
-        "  latency (µs)    p50 {}  p90 {}  p99 {}  p999 {}  max {}  ({} market events)",
+        "  latency (µs)    p50 {}  p90 {}  p99 {}  p999 {}  max {}  ({} market entries)",
         l["p50"], l["p90"], l["p99"], l["p999"], l["max"], l["count"]
     );
     println!("  stream entries  {}", r["stage_entries"]);
