@@ -160,6 +160,9 @@ pub struct Aggregator {
 struct BatchDelta {
     stats: HashMap<String, StatsDelta>,
     bars: std::collections::BTreeSet<(String, Interval, u64)>,
+    /// The bars of `bars` that did not exist before this batch: only a new bar can push an
+    /// older one out of the retention, so only these trim.
+    opened: std::collections::BTreeSet<(String, Interval, u64)>,
     latency: HashMap<u32, u64>,
 }
 
@@ -233,16 +236,18 @@ impl Aggregator {
     ) -> Result<(), HandlerError> {
         let at_ms = envelope.origin_us / 1000;
         // Compute every bar first, so a Redis error leaves the cache and the batch untouched.
-        let mut updated: Vec<((String, Interval, u64), Bar)> = Vec::new();
+        // With each: whether it is new.
+        let mut updated: Vec<((String, Interval, u64), Bar, bool)> = Vec::new();
         for trade in trades {
             for interval in Interval::ALL {
                 let bucket = at_ms - at_ms % interval.millis();
                 let key = (trade.symbol.clone(), interval, bucket);
-                let index = match updated.iter().position(|(k, _)| *k == key) {
+                let index = match updated.iter().position(|(k, _, _)| *k == key) {
                     Some(index) => index,
                     None => {
                         let bar = self.bar(partition, &trade.symbol, interval, bucket).await?;
-                        updated.push((key, bar));
+                        let new = bar.n == 0;
+                        updated.push((key, bar, new));
                         updated.len() - 1
                     }
                 };
@@ -260,7 +265,10 @@ impl Aggregator {
             }
         }
         let delta = self.batch.entry(partition).or_default();
-        for ((symbol, interval, bucket), bar) in updated {
+        for ((symbol, interval, bucket), bar, new) in updated {
+            if new {
+                delta.opened.insert((symbol.clone(), interval, bucket));
+            }
             delta.bars.insert((symbol.clone(), interval, bucket));
             self.bars.insert((partition, symbol, interval, bucket), bar);
         }
@@ -533,12 +541,21 @@ impl Handler for Aggregator {
             };
             let key = self.keys.bars(&symbol, interval);
             let json = serde_json::to_vec(bar).expect("bars serialize");
-            out.command(
-                "ZREMRANGEBYSCORE",
-                key.clone(),
-                vec![int(bucket), int(bucket)],
-            );
+            let opened = delta.opened.contains(&(symbol, interval, bucket));
+            if !opened {
+                // The bar's previous version.
+                out.command(
+                    "ZREMRANGEBYSCORE",
+                    key.clone(),
+                    vec![int(bucket), int(bucket)],
+                );
+            }
             out.command("ZADD", key.clone(), vec![int(bucket), json]);
+            // The retention is counted back from the newest bar, so a bar that only changed
+            // cannot age another one out: trim when a bar opens.
+            if !opened {
+                continue;
+            }
             let keep_ms = match interval {
                 Interval::Second => self.retention.second_bars_ms,
                 Interval::Minute => self.retention.minute_bars_ms,

@@ -5,6 +5,7 @@
 mod backpressure;
 mod bad_input_sweep;
 mod bad_inputs;
+mod bars;
 mod chaos;
 mod idempotency;
 mod process_metrics;
