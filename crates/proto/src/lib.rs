@@ -9,6 +9,24 @@
 /// Generated code of package `tickflow.v1`.
 pub mod v1 {
     tonic::include_proto!("tickflow.v1");
+
+    impl OrderEvents {
+        /// The execution reports, in order.
+        pub fn reports(&self) -> impl Iterator<Item = &ExecutionReport> {
+            self.events.iter().filter_map(|e| match &e.kind {
+                Some(market_event::Kind::Execution(report)) => Some(report),
+                _ => None,
+            })
+        }
+
+        /// The trades, in order.
+        pub fn trades(&self) -> impl Iterator<Item = &Trade> {
+            self.events.iter().filter_map(|e| match &e.kind {
+                Some(market_event::Kind::Trade(trade)) => Some(trade),
+                _ => None,
+            })
+        }
+    }
 }
 
 /// The envelope `type` of each payload message.

@@ -679,12 +679,8 @@ async fn exactly_once(
                 // The engine's reports come in `order.events`; transform's rejections alone.
                 let reports = if kind == event_type::ORDER_EVENTS.as_bytes() {
                     v1::OrderEvents::decode(payload.as_slice())?
-                        .events
-                        .into_iter()
-                        .filter_map(|event| match event.kind {
-                            Some(v1::market_event::Kind::Execution(report)) => Some(report),
-                            _ => None,
-                        })
+                        .reports()
+                        .cloned()
                         .collect()
                 } else if kind == event_type::EXECUTION.as_bytes() {
                     vec![v1::ExecutionReport::decode(payload.as_slice())?]

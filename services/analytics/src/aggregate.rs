@@ -241,13 +241,15 @@ impl Aggregator {
         for trade in trades {
             for interval in Interval::ALL {
                 let bucket = at_ms - at_ms % interval.millis();
-                let key = (trade.symbol.clone(), interval, bucket);
-                let index = match updated.iter().position(|(k, _, _)| *k == key) {
+                let found = updated.iter().position(|((s, i, b), _, _)| {
+                    *s == trade.symbol && *i == interval && *b == bucket
+                });
+                let index = match found {
                     Some(index) => index,
                     None => {
                         let bar = self.bar(partition, &trade.symbol, interval, bucket).await?;
                         let new = bar.n == 0;
-                        updated.push((key, bar, new));
+                        updated.push(((trade.symbol.clone(), interval, bucket), bar, new));
                         updated.len() - 1
                     }
                 };

@@ -1208,11 +1208,9 @@ async fn analytics_dead_letters_every_malformed_market_entry_and_keeps_counting(
         .flat_map(|(_, _, e)| {
             v1::OrderEvents::decode(e.payload.as_ref())
                 .expect("order events")
-                .events
-        })
-        .filter_map(|event| match event.kind {
-            Some(v1::market_event::Kind::Trade(t)) => Some(trade_view(&t)),
-            _ => None,
+                .trades()
+                .map(trade_view)
+                .collect::<Vec<_>>()
         })
         .collect();
     assert_eq!(

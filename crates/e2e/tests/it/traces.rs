@@ -19,12 +19,8 @@ use crate::support::{WAIT, limit_json};
 /// Whether a market entry holds a trade (the engine writes them inside `order.events`).
 fn holds_trade(entry: &e2e::StreamEntry) -> bool {
     entry.envelope.event_type == event_type::ORDER_EVENTS
-        && v1::OrderEvents::decode(entry.envelope.payload.as_ref()).is_ok_and(|events| {
-            events
-                .events
-                .iter()
-                .any(|e| matches!(e.kind, Some(v1::market_event::Kind::Trade(_))))
-        })
+        && v1::OrderEvents::decode(entry.envelope.payload.as_ref())
+            .is_ok_and(|events| events.trades().next().is_some())
 }
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
