@@ -46,6 +46,11 @@ impl StreamsError {
         }
     }
 
+    /// Whether Redis said it does not have the script called by its SHA.
+    pub(crate) fn is_no_script(&self) -> bool {
+        matches!(self, StreamsError::Redis(e) if e.code() == Some("NOSCRIPT"))
+    }
+
     /// Whether Redis said the consumer group (or its stream) does not exist.
     pub fn is_no_group(&self) -> bool {
         matches!(self, StreamsError::Redis(e) if e.code() == Some("NOGROUP"))

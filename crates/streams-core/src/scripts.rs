@@ -40,6 +40,23 @@ impl LuaScript {
         .await
     }
 
+    /// Runs the script by its SHA only, returning NOSCRIPT if Redis does not have it (for
+    /// a connection where a second request would queue behind a blocking one).
+    pub(crate) async fn run_loaded<C>(
+        &self,
+        conn: &mut C,
+        key_count: usize,
+        fill: impl Fn(&mut Cmd),
+    ) -> Result<Value>
+    where
+        C: ConnectionLike + Send,
+    {
+        let mut cmd = Cmd::new();
+        cmd.arg("EVALSHA").arg(&self.sha).arg(key_count);
+        fill(&mut cmd);
+        Ok(cmd.query_async::<Value>(conn).await?)
+    }
+
     /// Runs the script with `key_count` keys; `fill` appends the keys, then the arguments.
     /// `fill` may be called twice (once more with EVAL after a NOSCRIPT).
     pub(crate) async fn run_with<C>(
@@ -103,54 +120,100 @@ pub(crate) const OUT_OF_ORDER: &str = "TICKFLOW_OUT_OF_ORDER";
 /// The prefix of the error APPEND_ONCE returns when its key was used for another request.
 pub(crate) const KEY_REUSED: &str = "TICKFLOW_KEY_REUSED";
 
-/// Acknowledge a batch of one partition and apply each entry's effects, atomically.
+/// The prefix of the status ACK_FORWARD gives a source whose effect command failed.
+pub(crate) const FAILED: &str = "TICKFLOW_FAILED";
+
+/// Acknowledge a batch of one or more partitions (sources) and apply each entry's effects,
+/// atomically: one call per batch, whatever the number of partitions it holds.
 ///
-/// KEYS[1] input stream, KEYS[2] lease key (or the input again when unfenced), KEYS[3..]
-/// the keys effects write. With a fencing token, the call is refused (TICKFLOW_FENCED) unless
-/// the lease holds it, and (TICKFLOW_OUT_OF_ORDER) while entries older than the first one
-/// are pending. ARGV: group, fencing token ('' = none), entry count, then per
-/// entry: id, op count, and per op: kind ('X' = XADD, else a command name), key index,
-/// argument count, arguments; then the batch's op count and ops (e.g. a state snapshot),
-/// applied if any entry of the call was acknowledged by it. An entry's effects are applied
-/// only if its XACK removed it from the pending list, so an entry handled twice is
-/// forwarded once. Returns one 0/1 per entry.
+/// KEYS[2s-1] and KEYS[2s]: source s's input stream and lease key (the input again when
+/// unfenced); the KEYS after them are the keys effects write. ARGV: group, source count,
+/// then per source: fencing token ('' = none), entry count, then per entry: id, op count,
+/// and per op: kind ('X' = XADD, else a command name), key index, argument count,
+/// arguments; then the source's batch op count and ops (e.g. a state snapshot), applied if
+/// any entry of the source was acknowledged by this call.
+///
+/// An entry's effects are applied only if its XACK removed it from the pending list, so an
+/// entry handled twice is forwarded once. With a fencing token, a source is refused
+/// (TICKFLOW_FENCED) unless the lease holds the token, and (TICKFLOW_OUT_OF_ORDER) while
+/// entries older than its first one are pending; a refused source changes nothing. An
+/// effect command that fails stops its source there (TICKFLOW_FAILED and the error): the
+/// entries before it are done, the failing entry keeps its acknowledgement, the later ones
+/// stay pending. Other sources are not affected by a refused or failed one. Returns, per
+/// source, one 0/1 per entry or the status string.
 const ACK_FORWARD: &str = r#"
-local group, token = ARGV[1], ARGV[2]
-if token ~= '' then
-  if redis.call('GET', KEYS[2]) ~= token then
-    return redis.error_reply('TICKFLOW_FENCED lease ' .. KEYS[2] .. ' is not held by this consumer')
-  end
-  -- Owned partitions keep order: nothing older than this batch may still be pending.
-  if tonumber(ARGV[3]) > 0 and #redis.call('XPENDING', KEYS[1], group, '-', '(' .. ARGV[4], 1) > 0 then
-    return redis.error_reply('TICKFLOW_OUT_OF_ORDER older entries are pending in ' .. KEYS[1])
-  end
-end
-local n = tonumber(ARGV[3])
-local i = 4
+local group, sources = ARGV[1], tonumber(ARGV[2])
+local i = 3
 local result = {}
-local any_acked = false
-local function apply(apply_it)
+local function skip(count)
+  for _ = 1, count do i = i + 3 + tonumber(ARGV[i + 2]) end
+end
+local function apply()
   local kind, key, nargs = ARGV[i], KEYS[tonumber(ARGV[i + 1])], tonumber(ARGV[i + 2])
-  if apply_it then
-    if kind == 'X' then
-      redis.call('XADD', key, '*', unpack(ARGV, i + 3, i + 2 + nargs))
-    else
-      redis.call(kind, key, unpack(ARGV, i + 3, i + 2 + nargs))
-    end
+  local reply
+  if kind == 'X' then
+    reply = redis.pcall('XADD', key, '*', unpack(ARGV, i + 3, i + 2 + nargs))
+  else
+    reply = redis.pcall(kind, key, unpack(ARGV, i + 3, i + 2 + nargs))
   end
   i = i + 3 + nargs
+  if type(reply) == 'table' and reply.err then return reply.err end
+  return nil
 end
-for e = 1, n do
-  local id, ops = ARGV[i], tonumber(ARGV[i + 1])
+for s = 1, sources do
+  local stream, lease = KEYS[2 * s - 1], KEYS[2 * s]
+  local token, n = ARGV[i], tonumber(ARGV[i + 1])
   i = i + 2
-  local acked = redis.call('XACK', KEYS[1], group, id)
-  result[e] = acked
-  if acked == 1 then any_acked = true end
-  for _ = 1, ops do apply(acked == 1) end
+  local status = nil
+  if token ~= '' then
+    if redis.call('GET', lease) ~= token then
+      status = 'TICKFLOW_FENCED'
+    elseif n > 0 and #redis.call('XPENDING', stream, group, '-', '(' .. ARGV[i], 1) > 0 then
+      -- Owned partitions keep order: nothing older than this batch may still be pending.
+      status = 'TICKFLOW_OUT_OF_ORDER'
+    end
+  end
+  local acks = {}
+  local any_acked = false
+  for e = 1, n do
+    local id, ops = ARGV[i], tonumber(ARGV[i + 1])
+    i = i + 2
+    if status then
+      skip(ops)
+    else
+      local acked = redis.call('XACK', stream, group, id)
+      acks[e] = acked
+      if acked == 1 then
+        any_acked = true
+        for _ = 1, ops do
+          if status then
+            skip(1)
+          else
+            local failure = apply()
+            if failure then status = 'TICKFLOW_FAILED ' .. failure end
+          end
+        end
+      else
+        skip(ops)
+      end
+    end
+  end
+  local batch_ops = tonumber(ARGV[i])
+  i = i + 1
+  if status or not any_acked then
+    skip(batch_ops)
+  else
+    for _ = 1, batch_ops do
+      if status then
+        skip(1)
+      else
+        local failure = apply()
+        if failure then status = 'TICKFLOW_FAILED ' .. failure end
+      end
+    end
+  end
+  result[s] = status or acks
 end
-local batch_ops = tonumber(ARGV[i] or '0')
-i = i + 1
-for _ = 1, batch_ops do apply(any_acked) end
 return result
 "#;
 
@@ -411,7 +474,8 @@ mod tests {
     use super::*;
     use crate::testing::RedisServer;
 
-    /// Calls ACK_FORWARD for `ids`, each forwarding one entry `{id}` to `out`.
+    /// Calls ACK_FORWARD for `ids` of one source, each forwarding one entry `{id}` to
+    /// `out`; a status reply (fenced, out of order, failed) comes back as an error.
     async fn ack_forward(
         conn: &mut redis::aio::MultiplexedConnection,
         ids: &[String],
@@ -422,7 +486,7 @@ mod tests {
             .ack_forward
             .run_with(conn, 3, |cmd| {
                 cmd.arg("in").arg(lease).arg("out");
-                cmd.arg("g").arg(token).arg(ids.len());
+                cmd.arg("g").arg(1).arg(token).arg(ids.len());
                 for id in ids {
                     cmd.arg(id)
                         .arg(1)
@@ -432,10 +496,14 @@ mod tests {
                         .arg("from")
                         .arg(id);
                 }
+                cmd.arg(0);
             })
             .await?;
         match reply {
-            Value::Array(v) => v.iter().map(as_int).collect(),
+            Value::Array(mut sources) if sources.len() == 1 => match sources.remove(0) {
+                Value::Array(acks) => acks.iter().map(as_int).collect(),
+                status => Err(StreamsError::Protocol(as_string(status)?)),
+            },
             other => Err(protocol("array", &other)),
         }
     }
@@ -552,5 +620,170 @@ mod tests {
             ack_forward(&mut conn, &ids, "new-owner#2").await.unwrap(),
             vec![1]
         );
+    }
+
+    async fn xadd(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> String {
+        redis::cmd("XADD")
+            .arg(key)
+            .arg("*")
+            .arg("n")
+            .arg(1)
+            .query_async(conn)
+            .await
+            .unwrap()
+    }
+
+    async fn len(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> u64 {
+        redis::cmd("XLEN").arg(key).query_async(conn).await.unwrap()
+    }
+
+    async fn pending(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> i64 {
+        let summary: Value = redis::cmd("XPENDING")
+            .arg(key)
+            .arg("g")
+            .query_async(conn)
+            .await
+            .unwrap();
+        let Value::Array(summary) = summary else {
+            panic!("summary")
+        };
+        as_int(&summary[0]).unwrap()
+    }
+
+    /// Two sources in one call: a refused or failing source leaves the other one's commit
+    /// whole, and changes nothing of its own but what came before the failure.
+    #[tokio::test]
+    async fn one_call_commits_each_source_on_its_own() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        for key in ["a", "b", "c"] {
+            let _: () = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(key)
+                .arg("g")
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..3 {
+            a.push(xadd(&mut conn, "a").await);
+            b.push(xadd(&mut conn, "b").await);
+            c.push(xadd(&mut conn, "c").await);
+        }
+        let _: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("g")
+            .arg("x")
+            .arg("STREAMS")
+            .arg("a")
+            .arg("b")
+            .arg("c")
+            .arg(">")
+            .arg(">")
+            .arg(">")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("lease:b")
+            .arg("someone-else#1")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("not-a-hash")
+            .arg("x")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        // KEYS: a, a (unfenced), b, lease:b, c, c, then out (7), not-a-hash (8).
+        let reply = scripts()
+            .ack_forward
+            .run_with(&mut conn, 8, |cmd| {
+                cmd.arg("a")
+                    .arg("a")
+                    .arg("b")
+                    .arg("lease:b")
+                    .arg("c")
+                    .arg("c");
+                cmd.arg("out").arg("not-a-hash");
+                cmd.arg("g").arg(3);
+                // a: every entry forwarded, plus a batch op.
+                cmd.arg("").arg(a.len());
+                for id in &a {
+                    cmd.arg(id)
+                        .arg(1)
+                        .arg("X")
+                        .arg(7)
+                        .arg(2)
+                        .arg("from")
+                        .arg(id);
+                }
+                cmd.arg(1).arg("X").arg(7).arg(2).arg("batch").arg("a");
+                // b: fenced.
+                cmd.arg("my-token#2").arg(b.len());
+                for id in &b {
+                    cmd.arg(id)
+                        .arg(1)
+                        .arg("X")
+                        .arg(7)
+                        .arg(2)
+                        .arg("from")
+                        .arg(id);
+                }
+                cmd.arg(0);
+                // c: the second entry's effect fails (a string is not a hash).
+                cmd.arg("").arg(c.len());
+                for (k, id) in c.iter().enumerate() {
+                    if k == 1 {
+                        cmd.arg(id)
+                            .arg(1)
+                            .arg("HINCRBY")
+                            .arg(8)
+                            .arg(2)
+                            .arg("f")
+                            .arg(1);
+                    } else {
+                        cmd.arg(id)
+                            .arg(1)
+                            .arg("X")
+                            .arg(7)
+                            .arg(2)
+                            .arg("from")
+                            .arg(id);
+                    }
+                }
+                cmd.arg(1).arg("X").arg(7).arg(2).arg("batch").arg("c");
+            })
+            .await
+            .unwrap();
+        let Value::Array(items) = reply else {
+            panic!("{reply:?}")
+        };
+        assert_eq!(items.len(), 3);
+        let Value::Array(acks) = &items[0] else {
+            panic!("{items:?}")
+        };
+        assert_eq!(
+            acks.iter().map(|v| as_int(v).unwrap()).collect::<Vec<_>>(),
+            [1, 1, 1]
+        );
+        assert_eq!(as_string(items[1].clone()).unwrap(), FENCED);
+        let failed = as_string(items[2].clone()).unwrap();
+        assert!(
+            failed.starts_with(FAILED) && failed.contains("WRONGTYPE"),
+            "{failed}"
+        );
+        // a's three entries and its batch op, then c's first entry: nothing of b, nothing
+        // after c's failure.
+        assert_eq!(len(&mut conn, "out").await, 5);
+        assert_eq!(pending(&mut conn, "a").await, 0);
+        assert_eq!(pending(&mut conn, "b").await, 3);
+        // c: the first two acknowledged (the failing one keeps its acknowledgement), the
+        // third still pending.
+        assert_eq!(pending(&mut conn, "c").await, 1);
     }
 }

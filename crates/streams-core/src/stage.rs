@@ -146,6 +146,17 @@ enum Op {
     },
 }
 
+impl Op {
+    /// The key the op writes.
+    fn key(&self) -> &str {
+        match self {
+            Op::AppendEnvelope { key, .. } | Op::Append { key, .. } | Op::Command { key, .. } => {
+                key
+            }
+        }
+    }
+}
+
 impl Outputs {
     /// Append `envelope` to the stream `key` (from [`KeySpace::stream`]).
     /// The entry carries the trace context of the span handling the input (when traced),
@@ -264,6 +275,36 @@ pub struct Stage<H> {
     stats: Arc<StageStats>,
     sources: Vec<Source>,
     source_by_key: HashMap<Arc<str>, usize>,
+    metrics: StageMetrics,
+    /// Whether the last batch handled held entries of more than one source.
+    spread: std::sync::atomic::AtomicBool,
+}
+
+/// The metrics a stage records for every batch, registered once (not looked up, labels
+/// and all, per batch).
+struct StageMetrics {
+    batch_size: metrics::Histogram,
+    handler_duration: metrics::Histogram,
+    ack_forward_duration: metrics::Histogram,
+    /// `tickflow_events_processed_total` of each source.
+    processed: Vec<metrics::Counter>,
+}
+
+impl StageMetrics {
+    fn new(group: &str, sources: &[Source]) -> Self {
+        // The recorder must exist before handles are taken (it is installed once).
+        crate::telemetry::install_metrics();
+        let group = group.to_owned();
+        Self {
+            batch_size: metrics::histogram!("tickflow_batch_size", "stage" => group.clone()),
+            handler_duration: metrics::histogram!("tickflow_handler_duration_seconds", "stage" => group.clone()),
+            ack_forward_duration: metrics::histogram!("tickflow_ack_forward_duration_seconds", "stage" => group.clone()),
+            processed: sources
+                .iter()
+                .map(|s| metrics::counter!("tickflow_events_processed_total", "stage" => group.clone(), "partition" => s.partition.to_string()))
+                .collect(),
+        }
+    }
 }
 
 impl<H> std::fmt::Debug for Stage<H> {
@@ -311,6 +352,7 @@ impl<H: Handler> Stage<H> {
             .map(|(i, s)| (s.stream.clone(), i))
             .collect();
         let stage_stats = stats.register(&spec, &config.keys);
+        let metrics = StageMetrics::new(&spec.group, &sources);
         Self {
             spec,
             handler,
@@ -322,6 +364,8 @@ impl<H: Handler> Stage<H> {
             stats: stage_stats,
             sources,
             source_by_key,
+            metrics,
+            spread: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -411,14 +455,21 @@ impl<H: Handler> Stage<H> {
         reader: &mut Option<MultiplexedConnection>,
         sources: &[usize],
     ) -> (ProcessOutcome, Option<Result<Vec<Pending>>>) {
-        let read_ahead = async {
-            if self.shutdown.is_cancelled() {
-                None
-            } else {
-                Some(self.read_group(reader, sources).await)
-            }
-        };
-        tokio::join!(self.commit_handled(handled, tokens), read_ahead)
+        if self.shutdown.is_cancelled() {
+            return (self.commit_handled(handled, tokens, None).await, None);
+        }
+        if reader.is_none() {
+            // An error here is the read's to report; the commit goes through the pool.
+            *reader = self.redis.dedicated(self.tuning.block).await.ok();
+        }
+        // The commit goes out on the reading connection just ahead of the read, so one
+        // write carries both and Redis reads one socket; its reply comes first.
+        let on_reader = reader.clone();
+        let (outcome, read) = tokio::join!(
+            self.commit_handled(handled, tokens, on_reader),
+            self.read_group(reader, sources)
+        );
+        (outcome, Some(read))
     }
 
     /// `XREADGROUP … BLOCK` over `sources` on the loop's dedicated connection.
@@ -431,24 +482,42 @@ impl<H: Handler> Stage<H> {
             *reader = Some(self.redis.dedicated(self.tuning.block).await?);
         }
         let conn = reader.as_mut().expect("connected above");
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(&self.spec.group)
-            .arg(&self.consumer)
-            .arg("COUNT")
-            .arg(self.tuning.batch_size)
-            .arg("BLOCK")
-            .arg(self.tuning.block.as_millis() as u64)
-            .arg("STREAMS");
-        for &source in sources {
-            cmd.arg(&*self.sources[source].stream);
-        }
-        for _ in sources {
-            cmd.arg(">");
-        }
-        let reply: Value = cmd.query_async(conn).await?;
+        let read = |block: bool| {
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
+                .arg(&self.spec.group)
+                .arg(&self.consumer)
+                .arg("COUNT")
+                .arg(self.tuning.batch_size);
+            if block {
+                cmd.arg("BLOCK").arg(self.tuning.block.as_millis() as u64);
+            }
+            cmd.arg("STREAMS");
+            for &source in sources {
+                cmd.arg(&*self.sources[source].stream);
+            }
+            for _ in sources {
+                cmd.arg(">");
+            }
+            cmd
+        };
+        let reply: Value = read(true).query_async(conn).await?;
         self.stats.mark_ready(true);
-        self.parse_read_reply(reply)
+        let mut batch = self.parse_read_reply(reply)?;
+        // Redis (7.0) answers a read blocked on several streams with the entries of the one
+        // stream that woke it. When batches span partitions, what the others hold by now is
+        // taken at once (a read that does not block), so it is handled and committed with
+        // these instead of in a batch of its own.
+        if sources.len() > 1
+            && self.spread.load(Ordering::Relaxed)
+            && batch
+                .first()
+                .is_some_and(|first| batch.iter().all(|p| p.source == first.source))
+        {
+            let reply: Value = read(false).query_async(conn).await?;
+            batch.extend(self.parse_read_reply(reply)?);
+        }
+        Ok(batch)
     }
 
     fn parse_read_reply(&self, reply: Value) -> Result<Vec<Pending>> {
@@ -837,7 +906,7 @@ impl<H: Handler> Stage<H> {
         tokens: &HashMap<usize, String>,
     ) -> ProcessOutcome {
         let handled = self.handle(batch).await;
-        self.commit_handled(handled, tokens).await
+        self.commit_handled(handled, tokens, None).await
     }
 
     /// Handles a batch in order: what to commit per source, and the sources halted.
@@ -925,6 +994,7 @@ impl<H: Handler> Stage<H> {
                 }
             }
         }
+        self.spread.store(commits.len() > 1, Ordering::Relaxed);
         for (source, commit) in commits.iter_mut() {
             if commit.processed > 0 {
                 let mut batch = Outputs::default();
@@ -947,6 +1017,7 @@ impl<H: Handler> Stage<H> {
         &self,
         handled: Handled,
         tokens: &HashMap<usize, String>,
+        reader: Option<MultiplexedConnection>,
     ) -> ProcessOutcome {
         let Handled {
             commits,
@@ -956,13 +1027,11 @@ impl<H: Handler> Stage<H> {
             duration,
         } = handled;
         let commit_started = Instant::now();
-        let committed = self.commit_all(commits, tokens).await;
-        let group = self.spec.group.clone();
-        metrics::histogram!("tickflow_batch_size", "stage" => group.clone())
-            .record(batch_len as f64);
-        metrics::histogram!("tickflow_handler_duration_seconds", "stage" => group.clone())
-            .record(duration.as_secs_f64());
-        metrics::histogram!("tickflow_ack_forward_duration_seconds", "stage" => group)
+        let committed = self.commit_all(commits, tokens, reader).await;
+        self.metrics.batch_size.record(batch_len as f64);
+        self.metrics.handler_duration.record(duration.as_secs_f64());
+        self.metrics
+            .ack_forward_duration
             .record(commit_started.elapsed().as_secs_f64());
         if failed > 0 {
             self.stats.failed.fetch_add(failed, Ordering::Relaxed);
@@ -1036,59 +1105,75 @@ impl<H: Handler> Stage<H> {
         }
     }
 
-    /// Commits every partition's entries concurrently (the multiplexed connection pipelines
-    /// them), retrying through outages. Returns the sources whose lease was lost.
+    /// Commits every partition's entries in one script call (several for a batch larger
+    /// than [`MAX_ENTRIES_PER_CALL`], pipelined), retrying through outages. The first try
+    /// goes on `reader` when given (the read loop's connection, ahead of its next read);
+    /// retries go through the pool. Returns the sources whose lease was lost or whose older
+    /// entries must be handled first.
     async fn commit_all(
         &self,
         commits: BTreeMap<usize, Commit>,
         tokens: &HashMap<usize, String>,
+        mut reader: Option<MultiplexedConnection>,
     ) -> CommitOutcome {
         let mut outcome = CommitOutcome::default();
-        if commits.is_empty() {
-            return outcome;
-        }
         let mut remaining: Vec<(usize, Commit)> = commits.into_iter().collect();
         let mut delay = Duration::from_millis(50);
         let mut grace_deadline: Option<Instant> = None;
-        loop {
-            let results = match self.redis.pooled().await {
-                Ok(conn) => {
-                    let this = self;
-                    let calls = remaining.iter().map(|(source, commit)| {
-                        let mut conn = conn.clone();
-                        let token = tokens.get(source).map(String::as_str);
-                        async move { this.commit_one(&mut conn, *source, commit, token).await }
-                    });
-                    futures::future::join_all(calls).await
+        while !remaining.is_empty() {
+            let calls = calls_of(&remaining);
+            let results: Vec<Result<Vec<SourceReply>>> = match reader.take() {
+                // The script only by its SHA: a NOSCRIPT is retried through the pool, not
+                // behind the blocking read queued on this connection.
+                Some(conn) => {
+                    self.commit_calls(conn, &remaining, &calls, tokens, false)
+                        .await
                 }
-                Err(e) => remaining
-                    .iter()
-                    .map(|_| Err(StreamsError::Pool(e.to_string())))
-                    .collect(),
+                None => match self.redis.pooled().await {
+                    Ok(conn) => {
+                        let conn: crate::connection::Connection = conn.clone();
+                        self.commit_calls(conn, &remaining, &calls, tokens, true)
+                            .await
+                    }
+                    Err(e) => calls
+                        .iter()
+                        .map(|_| Err(StreamsError::Pool(e.to_string())))
+                        .collect(),
+                },
             };
             let mut retry = Vec::new();
             let mut last_error = None;
-            for ((source, commit), result) in remaining.into_iter().zip(results) {
+            let mut retry_now = true;
+            let mut remaining_iter = remaining.into_iter();
+            for (range, result) in calls.into_iter().zip(results) {
+                let part: Vec<(usize, Commit)> =
+                    remaining_iter.by_ref().take(range.len()).collect();
                 match result {
-                    Ok(acked) => self.record_commit(source, &commit, acked),
-                    Err(StreamsError::Fenced { .. }) => outcome.fenced.push(source),
-                    Err(StreamsError::OutOfOrder { .. }) => outcome.out_of_order.push(source),
+                    Ok(replies) => {
+                        for ((source, commit), reply) in part.into_iter().zip(replies) {
+                            self.settle(source, commit, reply, &mut outcome);
+                        }
+                    }
+                    Err(e) if e.is_no_script() => retry.extend(part),
                     Err(e) if e.is_transient() => {
                         last_error = Some(e);
-                        retry.push((source, commit));
+                        retry_now = false;
+                        retry.extend(part);
                     }
                     Err(e) => {
                         // Not an outage: a logic or data error. The entries stay pending and
                         // will be claimed again; max deliveries bounds the repetition.
+                        let entries: usize = part.iter().map(|(_, c)| c.entries.len()).sum();
                         self.stats
                             .failed
-                            .fetch_add(commit.entries.len() as u64, Ordering::Relaxed);
+                            .fetch_add(entries as u64, Ordering::Relaxed);
                         tracing::error!(group = %self.spec.group, error = %e, "ack-and-forward failed");
                     }
                 }
             }
-            if retry.is_empty() {
-                return outcome;
+            remaining = retry;
+            if remaining.is_empty() || retry_now {
+                continue;
             }
             self.stats.mark_ready(false);
             let error = last_error.map(|e| e.to_string()).unwrap_or_default();
@@ -1096,125 +1181,107 @@ impl<H: Handler> Stage<H> {
                 let deadline = *grace_deadline
                     .get_or_insert_with(|| Instant::now() + self.tuning.shutdown_grace);
                 if Instant::now() >= deadline {
-                    tracing::warn!(group = %self.spec.group, error, entries = retry.iter().map(|(_, c)| c.entries.len()).sum::<usize>(),
+                    tracing::warn!(group = %self.spec.group, error, entries = remaining.iter().map(|(_, c)| c.entries.len()).sum::<usize>(),
                         "shutdown grace over with Redis unreachable; unfinished entries stay pending for a peer to claim");
-                    return outcome;
+                    break;
                 }
             }
             tracing::warn!(group = %self.spec.group, error, retry_in = ?delay, "ack-and-forward failed; keeping the outputs and retrying");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(1));
-            remaining = retry;
+        }
+        outcome
+    }
+
+    /// The calls of one commit attempt on `conn`, sent together.
+    async fn commit_calls<C>(
+        &self,
+        conn: C,
+        remaining: &[(usize, Commit)],
+        calls: &[std::ops::Range<usize>],
+        tokens: &HashMap<usize, String>,
+        load_script: bool,
+    ) -> Vec<Result<Vec<SourceReply>>>
+    where
+        C: redis::aio::ConnectionLike + Clone + Send,
+    {
+        futures::future::join_all(calls.iter().map(|range| {
+            let mut conn = conn.clone();
+            let part = &remaining[range.clone()];
+            async move { self.commit_call(&mut conn, part, tokens, load_script).await }
+        }))
+        .await
+    }
+
+    /// What one source's part of a commit came to.
+    fn settle(
+        &self,
+        source: usize,
+        commit: Commit,
+        reply: SourceReply,
+        outcome: &mut CommitOutcome,
+    ) {
+        match reply {
+            SourceReply::Acked(acked) => self.record_commit(source, &commit, acked),
+            SourceReply::Fenced => outcome.fenced.push(source),
+            SourceReply::OutOfOrder => outcome.out_of_order.push(source),
+            SourceReply::Failed(error) => {
+                // An effect command failed (a key of another type, ...): what came before it
+                // is done, the rest stays pending and will be claimed again.
+                self.stats
+                    .failed
+                    .fetch_add(commit.entries.len() as u64, Ordering::Relaxed);
+                tracing::error!(group = %self.spec.group, partition = self.sources[source].partition, %error, "ack-and-forward failed");
+            }
         }
     }
 
-    async fn commit_one(
+    /// One ACK_FORWARD call for `part`'s sources; a reply per source, in order.
+    async fn commit_call(
         &self,
-        conn: &mut crate::connection::Connection,
-        source: usize,
-        commit: &Commit,
-        token: Option<&str>,
-    ) -> Result<Vec<bool>> {
-        let src = &self.sources[source];
-        // KEYS: input, lease (or input), then each distinct effect key.
-        let mut keys: Vec<&str> = vec![
-            &src.stream,
-            token.map_or(&*src.stream, |_| src.lease.as_str()),
-        ];
-        for ops in commit
-            .entries
-            .iter()
-            .map(|(_, ops)| ops)
-            .chain(std::iter::once(&commit.batch_ops))
-        {
-            for op in ops {
-                let key = match op {
-                    Op::Append { key, .. }
-                    | Op::AppendEnvelope { key, .. }
-                    | Op::Command { key, .. } => key.as_str(),
-                };
-                if !keys[2..].contains(&key) {
-                    keys.push(key);
-                }
-            }
-        }
+        conn: &mut (impl redis::aio::ConnectionLike + Send),
+        part: &[(usize, Commit)],
+        tokens: &HashMap<usize, String>,
+        load_script: bool,
+    ) -> Result<Vec<SourceReply>> {
+        let call = CommitCall::new(&self.sources, part, tokens);
         let span = tracing::debug_span!(
             "ack_forward",
             otel.name = "EVALSHA ack_forward",
             otel.kind = "client",
             db.system = "redis",
             db.operation.name = "EVALSHA",
-            messaging.destination.name = %src.stream,
-            messaging.batch.message_count = commit.entries.len(),
+            messaging.destination.name = %self.sources[part[0].0].logical,
+            messaging.batch.message_count = call.entries,
         );
-        if let Some((first, rest)) = commit.traces.split_first() {
+        let mut traces = part.iter().flat_map(|(_, c)| &c.traces);
+        if let Some(first) = traces.next() {
             let _ = span
                 .set_parent(opentelemetry::Context::new().with_remote_span_context(first.clone()));
-            for other in rest {
+            for other in traces.take(127) {
                 span.add_link(other.clone());
             }
         }
-        let key_index = |key: &str| {
-            keys[2..]
-                .iter()
-                .position(|k| *k == key)
-                .map_or(0, |i| i + 3)
+        let fill = |cmd: &mut Cmd| call.fill(cmd, &self.spec.group);
+        let script = &scripts().ack_forward;
+        let reply = if load_script {
+            script
+                .run_with(conn, call.keys.len(), fill)
+                .instrument(span)
+                .await?
+        } else {
+            script
+                .run_loaded(conn, call.keys.len(), fill)
+                .instrument(span)
+                .await?
         };
-        let reply = scripts()
-            .ack_forward
-            .run_with(conn, keys.len(), |cmd: &mut Cmd| {
-                for key in &keys {
-                    cmd.arg(*key);
-                }
-                cmd.arg(&self.spec.group)
-                    .arg(token.unwrap_or(""))
-                    .arg(commit.entries.len());
-                let encode = |cmd: &mut Cmd, op: &Op| match op {
-                    Op::AppendEnvelope { key, envelope } => {
-                        cmd.arg("X")
-                            .arg(key_index(key))
-                            .arg(envelope.field_count() * 2);
-                        envelope.for_each_field(|name, value| {
-                            cmd.arg(name).arg(value);
-                        });
-                    }
-                    Op::Append { key, fields } => {
-                        cmd.arg("X").arg(key_index(key)).arg(fields.len() * 2);
-                        for (name, value) in fields {
-                            cmd.arg(name.as_ref()).arg(value.as_slice());
-                        }
-                    }
-                    Op::Command { name, key, args } => {
-                        cmd.arg(*name).arg(key_index(key)).arg(args.len());
-                        for arg in args {
-                            cmd.arg(arg.as_slice());
-                        }
-                    }
-                };
-                for (id, ops) in &commit.entries {
-                    cmd.arg(id).arg(ops.len());
-                    for op in ops {
-                        encode(cmd, op);
-                    }
-                }
-                cmd.arg(commit.batch_ops.len());
-                for op in &commit.batch_ops {
-                    encode(cmd, op);
-                }
-            })
-            .instrument(span)
-            .await
-            .map_err(|e| fenced_or(e, src.partition))?;
-        match reply {
-            Value::Array(values) => values.iter().map(|v| as_int(v).map(|i| i == 1)).collect(),
-            other => Err(scripts::protocol("ack_forward reply", &other)),
-        }
+        parse_commit_reply(reply, part.len())
     }
 
     fn record_commit(&self, source: usize, commit: &Commit, acked: Vec<bool>) {
         let duplicates = acked.iter().filter(|a| !**a).count() as u64;
-        let partition = self.sources[source].partition.to_string();
-        let group = self.spec.group.clone();
+        let partition = || self.sources[source].partition.to_string();
+        let group = || self.spec.group.clone();
         self.stats
             .processed
             .fetch_add(commit.processed, Ordering::Relaxed);
@@ -1224,14 +1291,13 @@ impl<H: Handler> Stage<H> {
         self.stats
             .duplicates_skipped
             .fetch_add(duplicates, Ordering::Relaxed);
-        metrics::counter!("tickflow_events_processed_total", "stage" => group.clone(), "partition" => partition.clone())
-            .increment(commit.processed);
+        self.metrics.processed[source].increment(commit.processed);
         if commit.dead_lettered > 0 {
-            metrics::counter!("tickflow_events_dead_lettered_total", "stage" => group.clone(), "partition" => partition.clone())
+            metrics::counter!("tickflow_events_dead_lettered_total", "stage" => group(), "partition" => partition())
                 .increment(commit.dead_lettered);
         }
         if duplicates > 0 {
-            metrics::counter!("tickflow_duplicates_skipped_total", "stage" => group, "partition" => partition)
+            metrics::counter!("tickflow_duplicates_skipped_total", "stage" => group(), "partition" => partition())
                 .increment(duplicates);
         }
         self.stats.mark_ready(true);
@@ -1323,4 +1389,169 @@ struct ProcessOutcome {
     fenced: Vec<usize>,
     /// Owned partitions whose commit found older entries pending: drain them first.
     out_of_order: Vec<usize>,
+}
+
+/// The most entries one ACK_FORWARD call carries. A script runs alone on Redis, so a larger
+/// batch is split into several calls (pipelined) to keep other clients from waiting long.
+const MAX_ENTRIES_PER_CALL: usize = 512;
+
+/// The ranges of `commits` that go in one call each: whole sources, up to
+/// [`MAX_ENTRIES_PER_CALL`] entries (a larger source alone).
+fn calls_of(commits: &[(usize, Commit)]) -> Vec<std::ops::Range<usize>> {
+    let mut calls = Vec::new();
+    let (mut start, mut entries) = (0, 0);
+    for (i, (_, commit)) in commits.iter().enumerate() {
+        if i > start && entries + commit.entries.len() > MAX_ENTRIES_PER_CALL {
+            calls.push(start..i);
+            (start, entries) = (i, 0);
+        }
+        entries += commit.entries.len();
+    }
+    if start < commits.len() {
+        calls.push(start..commits.len());
+    }
+    calls
+}
+
+/// What one source's part of an ACK_FORWARD call came back as.
+#[derive(Debug)]
+enum SourceReply {
+    /// Per entry, whether this call acknowledged it (and so applied its effects).
+    Acked(Vec<bool>),
+    /// The lease is not held: nothing changed.
+    Fenced,
+    /// Older entries are pending: nothing changed.
+    OutOfOrder,
+    /// An effect command failed, with Redis's error.
+    Failed(String),
+}
+
+/// The keys and arguments of one ACK_FORWARD call (layout in `scripts.rs`).
+struct CommitCall<'a> {
+    keys: Vec<&'a str>,
+    /// Each effect key's index in KEYS (1-based, as the script reads it).
+    index: HashMap<&'a str, usize>,
+    part: &'a [(usize, Commit)],
+    tokens: Vec<&'a str>,
+    entries: usize,
+}
+
+impl<'a> CommitCall<'a> {
+    fn new(
+        sources: &'a [Source],
+        part: &'a [(usize, Commit)],
+        tokens: &'a HashMap<usize, String>,
+    ) -> Self {
+        let mut keys: Vec<&str> = Vec::with_capacity(part.len() * 2 + 8);
+        let mut source_tokens = Vec::with_capacity(part.len());
+        for (source, _) in part {
+            let src = &sources[*source];
+            let token = tokens.get(source).map(String::as_str);
+            keys.push(&src.stream);
+            keys.push(token.map_or(&*src.stream, |_| src.lease.as_str()));
+            source_tokens.push(token.unwrap_or(""));
+        }
+        let mut index = HashMap::new();
+        let mut entries = 0;
+        for (_, commit) in part {
+            entries += commit.entries.len();
+            let ops = commit.entries.iter().flat_map(|(_, ops)| ops);
+            for op in ops.chain(&commit.batch_ops) {
+                let key = op.key();
+                if !index.contains_key(key) {
+                    keys.push(key);
+                    index.insert(key, keys.len());
+                }
+            }
+        }
+        Self {
+            keys,
+            index,
+            part,
+            tokens: source_tokens,
+            entries,
+        }
+    }
+
+    fn fill(&self, cmd: &mut Cmd, group: &str) {
+        for key in &self.keys {
+            cmd.arg(*key);
+        }
+        cmd.arg(group).arg(self.part.len());
+        for ((_, commit), token) in self.part.iter().zip(&self.tokens) {
+            cmd.arg(*token).arg(commit.entries.len());
+            for (id, ops) in &commit.entries {
+                cmd.arg(id).arg(ops.len());
+                for op in ops {
+                    self.encode(cmd, op);
+                }
+            }
+            cmd.arg(commit.batch_ops.len());
+            for op in &commit.batch_ops {
+                self.encode(cmd, op);
+            }
+        }
+    }
+
+    fn encode(&self, cmd: &mut Cmd, op: &Op) {
+        let key_index = self.index[op.key()];
+        match op {
+            Op::AppendEnvelope { envelope, .. } => {
+                cmd.arg("X").arg(key_index).arg(envelope.field_count() * 2);
+                envelope.for_each_field(|name, value| {
+                    cmd.arg(name).arg(value);
+                });
+            }
+            Op::Append { fields, .. } => {
+                cmd.arg("X").arg(key_index).arg(fields.len() * 2);
+                for (name, value) in fields {
+                    cmd.arg(name.as_ref()).arg(value.as_slice());
+                }
+            }
+            Op::Command { name, args, .. } => {
+                cmd.arg(*name).arg(key_index).arg(args.len());
+                for arg in args {
+                    cmd.arg(arg.as_slice());
+                }
+            }
+        }
+    }
+}
+
+/// Reads ACK_FORWARD's reply: one item per source, acknowledgements or a status.
+fn parse_commit_reply(reply: Value, sources: usize) -> Result<Vec<SourceReply>> {
+    let Value::Array(items) = reply else {
+        return Err(scripts::protocol("ack_forward reply", &reply));
+    };
+    if items.len() != sources {
+        return Err(StreamsError::Protocol(format!(
+            "ack_forward replied for {} sources, not {sources}",
+            items.len()
+        )));
+    }
+    items
+        .into_iter()
+        .map(|item| match item {
+            Value::Array(acks) => Ok(SourceReply::Acked(
+                acks.iter()
+                    .map(|v| as_int(v).map(|i| i == 1))
+                    .collect::<Result<_>>()?,
+            )),
+            Value::BulkString(_) | Value::SimpleString(_) => {
+                let status = as_string(item)?;
+                if status == FENCED {
+                    Ok(SourceReply::Fenced)
+                } else if status == scripts::OUT_OF_ORDER {
+                    Ok(SourceReply::OutOfOrder)
+                } else if let Some(error) = status.strip_prefix(scripts::FAILED) {
+                    Ok(SourceReply::Failed(error.trim().to_owned()))
+                } else {
+                    Err(StreamsError::Protocol(format!(
+                        "unknown ack_forward status {status:?}"
+                    )))
+                }
+            }
+            other => Err(scripts::protocol("ack_forward source reply", &other)),
+        })
+        .collect()
 }
