@@ -627,6 +627,11 @@ impl<H: Handler> Stage<H> {
                     DrainOutcome::Halted => {
                         needs_drain.insert(source, Instant::now() + Duration::from_millis(200));
                     }
+                    DrainOutcome::Stale => {
+                        if self.reload(&ownership, source, &mut active).await {
+                            needs_drain.insert(source, Instant::now() + Duration::from_millis(20));
+                        }
+                    }
                     DrainOutcome::Fenced => self.lose(&ownership, source, &mut active),
                 }
             }
@@ -681,10 +686,17 @@ impl<H: Handler> Stage<H> {
                         .commit_and_read_ahead(handled, &tokens, &mut reader, &sources)
                         .await;
                     prefetched = next;
-                    for source in outcome.halted.into_iter().chain(outcome.out_of_order) {
-                        needs_drain
-                            .entry(source)
-                            .or_insert_with(|| Instant::now() + Duration::from_millis(20));
+                    for source in outcome.stale.iter().copied() {
+                        if !self.reload(&ownership, source, &mut active).await {
+                            needs_drain.remove(&source);
+                        }
+                    }
+                    for source in outcome.halted.into_iter().chain(outcome.stale) {
+                        if active.contains_key(&source) {
+                            needs_drain
+                                .entry(source)
+                                .or_insert_with(|| Instant::now() + Duration::from_millis(20));
+                        }
                     }
                     for source in outcome.fenced {
                         self.lose(&ownership, source, &mut active);
@@ -765,6 +777,32 @@ impl<H: Handler> Stage<H> {
         }
     }
 
+    /// Reloads the handler's state of an owned partition whose commit did not go through
+    /// (refused for older pending entries, or failed): what it handled in that batch is in
+    /// its state but not in Redis, and will be handled again. False if the partition had to
+    /// be given up (its state could not be loaded).
+    async fn reload(
+        &mut self,
+        ownership: &Ownership,
+        source: usize,
+        active: &mut BTreeMap<usize, String>,
+    ) -> bool {
+        let partition = self.sources[source].partition;
+        let Some(token) = active.get(&source).cloned() else {
+            return false;
+        };
+        self.handler.partition_released(partition);
+        match self.handler.partition_acquired(partition).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(group = %self.spec.group, partition, error = %e, "could not reload the partition's state; releasing it");
+                active.remove(&source);
+                ownership.release(partition, &token).await;
+                false
+            }
+        }
+    }
+
     fn lose(&mut self, ownership: &Ownership, source: usize, active: &mut BTreeMap<usize, String>) {
         let partition = self.sources[source].partition;
         if let Some(token) = active.remove(&source) {
@@ -821,7 +859,10 @@ impl<H: Handler> Stage<H> {
                 if !outcome.fenced.is_empty() {
                     return DrainOutcome::Fenced;
                 }
-                if !outcome.halted.is_empty() || !outcome.out_of_order.is_empty() {
+                if !outcome.stale.is_empty() {
+                    return DrainOutcome::Stale;
+                }
+                if !outcome.halted.is_empty() {
                     return DrainOutcome::Halted;
                 }
             }
@@ -1039,7 +1080,7 @@ impl<H: Handler> Stage<H> {
         ProcessOutcome {
             halted: halted.into_iter().collect(),
             fenced: committed.fenced,
-            out_of_order: committed.out_of_order,
+            stale: committed.stale,
         }
     }
 
@@ -1168,6 +1209,7 @@ impl<H: Handler> Stage<H> {
                             .failed
                             .fetch_add(entries as u64, Ordering::Relaxed);
                         tracing::error!(group = %self.spec.group, error = %e, "ack-and-forward failed");
+                        outcome.stale.extend(part.iter().map(|(source, _)| *source));
                     }
                 }
             }
@@ -1224,7 +1266,7 @@ impl<H: Handler> Stage<H> {
         match reply {
             SourceReply::Acked(acked) => self.record_commit(source, &commit, acked),
             SourceReply::Fenced => outcome.fenced.push(source),
-            SourceReply::OutOfOrder => outcome.out_of_order.push(source),
+            SourceReply::OutOfOrder => outcome.stale.push(source),
             SourceReply::Failed(error) => {
                 // An effect command failed (a key of another type, ...): what came before it
                 // is done, the rest stays pending and will be claimed again.
@@ -1232,6 +1274,7 @@ impl<H: Handler> Stage<H> {
                     .failed
                     .fetch_add(commit.entries.len() as u64, Ordering::Relaxed);
                 tracing::error!(group = %self.spec.group, partition = self.sources[source].partition, %error, "ack-and-forward failed");
+                outcome.stale.push(source);
             }
         }
     }
@@ -1361,6 +1404,8 @@ enum ClaimMode {
 enum DrainOutcome {
     Done,
     Halted,
+    /// A commit did not go through: the handler's state of the partition must be reloaded.
+    Stale,
     Fenced,
 }
 
@@ -1381,14 +1426,17 @@ struct Handled {
 #[derive(Default)]
 struct CommitOutcome {
     fenced: Vec<usize>,
-    out_of_order: Vec<usize>,
+    /// Sources whose commit was refused for older pending entries, or failed.
+    stale: Vec<usize>,
 }
 
 struct ProcessOutcome {
     halted: Vec<usize>,
     fenced: Vec<usize>,
-    /// Owned partitions whose commit found older entries pending: drain them first.
-    out_of_order: Vec<usize>,
+    /// Sources whose commit found older entries pending, or failed: nothing of the batch
+    /// was done for them, though the handler saw it. Owned partitions reload the handler's
+    /// state and drain their pending entries, in order.
+    stale: Vec<usize>,
 }
 
 /// The most entries one ACK_FORWARD call carries. A script runs alone on Redis, so a larger
