@@ -127,11 +127,12 @@ pub(crate) const FAILED: &str = "TICKFLOW_FAILED";
 /// atomically: one call per batch, whatever the number of partitions it holds.
 ///
 /// KEYS[2s-1] and KEYS[2s]: source s's input stream and lease key (the input again when
-/// unfenced); the KEYS after them are the keys effects write. ARGV: group, source count,
-/// then per source: fencing token ('' = none), entry count, then per entry: id, op count,
-/// and per op: kind ('X' = XADD, else a command name), key index, argument count,
-/// arguments; then the source's batch op count and ops (e.g. a state snapshot), applied if
-/// any entry of the source was acknowledged by this call.
+/// unfenced); the KEYS after them are the keys effects write. ARGV: group, source count S,
+/// each source's fencing token ('' = none; the leases are read with one MGET), then per
+/// source: entry count, then per entry: id, op count, and per op: kind ('X' = XADD, else a
+/// command name), key index, argument count, arguments; then the source's batch op count
+/// and ops (e.g. a state snapshot), applied if any entry of the source was acknowledged by
+/// this call.
 ///
 /// An entry's effects are applied only if its XACK removed it from the pending list, so an
 /// entry handled twice is forwarded once. With a fencing token, a source is refused
@@ -143,7 +144,22 @@ pub(crate) const FAILED: &str = "TICKFLOW_FAILED";
 /// source, one 0/1 per entry or the status string.
 const ACK_FORWARD: &str = r#"
 local group, sources = ARGV[1], tonumber(ARGV[2])
-local i = 3
+local held = {}
+local leases = {}
+for s = 1, sources do
+  if ARGV[2 + s] ~= '' then leases[#leases + 1] = KEYS[2 * s] end
+end
+if #leases > 0 then
+  local values = redis.call('MGET', unpack(leases))
+  local k = 1
+  for s = 1, sources do
+    if ARGV[2 + s] ~= '' then
+      held[s] = values[k] == ARGV[2 + s]
+      k = k + 1
+    end
+  end
+end
+local i = 3 + sources
 local result = {}
 local function skip(count)
   for _ = 1, count do i = i + 3 + tonumber(ARGV[i + 2]) end
@@ -161,12 +177,12 @@ local function apply()
   return nil
 end
 for s = 1, sources do
-  local stream, lease = KEYS[2 * s - 1], KEYS[2 * s]
-  local token, n = ARGV[i], tonumber(ARGV[i + 1])
-  i = i + 2
+  local stream = KEYS[2 * s - 1]
+  local token, n = ARGV[2 + s], tonumber(ARGV[i])
+  i = i + 1
   local status = nil
   if token ~= '' then
-    if redis.call('GET', lease) ~= token then
+    if not held[s] then
       status = 'TICKFLOW_FENCED'
     elseif n > 0 and #redis.call('XPENDING', stream, group, '-', '(' .. ARGV[i], 1) > 0 then
       -- Owned partitions keep order: nothing older than this batch may still be pending.
@@ -710,9 +726,9 @@ mod tests {
                     .arg("c")
                     .arg("c");
                 cmd.arg("out").arg("not-a-hash");
-                cmd.arg("g").arg(3);
+                cmd.arg("g").arg(3).arg("").arg("my-token#2").arg("");
                 // a: every entry forwarded, plus a batch op.
-                cmd.arg("").arg(a.len());
+                cmd.arg(a.len());
                 for id in &a {
                     cmd.arg(id)
                         .arg(1)
@@ -724,7 +740,7 @@ mod tests {
                 }
                 cmd.arg(1).arg("X").arg(7).arg(2).arg("batch").arg("a");
                 // b: fenced.
-                cmd.arg("my-token#2").arg(b.len());
+                cmd.arg(b.len());
                 for id in &b {
                     cmd.arg(id)
                         .arg(1)
@@ -736,7 +752,7 @@ mod tests {
                 }
                 cmd.arg(0);
                 // c: the second entry's effect fails (a string is not a hash).
-                cmd.arg("").arg(c.len());
+                cmd.arg(c.len());
                 for (k, id) in c.iter().enumerate() {
                     if k == 1 {
                         cmd.arg(id)

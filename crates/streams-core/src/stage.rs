@@ -1526,8 +1526,11 @@ impl<'a> CommitCall<'a> {
             cmd.arg(*key);
         }
         cmd.arg(group).arg(self.part.len());
-        for ((_, commit), token) in self.part.iter().zip(&self.tokens) {
-            cmd.arg(*token).arg(commit.entries.len());
+        for token in &self.tokens {
+            cmd.arg(*token);
+        }
+        for (_, commit) in self.part {
+            cmd.arg(commit.entries.len());
             for (id, ops) in &commit.entries {
                 cmd.arg(id).arg(ops.len());
                 for op in ops {

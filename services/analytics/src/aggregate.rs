@@ -1,7 +1,11 @@
 //! The analytics stage's handler: every trade, tick and execution report updates per-symbol
-//! statistics, OHLCV bars and the latency histogram in Redis. A batch's changes are
-//! aggregated in memory and written as the batch's effects, atomically with its
-//! acknowledgement: each event counts exactly once, at a few commands per symbol and batch.
+//! statistics, OHLCV bars and the latency histogram in Redis. This consumer owns the
+//! partition, so its memory holds the truth: each statistic and latency bucket is loaded once
+//! (when first needed), counted in memory, and what a batch changed is written back whole, as
+//! the batch's effects, atomically with its acknowledgement. Each event counts exactly once,
+//! at one command per changed symbol (statistics), one per changed bar and one per partition
+//! (latency) and batch; a commit that does not go through makes the stage reload the
+//! partition (`partition_released`), so memory never runs ahead of Redis.
 //!
 //! Keys, all under the event's partition hash tag:
 //! - `…:state:analytics:stats:{SYMBOL}` hash: `trades`, `volume`, `notional`,
@@ -150,31 +154,85 @@ pub struct Aggregator {
     /// Bars touched recently, by (symbol, interval, bucket): the truth for this partition
     /// owner until committed, since Redis only sees them at the batch's commit.
     bars: HashMap<(Partition, String, Interval, u64), Bar>,
-    /// What the batch in hand changes, per partition, written by `batch_effects`.
+    /// Each symbol's statistics, as stored plus what was counted since (loaded on first use).
+    stats: HashMap<Partition, HashMap<String, SymbolStats>>,
+    /// Each partition's latency histogram, likewise.
+    latency: HashMap<Partition, HashMap<u32, u64>>,
+    /// What the batch in hand changed, per partition, written by `batch_effects`.
     batch: HashMap<Partition, BatchDelta>,
 }
 
-/// The effect of a batch on one partition's Redis state, aggregated so that a batch costs a
-/// few commands per symbol instead of a dozen per event.
+/// What a batch changed in one partition's state: written back whole by `batch_effects`.
 #[derive(Debug, Default)]
 struct BatchDelta {
-    stats: HashMap<String, StatsDelta>,
+    stats: std::collections::BTreeSet<String>,
     bars: std::collections::BTreeSet<(String, Interval, u64)>,
     /// The bars of `bars` that did not exist before this batch: only a new bar can push an
     /// older one out of the retention, so only these trim.
     opened: std::collections::BTreeSet<(String, Interval, u64)>,
-    latency: HashMap<u32, u64>,
+    latency: std::collections::BTreeSet<u32>,
 }
 
-#[derive(Debug, Default)]
-struct StatsDelta {
+/// One symbol's statistics hash (`…:stats:{SYMBOL}`).
+#[derive(Debug, Default, Clone, PartialEq)]
+struct SymbolStats {
     trades: u64,
     volume: u64,
     notional: f64,
     last_price_e6: Option<i64>,
     ticks: u64,
     last_tick_price_e6: Option<i64>,
-    executions: HashMap<String, u64>,
+    /// `exec_<status>` counts.
+    executions: std::collections::BTreeMap<String, u64>,
+}
+
+impl SymbolStats {
+    /// Reads the stored hash; a field that does not parse counts as absent.
+    fn from_hash(hash: &HashMap<String, String>) -> Self {
+        let int = |name: &str| hash.get(name).and_then(|v| v.parse::<u64>().ok());
+        let price = |name: &str| hash.get(name).and_then(|v| v.parse::<i64>().ok());
+        Self {
+            trades: int("trades").unwrap_or(0),
+            volume: int("volume").unwrap_or(0),
+            notional: hash
+                .get("notional")
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0),
+            last_price_e6: price("last_price_e6"),
+            ticks: int("ticks").unwrap_or(0),
+            last_tick_price_e6: price("last_tick_price_e6"),
+            executions: hash
+                .iter()
+                .filter_map(|(name, value)| {
+                    let status = name.strip_prefix("exec_")?;
+                    Some((status.to_owned(), value.parse().ok()?))
+                })
+                .collect(),
+        }
+    }
+
+    /// Its fields and values, for HSET.
+    fn to_hash(&self) -> Vec<Vec<u8>> {
+        let mut args = Vec::with_capacity(16);
+        let mut field = |name: &str, value: String| {
+            args.push(name.as_bytes().to_vec());
+            args.push(value.into_bytes());
+        };
+        field("trades", self.trades.to_string());
+        field("volume", self.volume.to_string());
+        field("notional", self.notional.to_string());
+        if let Some(p) = self.last_price_e6 {
+            field("last_price_e6", p.to_string());
+        }
+        field("ticks", self.ticks.to_string());
+        if let Some(p) = self.last_tick_price_e6 {
+            field("last_tick_price_e6", p.to_string());
+        }
+        for (status, count) in &self.executions {
+            field(&format!("exec_{status}"), count.to_string());
+        }
+        args
+    }
 }
 
 impl Aggregator {
@@ -185,8 +243,67 @@ impl Aggregator {
             redis,
             retention,
             bars: HashMap::new(),
+            stats: HashMap::new(),
+            latency: HashMap::new(),
             batch: HashMap::new(),
         }
+    }
+
+    /// Loads `symbol`'s statistics into memory if they are not there yet.
+    async fn load_stats(&mut self, partition: Partition, symbol: &str) -> Result<(), HandlerError> {
+        if self
+            .stats
+            .get(&partition)
+            .is_some_and(|s| s.contains_key(symbol))
+        {
+            return Ok(());
+        }
+        let mut conn = self
+            .redis
+            .pooled()
+            .await
+            .map_err(|e| HandlerError::Retry(e.to_string()))?;
+        let hash: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.keys.stats(symbol))
+            .query_async(&mut *conn)
+            .await
+            .map_err(|e| HandlerError::Retry(e.to_string()))?;
+        self.stats
+            .entry(partition)
+            .or_default()
+            .insert(symbol.to_owned(), SymbolStats::from_hash(&hash));
+        Ok(())
+    }
+
+    /// Loads the partition's latency histogram into memory if it is not there yet.
+    async fn load_latency(&mut self, partition: Partition) -> Result<(), HandlerError> {
+        if self.latency.contains_key(&partition) {
+            return Ok(());
+        }
+        let mut conn = self
+            .redis
+            .pooled()
+            .await
+            .map_err(|e| HandlerError::Retry(e.to_string()))?;
+        let hash: HashMap<u32, u64> = redis::cmd("HGETALL")
+            .arg(self.keys.latency(partition))
+            .query_async(&mut *conn)
+            .await
+            .map_err(|e| HandlerError::Retry(e.to_string()))?;
+        self.latency.insert(partition, hash);
+        Ok(())
+    }
+
+    /// The statistics of `symbol`, loaded before (`load_stats`), marked as changed.
+    fn stats_mut(&mut self, partition: Partition, symbol: &str) -> &mut SymbolStats {
+        let delta = self.batch.entry(partition).or_default();
+        if !delta.stats.contains(symbol) {
+            delta.stats.insert(symbol.to_owned());
+        }
+        self.stats
+            .get_mut(&partition)
+            .and_then(|s| s.get_mut(symbol))
+            .expect("statistics are loaded before they are counted")
     }
 
     async fn bar(
@@ -235,6 +352,9 @@ impl Aggregator {
         trades: &[v1::Trade],
     ) -> Result<(), HandlerError> {
         let at_ms = envelope.origin_us / 1000;
+        for trade in trades {
+            self.load_stats(partition, &trade.symbol).await?;
+        }
         // Compute every bar first, so a Redis error leaves the cache and the batch untouched.
         // With each: whether it is new.
         let mut updated: Vec<((String, Interval, u64), Bar, bool)> = Vec::new();
@@ -275,7 +395,7 @@ impl Aggregator {
             self.bars.insert((partition, symbol, interval, bucket), bar);
         }
         for trade in trades {
-            let stats = delta.stats.entry(trade.symbol.clone()).or_default();
+            let stats = self.stats_mut(partition, &trade.symbol);
             stats.trades += 1;
             stats.volume = stats.volume.saturating_add(trade.qty);
             stats.notional += trade.price_e6 as f64 / 1e6 * trade.qty as f64;
@@ -285,15 +405,12 @@ impl Aggregator {
         Ok(())
     }
 
-    fn execution(&mut self, partition: Partition, symbol: String, status: String) {
-        let stats = self
-            .batch
-            .entry(partition)
-            .or_default()
-            .stats
-            .entry(symbol)
-            .or_default();
-        *stats.executions.entry(status).or_default() += 1;
+    fn execution(&mut self, partition: Partition, symbol: &str, status: String) {
+        *self
+            .stats_mut(partition, symbol)
+            .executions
+            .entry(status)
+            .or_default() += 1;
     }
 
     /// Keeps the cache small: forgets bars more than two minutes older than `now_ms`.
@@ -314,9 +431,8 @@ fn decode<M: Message + Default>(envelope: &Envelope) -> Result<M, HandlerError> 
     })
 }
 
-/// The largest trade quantity counted: what transform lets through (1e15), so that a
-/// batch's sums stay far within what `HINCRBY` takes (a failing command would fail the
-/// whole batch's commit).
+/// The largest trade quantity counted: what transform lets through (1e15), so that the
+/// volumes summed stay far within 64 bits.
 pub const MAX_TRADE_QTY: u64 = 1_000_000_000_000_000;
 
 /// Why a market event of `symbol` read from `partition` cannot be counted, if it cannot:
@@ -403,6 +519,9 @@ impl Handler for Aggregator {
     ) -> Result<(), HandlerError> {
         let envelope = delivery.envelope.as_ref().expect("envelope stage");
         let partition = delivery.partition;
+        // Everything this entry needs from Redis is loaded before anything is counted, so a
+        // Redis error (a retry) leaves memory as it was.
+        self.load_latency(partition).await?;
         match envelope.event_type.as_str() {
             types::TRADE => {
                 let trade: v1::Trade = decode(envelope)?;
@@ -416,13 +535,8 @@ impl Handler for Aggregator {
                 if let Some(problem) = tick_problem(&self.keys, &tick, partition) {
                     return Err(HandlerError::Permanent(problem));
                 }
-                let stats = self
-                    .batch
-                    .entry(partition)
-                    .or_default()
-                    .stats
-                    .entry(tick.symbol)
-                    .or_default();
+                self.load_stats(partition, &tick.symbol).await?;
+                let stats = self.stats_mut(partition, &tick.symbol);
                 stats.ticks += 1;
                 stats.last_tick_price_e6 = Some(tick.price_e6);
             }
@@ -430,7 +544,8 @@ impl Handler for Aggregator {
                 let report: v1::ExecutionReport = decode(envelope)?;
                 let status = execution_status(&self.keys, &report, partition)
                     .map_err(HandlerError::Permanent)?;
-                self.execution(partition, report.symbol, status);
+                self.load_stats(partition, &report.symbol).await?;
+                self.execution(partition, &report.symbol, status);
             }
             types::ORDER_EVENTS => {
                 let events: v1::OrderEvents = decode(envelope)?;
@@ -461,9 +576,12 @@ impl Handler for Aggregator {
                         }
                     }
                 }
+                for (symbol, _) in &executions {
+                    self.load_stats(partition, symbol).await?;
+                }
                 self.trades(partition, envelope, &trades).await?;
                 for (symbol, status) in executions {
-                    self.execution(partition, symbol, status);
+                    self.execution(partition, &symbol, status);
                 }
             }
             other => {
@@ -474,64 +592,43 @@ impl Handler for Aggregator {
         }
         let latency_us = now_micros().saturating_sub(envelope.origin_us);
         metrics::histogram!("tickflow_e2e_latency_seconds").record(latency_us as f64 / 1e6);
+        let bucket = latency::bucket(latency_us);
         *self
-            .batch
+            .latency
+            .get_mut(&partition)
+            .expect("loaded above")
+            .entry(bucket)
+            .or_default() += 1;
+        self.batch
             .entry(partition)
             .or_default()
             .latency
-            .entry(latency::bucket(latency_us))
-            .or_default() += 1;
+            .insert(bucket);
         Ok(())
     }
 
     fn partition_released(&mut self, partition: Partition) {
-        // What this consumer cached may not have been committed; the next owner reads Redis.
+        // What this consumer holds may not have been committed; the next owner (or this one,
+        // reloading) reads Redis.
         self.bars.retain(|(p, _, _, _), _| *p != partition);
+        self.stats.remove(&partition);
+        self.latency.remove(&partition);
         self.batch.remove(&partition);
     }
 
-    /// The batch's aggregated changes, applied with its acknowledgement (so each event
-    /// counts once): per symbol one command per changed statistic and one per changed bar.
+    /// The batch's changes, applied with its acknowledgement (so each event counts once):
+    /// each changed symbol's statistics whole, each changed bar, and the changed latency
+    /// buckets.
     fn batch_effects(&mut self, partition: Partition, out: &mut Outputs) {
         let Some(delta) = self.batch.remove(&partition) else {
             return;
         };
         let int = |v: u64| v.to_string().into_bytes();
-        for (symbol, stats) in delta.stats {
-            let key = self.keys.stats(&symbol);
-            let mut increments: Vec<(String, u64)> = vec![
-                ("trades".into(), stats.trades),
-                ("volume".into(), stats.volume),
-                ("ticks".into(), stats.ticks),
-            ];
-            increments.extend(
-                stats
-                    .executions
-                    .into_iter()
-                    .map(|(s, n)| (format!("exec_{s}"), n)),
-            );
-            for (field, by) in increments.into_iter().filter(|(_, by)| *by > 0) {
-                out.command("HINCRBY", key.clone(), vec![field.into_bytes(), int(by)]);
-            }
-            if stats.trades > 0 {
-                out.command(
-                    "HINCRBYFLOAT",
-                    key.clone(),
-                    vec![
-                        b"notional".to_vec(),
-                        format!("{:.6}", stats.notional).into_bytes(),
-                    ],
-                );
-            }
-            let mut last = Vec::new();
-            if let Some(p) = stats.last_price_e6 {
-                last.extend([b"last_price_e6".to_vec(), p.to_string().into_bytes()]);
-            }
-            if let Some(p) = stats.last_tick_price_e6 {
-                last.extend([b"last_tick_price_e6".to_vec(), p.to_string().into_bytes()]);
-            }
-            if !last.is_empty() {
-                out.command("HSET", key, last);
+        if let Some(stats) = self.stats.get(&partition) {
+            for symbol in delta.stats {
+                if let Some(stats) = stats.get(&symbol) {
+                    out.command("HSET", self.keys.stats(&symbol), stats.to_hash());
+                }
             }
         }
         for (symbol, interval, bucket) in delta.bars {
@@ -569,13 +666,15 @@ impl Handler for Aggregator {
                 vec![b"-inf".to_vec(), format!("({oldest}").into_bytes()],
             );
         }
-        let key = self.keys.latency(partition);
-        for (bucket, count) in delta.latency {
-            out.command(
-                "HINCRBY",
-                key.clone(),
-                vec![bucket.to_string().into_bytes(), int(count)],
-            );
+        if let Some(histogram) = self.latency.get(&partition)
+            && !delta.latency.is_empty()
+        {
+            let mut args = Vec::with_capacity(delta.latency.len() * 2);
+            for bucket in delta.latency {
+                args.push(bucket.to_string().into_bytes());
+                args.push(int(histogram.get(&bucket).copied().unwrap_or(0)));
+            }
+            out.command("HSET", self.keys.latency(partition), args);
         }
     }
 }

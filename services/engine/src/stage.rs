@@ -27,6 +27,8 @@ pub struct Matching {
     /// Per partition, the symbols the batch in hand touched and the orders it changed:
     /// what `batch_effects` writes back.
     touched: HashMap<Partition, BTreeMap<String, BTreeSet<String>>>,
+    /// Per partition, the symbols its stored set names (so each is added once).
+    stored_symbols: HashMap<Partition, BTreeSet<String>>,
 }
 
 impl Matching {
@@ -37,6 +39,7 @@ impl Matching {
             redis,
             books: HashMap::new(),
             touched: HashMap::new(),
+            stored_symbols: HashMap::new(),
         }
     }
 
@@ -287,6 +290,8 @@ impl Handler for Matching {
             .map_err(|e| {
                 HandlerError::Retry(format!("loading the books of partition {partition}: {e}"))
             })?;
+        self.stored_symbols
+            .insert(partition, books.symbols().map(str::to_owned).collect());
         self.books.insert(partition, books);
         self.touched.remove(&partition);
         Ok(())
@@ -295,6 +300,7 @@ impl Handler for Matching {
     fn partition_released(&mut self, partition: Partition) {
         self.books.remove(&partition);
         self.touched.remove(&partition);
+        self.stored_symbols.remove(&partition);
     }
 
     /// What the batch changed in the books, stored atomically with its acknowledgement:
@@ -310,11 +316,16 @@ impl Handler for Matching {
         };
         let mut meta = Vec::new();
         let mut symbols = Vec::new();
+        let stored = self.stored_symbols.entry(partition).or_default();
         for (symbol, orders) in touched {
             let Some(book) = books.get(&symbol) else {
                 continue;
             };
-            symbols.push(symbol.clone().into_bytes());
+            if !stored.contains(&symbol) {
+                // Added once; a commit that does not go through reloads this set.
+                stored.insert(symbol.clone());
+                symbols.push(symbol.clone().into_bytes());
+            }
             let book_meta = serde_json::json!({
                 "band_bps": book.band_bps(),
                 "last_price": book.last_price(),
@@ -343,6 +354,8 @@ impl Handler for Matching {
         }
         if !symbols.is_empty() {
             out.command("SADD", symbols_key(&self.keys, partition), symbols);
+        }
+        if !meta.is_empty() {
             out.command("HSET", meta_key(&self.keys, partition), meta);
         }
     }
