@@ -482,7 +482,7 @@ impl<H: Handler> Stage<H> {
             *reader = Some(self.redis.dedicated(self.tuning.block).await?);
         }
         let conn = reader.as_mut().expect("connected above");
-        let read = |block: bool| {
+        let read = |block: bool, skip: Option<usize>| {
             let mut cmd = redis::cmd("XREADGROUP");
             cmd.arg("GROUP")
                 .arg(&self.spec.group)
@@ -493,28 +493,34 @@ impl<H: Handler> Stage<H> {
                 cmd.arg("BLOCK").arg(self.tuning.block.as_millis() as u64);
             }
             cmd.arg("STREAMS");
-            for &source in sources {
+            let read: Vec<usize> = sources
+                .iter()
+                .copied()
+                .filter(|s| Some(*s) != skip)
+                .collect();
+            for &source in &read {
                 cmd.arg(&*self.sources[source].stream);
             }
-            for _ in sources {
+            for _ in &read {
                 cmd.arg(">");
             }
             cmd
         };
-        let reply: Value = read(true).query_async(conn).await?;
+        let reply: Value = read(true, None).query_async(conn).await?;
         self.stats.mark_ready(true);
         let mut batch = self.parse_read_reply(reply)?;
         // Redis (7.0) answers a read blocked on several streams with the entries of the one
         // stream that woke it. When batches span partitions, what the others hold by now is
         // taken at once (a read that does not block), so it is handled and committed with
-        // these instead of in a batch of its own.
+        // these instead of in a batch of its own. Not that stream again: a batch holds one
+        // read's entries of each stream, with no gap another consumer's read could have
+        // made, which is what the order check of owned partitions relies on.
         if sources.len() > 1
             && self.spread.load(Ordering::Relaxed)
-            && batch
-                .first()
-                .is_some_and(|first| batch.iter().all(|p| p.source == first.source))
+            && let Some(first) = batch.first().map(|p| p.source)
+            && batch.iter().all(|p| p.source == first)
         {
-            let reply: Value = read(false).query_async(conn).await?;
+            let reply: Value = read(false, Some(first)).query_async(conn).await?;
             batch.extend(self.parse_read_reply(reply)?);
         }
         Ok(batch)
