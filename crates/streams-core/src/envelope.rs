@@ -1,16 +1,18 @@
 //! The one wire format: every entry tickflow writes to a stream is an [`Envelope`].
 //!
-//! An entry's fields, in this order (values are binary-safe Redis strings):
+//! An entry has two fields (format version 2), so it costs Redis and every reader little:
 //!
-//! | field         | value                                                         |
-//! |---------------|---------------------------------------------------------------|
-//! | `v`           | format version, `1`                                           |
-//! | `type`        | event type, e.g. `order.new` (what the payload's message is)  |
-//! | `key`         | partition key (the symbol); routes the event to a partition   |
-//! | `ts`          | origin timestamp, microseconds since the Unix epoch, decimal   |
-//! | `traceparent` | W3C trace context of the span that wrote the entry (optional) |
-//! | `tracestate`  | W3C trace state (optional, only when non-empty)               |
-//! | `payload`     | the protobuf-encoded message                                  |
+//! | field | value                                                                      |
+//! |-------|----------------------------------------------------------------------------|
+//! | `h`   | header, ASCII: `2 <type> <key> <ts>[ <traceparent>[ <tracestate>]]`        |
+//! | `p`   | the protobuf-encoded message                                               |
+//!
+//! `type` is the event type (what the payload's message is, e.g. `order.new`), `key` the
+//! partition key (the symbol), `ts` the origin time in µs since the Unix epoch, then the W3C
+//! trace context of the span that wrote the entry, when traced; the trace state is the rest
+//! of the header and may hold spaces. Spaces, `%` and control characters in the type and key
+//! are %-escaped. Version 1 entries (one field each: `v`, `type`, `key`, `ts`, `traceparent`,
+//! `tracestate`, `payload`), as earlier builds wrote them, are still read.
 //!
 //! Only this module encodes or decodes it: stages see [`Envelope`] values.
 //!
@@ -22,8 +24,8 @@
 
 use bytes::Bytes;
 
-/// The envelope format version this build writes and reads.
-pub const FORMAT_VERSION: &str = "1";
+/// The envelope format version this build writes (it reads 1 as well).
+pub const FORMAT_VERSION: &str = "2";
 
 /// The longest `tracestate` read (W3C: 32 members of at most 256 characters each would be
 /// more; 512 is what every receiver must keep). A longer one is dropped.
@@ -53,7 +55,7 @@ pub enum EnvelopeError {
     #[error("missing field `{0}`")]
     MissingField(&'static str),
     /// The version field names a format this build does not read.
-    #[error("unsupported envelope version `{0}` (this build reads version {FORMAT_VERSION})")]
+    #[error("unsupported envelope version `{0}` (this build reads versions 1 and 2)")]
     UnsupportedVersion(String),
     /// A field's value is not valid.
     #[error("invalid field `{field}`: {reason}")]
@@ -96,12 +98,24 @@ impl Envelope {
 
     /// How many fields [`Envelope::for_each_field`] yields.
     pub fn field_count(&self) -> usize {
-        5 + usize::from(self.traceparent.is_some())
-            + usize::from(self.tracestate.as_ref().is_some_and(|s| !s.is_empty()))
+        2
     }
 
-    /// Calls `f` with each field's name and value, in wire order, without allocating.
-    pub fn for_each_field(&self, mut f: impl FnMut(&[u8], &[u8])) {
+    /// The `h` field: `2 <type> <key> <ts>`, then ` <traceparent>` and ` <tracestate>` when
+    /// present. Spaces, `%` and control characters in the type and key are %-escaped.
+    pub fn header(&self) -> Vec<u8> {
+        let mut h = Vec::with_capacity(
+            24 + self.event_type.len()
+                + self.partition_key.len()
+                + self.traceparent.as_ref().map_or(0, |t| t.len() + 1)
+                + self.tracestate.as_ref().map_or(0, |t| t.len() + 1),
+        );
+        h.extend_from_slice(FORMAT_VERSION.as_bytes());
+        h.push(b' ');
+        escape_into(&mut h, self.event_type.as_bytes());
+        h.push(b' ');
+        escape_into(&mut h, self.partition_key.as_bytes());
+        h.push(b' ');
         let mut digits = [0u8; 20];
         let mut at = digits.len();
         let mut ts = self.origin_us;
@@ -113,39 +127,106 @@ impl Envelope {
                 break;
             }
         }
-        f(b"v", FORMAT_VERSION.as_bytes());
-        f(b"type", self.event_type.as_bytes());
-        f(b"key", self.partition_key.as_bytes());
-        f(b"ts", &digits[at..]);
+        h.extend_from_slice(&digits[at..]);
         if let Some(traceparent) = &self.traceparent {
-            f(b"traceparent", traceparent.as_bytes());
+            h.push(b' ');
+            h.extend_from_slice(traceparent.as_bytes());
+            if let Some(tracestate) = self.tracestate.as_ref().filter(|s| !s.is_empty()) {
+                h.push(b' ');
+                h.extend_from_slice(tracestate.as_bytes());
+            }
         }
-        if let Some(tracestate) = self.tracestate.as_ref().filter(|s| !s.is_empty()) {
-            f(b"tracestate", tracestate.as_bytes());
-        }
-        f(b"payload", &self.payload);
+        h
+    }
+
+    /// Calls `f` with each field's name and value, in wire order.
+    pub fn for_each_field(&self, mut f: impl FnMut(&[u8], &[u8])) {
+        f(b"h", &self.header());
+        f(b"p", &self.payload);
     }
 
     /// The entry's fields as name/value pairs, in wire order.
     pub fn to_fields(&self) -> Vec<(&'static str, Vec<u8>)> {
-        let mut fields = Vec::with_capacity(7);
-        fields.push(("v", FORMAT_VERSION.as_bytes().to_vec()));
-        fields.push(("type", self.event_type.as_bytes().to_vec()));
-        fields.push(("key", self.partition_key.as_bytes().to_vec()));
-        fields.push(("ts", self.origin_us.to_string().into_bytes()));
-        if let Some(traceparent) = &self.traceparent {
-            fields.push(("traceparent", traceparent.as_bytes().to_vec()));
-        }
-        if let Some(tracestate) = self.tracestate.as_ref().filter(|s| !s.is_empty()) {
-            fields.push(("tracestate", tracestate.as_bytes().to_vec()));
-        }
-        fields.push(("payload", self.payload.to_vec()));
-        fields
+        vec![("h", self.header()), ("p", self.payload.to_vec())]
     }
 
     /// Reads an envelope from a stream entry's fields. Unknown fields are ignored, so that a
     /// later minor addition does not break older readers.
     pub fn from_fields<'a>(
+        fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Result<Self, EnvelopeError> {
+        let mut header = None;
+        let mut v2_payload = None;
+        let mut v1 = Vec::new();
+        for (name, value) in fields {
+            match name {
+                b"h" => header = Some(value),
+                b"p" => v2_payload = Some(value),
+                _ => v1.push((name, value)),
+            }
+        }
+        match header {
+            Some(header) => Self::from_header(header, v2_payload),
+            None => Self::from_v1_fields(v1),
+        }
+    }
+
+    /// Reads the current format: the `h` header and the `p` payload.
+    fn from_header(header: &[u8], payload: Option<&[u8]>) -> Result<Self, EnvelopeError> {
+        let invalid = |reason: &str| EnvelopeError::InvalidField {
+            field: "h",
+            reason: reason.to_owned(),
+        };
+        let mut parts = header.splitn(6, |b| *b == b' ');
+        let version = parts.next().unwrap_or_default();
+        if version != FORMAT_VERSION.as_bytes() {
+            return Err(EnvelopeError::UnsupportedVersion(
+                String::from_utf8_lossy(version).into_owned(),
+            ));
+        }
+        let (Some(event_type), Some(key), Some(ts)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(invalid(
+                "expected `<version> <type> <key> <ts>` and an optional trace context",
+            ));
+        };
+        let event_type =
+            unescape(event_type).ok_or_else(|| invalid("the type is not %-escaped UTF-8"))?;
+        if event_type.is_empty() {
+            return Err(invalid("empty type"));
+        }
+        let partition_key =
+            unescape(key).ok_or_else(|| invalid("the key is not %-escaped UTF-8"))?;
+        let origin_us = std::str::from_utf8(ts)
+            .ok()
+            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| invalid("the time is not a non-negative integer of microseconds"))?;
+        // An invalid trace context is read as absent (W3C), with the state that goes with it.
+        let traceparent = parts
+            .next()
+            .and_then(|t| std::str::from_utf8(t).ok())
+            .filter(|t| is_valid_traceparent(t))
+            .map(str::to_owned);
+        let tracestate = parts
+            .next()
+            .filter(|_| traceparent.is_some())
+            .and_then(|t| std::str::from_utf8(t).ok())
+            .filter(|t| !t.is_empty() && t.len() <= MAX_TRACESTATE_LEN)
+            .map(str::to_owned);
+        Ok(Self {
+            event_type,
+            partition_key,
+            origin_us,
+            traceparent,
+            tracestate,
+            payload: Bytes::copy_from_slice(payload.ok_or(EnvelopeError::MissingField("p"))?),
+        })
+    }
+
+    /// Reads format version 1 (one field each: `v`, `type`, `key`, `ts`, `traceparent`,
+    /// `tracestate`, `payload`), which entries written by earlier builds still hold.
+    fn from_v1_fields<'a>(
         fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
     ) -> Result<Self, EnvelopeError> {
         let mut version = None;
@@ -177,8 +258,10 @@ impl Envelope {
                 _ => {}
             }
         }
-        let version = version.ok_or(EnvelopeError::MissingField("v"))?;
-        if version != FORMAT_VERSION.as_bytes() {
+        let Some(version) = version else {
+            return Err(EnvelopeError::MissingField("h"));
+        };
+        if version != b"1" {
             return Err(EnvelopeError::UnsupportedVersion(
                 String::from_utf8_lossy(version).into_owned(),
             ));
@@ -234,6 +317,38 @@ fn text(field: &'static str, value: &[u8]) -> Result<String, EnvelopeError> {
     })
 }
 
+/// Appends `text` with spaces, `%` and control characters %-escaped (`%20`, `%25`, ...).
+fn escape_into(out: &mut Vec<u8>, text: &[u8]) {
+    for &b in text {
+        if b == b' ' || b == b'%' || b < 0x20 || b == 0x7f {
+            out.push(b'%');
+            out.push(b"0123456789ABCDEF"[usize::from(b >> 4)]);
+            out.push(b"0123456789ABCDEF"[usize::from(b & 0xf)]);
+        } else {
+            out.push(b);
+        }
+    }
+}
+
+/// Undoes [`escape_into`]; `None` if an escape is broken or the result is not UTF-8.
+fn unescape(text: &[u8]) -> Option<String> {
+    if !text.contains(&b'%') {
+        return String::from_utf8(text.to_vec()).ok();
+    }
+    let mut out = Vec::with_capacity(text.len());
+    let mut bytes = text.iter();
+    while let Some(&b) = bytes.next() {
+        if b == b'%' {
+            let hex = |c: Option<&u8>| c.and_then(|c| (*c as char).to_digit(16));
+            let (hi, lo) = (hex(bytes.next())?, hex(bytes.next())?);
+            out.push((hi * 16 + lo) as u8);
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Microseconds since the Unix epoch, by this host's clock.
 pub fn now_micros() -> u64 {
     std::time::SystemTime::now()
@@ -264,7 +379,7 @@ mod tests {
             Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
         envelope.tracestate = Some("congo=t61rcWkgMzE".into());
         let fields = as_refs(&envelope.to_fields());
-        assert_eq!(fields.len(), 7);
+        assert_eq!(fields.len(), 2);
         let decoded = Envelope::from_fields(fields.iter().map(|(n, v)| (*n, v.as_slice())));
         assert_eq!(decoded.unwrap(), envelope);
     }
@@ -286,6 +401,109 @@ mod tests {
             assert_eq!(streamed, listed);
             assert_eq!(envelope.field_count(), listed.len());
         }
+    }
+
+    #[test]
+    fn the_header_is_readable_and_escapes_what_would_break_it() {
+        let mut envelope = Envelope::new("order.new", "AAPL", b"x".to_vec());
+        envelope.origin_us = 1_764_160_000_123_456;
+        assert_eq!(envelope.header(), b"2 order.new AAPL 1764160000123456");
+        envelope.traceparent =
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        envelope.tracestate = Some("a=1, b=2".into());
+        assert_eq!(
+            envelope.header(),
+            b"2 order.new AAPL 1764160000123456 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01 a=1, b=2"
+        );
+        let fields = as_refs(&envelope.to_fields());
+        let decoded = Envelope::from_fields(fields.iter().map(|(n, v)| (*n, v.as_slice())));
+        assert_eq!(decoded.unwrap(), envelope, "a tracestate with spaces");
+
+        for key in ["BRK B", "100%", "tab\there", "new\nline", "é", ""] {
+            let envelope = Envelope::new("t", key, vec![]);
+            let header = envelope.header();
+            assert_eq!(header.iter().filter(|b| **b == b' ').count(), 3, "{key:?}");
+            assert!(header.iter().all(|b| *b >= 0x20), "{key:?}");
+            let decoded = Envelope::from_fields([(&b"h"[..], &header[..]), (b"p", b"")]);
+            assert_eq!(decoded.unwrap().partition_key, key);
+        }
+    }
+
+    #[test]
+    fn version_1_entries_are_still_read() {
+        let fields: [(&[u8], &[u8]); 6] = [
+            (b"v", b"1"),
+            (b"type", b"tick"),
+            (b"key", b"AAPL"),
+            (b"ts", b"5"),
+            (
+                b"traceparent",
+                b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+            (b"payload", b"\x01"),
+        ];
+        let envelope = Envelope::from_fields(fields).unwrap();
+        assert_eq!(
+            (
+                envelope.event_type.as_str(),
+                envelope.partition_key.as_str()
+            ),
+            ("tick", "AAPL")
+        );
+        assert_eq!(envelope.origin_us, 5);
+        assert!(envelope.traceparent.is_some());
+        assert_eq!(&envelope.payload[..], b"\x01");
+    }
+
+    #[test]
+    fn a_bad_header_is_rejected_with_a_reason() {
+        let decode = |header: &[u8], payload: Option<&[u8]>| {
+            let mut fields: Vec<(&[u8], &[u8])> = vec![(b"h", header)];
+            if let Some(payload) = payload {
+                fields.push((b"p", payload));
+            }
+            Envelope::from_fields(fields).map_err(|e| e.to_string())
+        };
+        assert!(decode(b"2 tick AAPL 5", Some(b"")).is_ok());
+        for (header, payload, says) in [
+            (&b"2 tick AAPL 5"[..], None, "missing field `p`"),
+            (
+                b"9 tick AAPL 5",
+                Some(&b""[..]),
+                "unsupported envelope version `9`",
+            ),
+            (b"", Some(b""), "unsupported envelope version ``"),
+            (b"2 tick AAPL", Some(b""), "invalid field `h`: expected"),
+            (b"2  AAPL 5", Some(b""), "invalid field `h`: empty type"),
+            (b"2 tick AAPL -5", Some(b""), "microseconds"),
+            (b"2 tick AAPL 1.5e15", Some(b""), "microseconds"),
+            (
+                b"2 tick AAPL 184467440737095516160",
+                Some(b""),
+                "microseconds",
+            ),
+            (b"2 tick %ZZ 5", Some(b""), "the key is not %-escaped UTF-8"),
+            (
+                b"2 tick \xff\xfe 5",
+                Some(b""),
+                "the key is not %-escaped UTF-8",
+            ),
+            (
+                b"2 ti\xffck AAPL 5",
+                Some(b""),
+                "the type is not %-escaped UTF-8",
+            ),
+        ] {
+            let error = decode(header, payload).expect_err(says);
+            assert!(error.contains(says), "{header:?}: {error}");
+        }
+        // A broken trace context is read as absent, with its state.
+        let envelope = Envelope::from_fields([
+            (&b"h"[..], &b"2 tick AAPL 5 not-a-traceparent k=v"[..]),
+            (b"p", b""),
+        ])
+        .unwrap();
+        assert_eq!((envelope.traceparent, envelope.tracestate), (None, None));
     }
 
     #[test]
@@ -338,7 +556,7 @@ mod tests {
         };
         assert_eq!(
             decode(&[("symbol", "AAPL")]),
-            Err(EnvelopeError::MissingField("v"))
+            Err(EnvelopeError::MissingField("h"))
         );
         assert_eq!(
             decode(&[("v", "9"), ("type", "x")]),

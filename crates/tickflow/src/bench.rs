@@ -665,25 +665,29 @@ async fn exactly_once(
                 let fields = parts.pop().unwrap_or(Value::Nil);
                 let id: String = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil))?;
                 start = format!("({id}");
-                let (mut kind, mut payload): (Vec<u8>, Vec<u8>) = (Vec::new(), Vec::new());
+                let mut flat_fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
                 if let Value::Array(flat) = fields {
                     for kv in flat.chunks(2) {
-                        let name: Vec<u8> = redis::from_redis_value(kv[0].clone())?;
-                        match name.as_slice() {
-                            b"type" => kind = redis::from_redis_value(kv[1].clone())?,
-                            b"payload" => payload = redis::from_redis_value(kv[1].clone())?,
-                            _ => {}
-                        }
+                        flat_fields.push((
+                            redis::from_redis_value(kv[0].clone())?,
+                            redis::from_redis_value(kv[1].clone())?,
+                        ));
                     }
                 }
+                let envelope = streams_core::Envelope::from_fields(
+                    flat_fields
+                        .iter()
+                        .map(|(n, v)| (n.as_slice(), v.as_slice())),
+                )?;
+                let (kind, payload) = (envelope.event_type.as_bytes(), &envelope.payload[..]);
                 // The engine's reports come in `order.events`; transform's rejections alone.
                 let reports = if kind == event_type::ORDER_EVENTS.as_bytes() {
-                    v1::OrderEvents::decode(payload.as_slice())?
+                    v1::OrderEvents::decode(payload)?
                         .reports()
                         .cloned()
                         .collect()
                 } else if kind == event_type::EXECUTION.as_bytes() {
-                    vec![v1::ExecutionReport::decode(payload.as_slice())?]
+                    vec![v1::ExecutionReport::decode(payload)?]
                 } else {
                     Vec::new()
                 };

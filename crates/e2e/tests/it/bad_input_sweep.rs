@@ -64,7 +64,17 @@ fn fields(pairs: &[(&str, &[u8])]) -> Fields {
         .collect()
 }
 
-/// A well-formed envelope's fields (version 1, now as origin).
+/// A well-formed envelope's fields in the current format (version 2, now as origin).
+fn current_envelope(event_type: &str, key: &str, payload: Vec<u8>) -> Fields {
+    Envelope::new(event_type, key, payload)
+        .to_fields()
+        .into_iter()
+        .map(|(n, v)| (n.as_bytes().to_vec(), v))
+        .collect()
+}
+
+/// A well-formed envelope's fields in format version 1, which earlier builds wrote and every
+/// stage still reads (now as origin).
 fn envelope(event_type: &str, key: &str, payload: Vec<u8>) -> Fields {
     fields(&[
         ("v", b"1"),
@@ -226,6 +236,7 @@ fn envelope_cases(
     other_message: Vec<u8>,
 ) -> Vec<Bad> {
     let good = envelope(event_type, "AAPL", good_payload.clone());
+    let current = current_envelope(event_type, "AAPL", good_payload.clone());
     let payload_of = format!("payload of {event_type}");
     let payload_of = payload_of.as_str();
     // Field 1 (the symbol of every message) as two bytes that are not UTF-8, then the rest.
@@ -234,7 +245,7 @@ fn envelope_cases(
     let not_utf8: &[u8] = &[0xff, 0xfe, 0x80];
     let case = |name: &str, fields: Fields, reason: &[&str]| bad(name, partition, fields, reason);
     vec![
-        case("no v", without(&good, "v"), &["missing field `v`"]),
+        case("no v", without(&good, "v"), &["missing field `h`"]),
         case("no type", without(&good, "type"), &["missing field `type`"]),
         case("no key", without(&good, "key"), &["missing field `key`"]),
         case("no ts", without(&good, "ts"), &["missing field `ts`"]),
@@ -271,7 +282,10 @@ fn envelope_cases(
         case(
             "v=99",
             with(&good, "v", "99"),
-            &["unsupported envelope version `99`", "reads version 1"],
+            &[
+                "unsupported envelope version `99`",
+                "reads versions 1 and 2",
+            ],
         ),
         case(
             "v empty",
@@ -331,12 +345,63 @@ fn envelope_cases(
         case(
             "one junk field",
             fields(&[("junk", b"x")]),
-            &["missing field `v`"],
+            &["missing field `h`"],
         ),
         case(
             "one empty field",
             fields(&[("", b"")]),
-            &["missing field `v`"],
+            &["missing field `h`"],
+        ),
+        // The current format: a header and a payload.
+        case("no p", without(&current, "p"), &["missing field `p`"]),
+        case(
+            "h version 9",
+            with(&current, "h", "9 tick AAPL 5"),
+            &["unsupported envelope version `9`"],
+        ),
+        case(
+            "h empty",
+            with(&current, "h", ""),
+            &["unsupported envelope version ``"],
+        ),
+        case(
+            "h without a time",
+            with(&current, "h", format!("2 {event_type} AAPL")),
+            &["invalid field `h`: expected `<version> <type> <key> <ts>`"],
+        ),
+        case(
+            "h time not a number",
+            with(&current, "h", format!("2 {event_type} AAPL yesterday")),
+            &["invalid field `h`", "microseconds"],
+        ),
+        case(
+            "h empty type",
+            with(&current, "h", "2  AAPL 5"),
+            &["invalid field `h`: empty type"],
+        ),
+        case(
+            "h broken escape",
+            with(&current, "h", format!("2 {event_type} AA%G1 5")),
+            &["the key is not %-escaped UTF-8"],
+        ),
+        case(
+            "h key not UTF-8",
+            with(
+                &current,
+                "h",
+                [b"2 tick ".as_slice(), not_utf8, b" 5"].concat(),
+            ),
+            &["the key is not %-escaped UTF-8"],
+        ),
+        case(
+            "h unknown type",
+            with(&current, "h", "2 order.teleport AAPL 5"),
+            &["does not handle event type \"order.teleport\""],
+        ),
+        case(
+            "p garbage protobuf",
+            with(&current, "p", [0xff; 12]),
+            &[payload_of, "failed to decode"],
         ),
     ]
 }
@@ -355,6 +420,8 @@ fn kept_trace_contexts() -> Vec<TraceContext> {
         (None, None),
         (None, None),
         (Some(VALID_TRACEPARENT.to_owned()), None),
+        (None, None),
+        (Some(VALID_TRACEPARENT.to_owned()), None),
     ]
 }
 
@@ -362,6 +429,9 @@ fn kept_trace_contexts() -> Vec<TraceContext> {
 /// usual, the context dropped.
 fn bad_trace_contexts(event_type: &str, payload: &[u8]) -> Vec<Fields> {
     let good = envelope(event_type, "AAPL", payload.to_vec());
+    let current = current_envelope(event_type, "AAPL", payload.to_vec());
+    let header = String::from_utf8(field(&current, "h").unwrap_or_default().to_vec())
+        .expect("an ASCII header");
     vec![
         with(
             &with(&good, "traceparent", "not-a-trace-context"),
@@ -378,6 +448,13 @@ fn bad_trace_contexts(event_type: &str, payload: &[u8]) -> Vec<Fields> {
             &with(&good, "traceparent", VALID_TRACEPARENT),
             "tracestate",
             "k=".to_owned() + &"v".repeat(MIB),
+        ),
+        // The same in the current format's header.
+        with(&current, "h", format!("{header} not-a-trace-context x=y")),
+        with(
+            &current,
+            "h",
+            format!("{header} {VALID_TRACEPARENT} k={}", "v".repeat(MIB)),
         ),
     ]
 }

@@ -466,7 +466,12 @@ async fn dead_letters_are_replayed_into_their_stream_with_the_token_only() {
     assert_eq!(again["dlq.reason"], b"poison payload poison:0");
     assert_eq!(again["dlq.source_id"], copy.0.as_bytes());
     assert_eq!(again["dlq.deliveries"], b"1");
-    assert_eq!(again["payload"], b"poison:0");
+    let fields: HashMap<String, Vec<u8>> = again
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .filter(|(n, _)| !n.starts_with("dlq."))
+        .collect();
+    assert_eq!(payload_of(&fields), b"poison:0");
     assert_eq!(redis.pending(INPUT, 0, GROUP).await, 0);
     stage.stop().await;
 }

@@ -223,7 +223,7 @@ async fn poison_entries_are_dead_lettered_with_their_reason_while_others_flow() 
     assert!(
         by_reason
             .iter()
-            .any(|r| r.starts_with("undecodable entry: missing field `v`")),
+            .any(|r| r.starts_with("undecodable entry: missing field `h`")),
         "{by_reason:?}"
     );
     assert!(

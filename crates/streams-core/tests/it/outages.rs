@@ -546,18 +546,23 @@ async fn payloads_by_id(conn: &mut MultiplexedConnection, key: &str) -> HashMap<
         .collect()
 }
 
-/// The `payload` field of an entry's flat field list.
+/// The payload of an envelope entry's flat field list.
 fn payload_of(fields: Value) -> Option<String> {
     let Value::Array(flat) = fields else {
         return None;
     };
-    flat.chunks(2).find_map(|kv| {
-        let name: String = redis::from_redis_value(kv[0].clone()).ok()?;
-        if name != "payload" {
-            return None;
-        }
-        redis::from_redis_value(kv[1].clone()).ok()
-    })
+    let fields: Vec<(Vec<u8>, Vec<u8>)> = flat
+        .chunks(2)
+        .map(|kv| {
+            Some((
+                redis::from_redis_value(kv[0].clone()).ok()?,
+                redis::from_redis_value(kv[1].clone()).ok()?,
+            ))
+        })
+        .collect::<Option<_>>()?;
+    let envelope =
+        Envelope::from_fields(fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice()))).ok()?;
+    String::from_utf8(envelope.payload.to_vec()).ok()
 }
 
 async fn group_exists(redis: &TestRedis, partition: Partition) -> bool {

@@ -32,8 +32,15 @@ async fn payloads(redis: &TestRedis, stream: &str, partition: Partition) -> Vec<
         };
         start = format!("({}", last.id);
         for entry in &page.ids {
-            let payload: String = entry.get("payload").expect("payload field");
-            out.push(payload);
+            let fields: Vec<(String, Vec<u8>)> = entry
+                .map
+                .iter()
+                .map(|(n, v)| (n.clone(), redis::from_redis_value(v.clone()).unwrap()))
+                .collect();
+            let envelope =
+                Envelope::from_fields(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_slice())))
+                    .expect("an envelope");
+            out.push(String::from_utf8(envelope.payload.to_vec()).unwrap());
         }
     }
 }

@@ -95,7 +95,7 @@ impl TestRedis {
         self.entries(&key)
             .await
             .into_iter()
-            .map(|fields| String::from_utf8(fields["payload"].clone()).unwrap())
+            .map(|fields| String::from_utf8(payload_of(&fields)).unwrap())
             .collect()
     }
 
@@ -167,6 +167,13 @@ impl TestRedis {
         let mut conn = self.conn().await;
         conn.xlen(key).await.unwrap()
     }
+}
+
+/// The payload of an envelope entry given as a field map.
+pub(crate) fn payload_of(fields: &HashMap<String, Vec<u8>>) -> Vec<u8> {
+    let envelope = Envelope::from_fields(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_slice())))
+        .expect("an envelope");
+    envelope.payload.to_vec()
 }
 
 /// What the forwarding handler does with a payload, by its content.
