@@ -331,6 +331,10 @@ pub(crate) async fn run(options: BenchOptions) -> anyhow::Result<()> {
     }
     drop(services);
     let _ = std::fs::remove_dir_all(&work);
+    if server.is_none() {
+        // A Redis we were given: leave it as we found it.
+        delete_namespace(&mut conn, &namespace).await?;
+    }
 
     let result = json!({
         "events": options.events,
@@ -710,6 +714,32 @@ async fn exactly_once(
         .count() as u64;
     let duplicated = seen.values().filter(|c| **c > 1).count() as u64;
     Ok((lost, duplicated))
+}
+
+/// Deletes every key of `namespace` (the run's streams, state and reference data).
+async fn delete_namespace(
+    conn: &mut redis::aio::MultiplexedConnection,
+    namespace: &str,
+) -> anyhow::Result<()> {
+    let pattern = format!("{namespace}:*");
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        if !keys.is_empty() {
+            let _: () = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
 }
 
 async fn redis_cpu(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<f64> {
