@@ -128,16 +128,18 @@ pub(crate) const FAILED: &str = "TICKFLOW_FAILED";
 ///
 /// KEYS[2s-1] and KEYS[2s]: source s's input stream and lease key (the input again when
 /// unfenced); the KEYS after them are the keys effects write. ARGV: group, source count S,
-/// each source's fencing token ('' = none; the leases are read with one MGET), then per
-/// source: entry count, then per entry: id, op count, and per op: kind ('X' = XADD, else a
-/// command name), key index, argument count, arguments; then the source's batch op count
-/// and ops (e.g. a state snapshot), applied if any entry of the source was acknowledged by
-/// this call.
+/// each source's fencing token ('' = none; the leases are read with one MGET), each
+/// source's gap flag ('1' when its entries came from two reads), then per source: entry
+/// count, then per entry: id, op count, and per op: kind ('X' = XADD, else a command name),
+/// key index, argument count, arguments; then the source's batch op count and ops (e.g. a
+/// state snapshot), applied if any entry of the source was acknowledged by this call.
 ///
 /// An entry's effects are applied only if its XACK removed it from the pending list, so an
 /// entry handled twice is forwarded once. With a fencing token, a source is refused
 /// (TICKFLOW_FENCED) unless the lease holds the token, and (TICKFLOW_OUT_OF_ORDER) while
-/// entries older than its first one are pending; a refused source changes nothing. An
+/// entries older than its first one are pending, or, with the gap flag, while an entry
+/// between its first and last that is not one of them is; a refused source changes
+/// nothing. An
 /// effect command that fails stops its source there (TICKFLOW_FAILED and the error): the
 /// entries before it are done, the failing entry keeps its acknowledgement, the later ones
 /// stay pending. Other sources are not affected by a refused or failed one. Returns, per
@@ -159,7 +161,7 @@ if #leases > 0 then
     end
   end
 end
-local i = 3 + sources
+local i = 3 + 2 * sources
 local result = {}
 local function skip(count)
   for _ = 1, count do i = i + 3 + tonumber(ARGV[i + 2]) end
@@ -187,6 +189,19 @@ for s = 1, sources do
     elseif n > 0 and #redis.call('XPENDING', stream, group, '-', '(' .. ARGV[i], 1) > 0 then
       -- Owned partitions keep order: nothing older than this batch may still be pending.
       status = 'TICKFLOW_OUT_OF_ORDER'
+    elseif n > 1 and ARGV[2 + sources + s] == '1' then
+      -- Read twice: between the first and the last entry, only the batch's own may be
+      -- pending (all of them, or none on a retry of a call that went through).
+      local last = ARGV[i]
+      local k = i
+      for _ = 1, n do
+        last = ARGV[k]
+        local ops = tonumber(ARGV[k + 1])
+        k = k + 2
+        for _ = 1, ops do k = k + 3 + tonumber(ARGV[k + 2]) end
+      end
+      local rows = #redis.call('XPENDING', stream, group, ARGV[i], last, n + 1)
+      if rows ~= 0 and rows ~= n then status = 'TICKFLOW_OUT_OF_ORDER' end
     end
   end
   local acks = {}
@@ -502,7 +517,7 @@ mod tests {
             .ack_forward
             .run_with(conn, 3, |cmd| {
                 cmd.arg("in").arg(lease).arg("out");
-                cmd.arg("g").arg(1).arg(token).arg(ids.len());
+                cmd.arg("g").arg(1).arg(token).arg("0").arg(ids.len());
                 for id in ids {
                     cmd.arg(id)
                         .arg(1)
@@ -727,6 +742,7 @@ mod tests {
                     .arg("c");
                 cmd.arg("out").arg("not-a-hash");
                 cmd.arg("g").arg(3).arg("").arg("my-token#2").arg("");
+                cmd.arg("0").arg("0").arg("0");
                 // a: every entry forwarded, plus a batch op.
                 cmd.arg(a.len());
                 for id in &a {
@@ -801,5 +817,94 @@ mod tests {
         // c: the first two acknowledged (the failing one keeps its acknowledgement), the
         // third still pending.
         assert_eq!(pending(&mut conn, "c").await, 1);
+    }
+
+    /// A batch of one partition read in two reads is refused when another consumer holds an
+    /// entry between its first and last (a gap), and accepted without one.
+    #[tokio::test]
+    async fn a_gap_between_two_reads_of_an_owned_partition_is_refused() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg("in")
+            .arg("g")
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("lease")
+            .arg("me#1")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let read = async |conn: &mut redis::aio::MultiplexedConnection, consumer: &str| {
+            let _: Value = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("g")
+                .arg(consumer)
+                .arg("STREAMS")
+                .arg("in")
+                .arg(">")
+                .query_async(conn)
+                .await
+                .unwrap();
+        };
+        let mut ids = Vec::new();
+        for consumer in ["me", "zombie", "me"] {
+            ids.push(xadd(&mut conn, "in").await);
+            read(&mut conn, consumer).await;
+        }
+        let commit = async |conn: &mut redis::aio::MultiplexedConnection,
+                            ids: &[&String],
+                            gap_flag: &str| {
+            let reply = scripts()
+                .ack_forward
+                .run_with(conn, 3, |cmd| {
+                    cmd.arg("in").arg("lease").arg("out");
+                    cmd.arg("g").arg(1).arg("me#1").arg(gap_flag).arg(ids.len());
+                    for id in ids {
+                        cmd.arg(*id)
+                            .arg(1)
+                            .arg("X")
+                            .arg(3)
+                            .arg(2)
+                            .arg("from")
+                            .arg(*id);
+                    }
+                    cmd.arg(0);
+                })
+                .await
+                .unwrap();
+            let Value::Array(mut items) = reply else {
+                panic!("{reply:?}")
+            };
+            items.remove(0)
+        };
+        // Entries 0 and 2 were read by two reads, with entry 1 taken by another consumer in
+        // between: refused, nothing done.
+        let refused = commit(&mut conn, &[&ids[0], &ids[2]], "1").await;
+        assert_eq!(as_string(refused).unwrap(), OUT_OF_ORDER);
+        assert_eq!(len(&mut conn, "out").await, 0);
+        assert_eq!(pending(&mut conn, "in").await, 3);
+        // Entry 0 alone has no gap; then, once entry 1 is done, entry 2.
+        let Value::Array(acks) = commit(&mut conn, &[&ids[0]], "1").await else {
+            panic!("acks")
+        };
+        assert_eq!(as_int(&acks[0]).unwrap(), 1);
+        let _: i64 = redis::cmd("XACK")
+            .arg("in")
+            .arg("g")
+            .arg(&ids[1])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let Value::Array(acks) = commit(&mut conn, &[&ids[2]], "1").await else {
+            panic!("acks")
+        };
+        assert_eq!(as_int(&acks[0]).unwrap(), 1);
+        assert_eq!(len(&mut conn, "out").await, 2);
     }
 }

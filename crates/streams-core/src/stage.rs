@@ -276,8 +276,6 @@ pub struct Stage<H> {
     sources: Vec<Source>,
     source_by_key: HashMap<Arc<str>, usize>,
     metrics: StageMetrics,
-    /// Whether the last batch handled held entries of more than one source.
-    spread: std::sync::atomic::AtomicBool,
 }
 
 /// The metrics a stage records for every batch, registered once (not looked up, labels
@@ -321,6 +319,8 @@ struct Pending {
     source: usize,
     entry: RawEntry,
     deliveries: u32,
+    /// Its source's entries in this batch came from two reads (see `read_group`).
+    merged: bool,
 }
 
 /// Entries of one partition to acknowledge, with their effects.
@@ -333,6 +333,8 @@ struct Commit {
     traces: Vec<opentelemetry::trace::SpanContext>,
     processed: u64,
     dead_lettered: u64,
+    /// The entries came from two reads of the stream: the commit checks for a gap.
+    merged: bool,
 }
 
 impl<H: Handler> Stage<H> {
@@ -365,7 +367,6 @@ impl<H: Handler> Stage<H> {
             sources,
             source_by_key,
             metrics,
-            spread: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -482,7 +483,7 @@ impl<H: Handler> Stage<H> {
             *reader = Some(self.redis.dedicated(self.tuning.block).await?);
         }
         let conn = reader.as_mut().expect("connected above");
-        let read = |block: bool, skip: Option<usize>| {
+        let read = |block: bool| {
             let mut cmd = redis::cmd("XREADGROUP");
             cmd.arg("GROUP")
                 .arg(&self.spec.group)
@@ -493,35 +494,45 @@ impl<H: Handler> Stage<H> {
                 cmd.arg("BLOCK").arg(self.tuning.block.as_millis() as u64);
             }
             cmd.arg("STREAMS");
-            let read: Vec<usize> = sources
-                .iter()
-                .copied()
-                .filter(|s| Some(*s) != skip)
-                .collect();
-            for &source in &read {
+            for &source in sources {
                 cmd.arg(&*self.sources[source].stream);
             }
-            for _ in &read {
+            for _ in sources {
                 cmd.arg(">");
             }
             cmd
         };
-        let reply: Value = read(true, None).query_async(conn).await?;
-        self.stats.mark_ready(true);
-        let mut batch = self.parse_read_reply(reply)?;
+        if sources.len() == 1 {
+            let reply: Value = read(true).query_async(conn).await?;
+            self.stats.mark_ready(true);
+            return self.parse_read_reply(reply);
+        }
         // Redis (7.0) answers a read blocked on several streams with the entries of the one
-        // stream that woke it. When batches span partitions, what the others hold by now is
-        // taken at once (a read that does not block), so it is handled and committed with
-        // these instead of in a batch of its own. Not that stream again: a batch holds one
-        // read's entries of each stream, with no gap another consumer's read could have
-        // made, which is what the order check of owned partitions relies on.
-        if sources.len() > 1
-            && self.spread.load(Ordering::Relaxed)
-            && let Some(first) = batch.first().map(|p| p.source)
-            && batch.iter().all(|p| p.source == first)
-        {
-            let reply: Value = read(false, Some(first)).query_async(conn).await?;
-            batch.extend(self.parse_read_reply(reply)?);
+        // stream that woke it. A second read that does not block, sent with it, runs right
+        // after it and takes what the other streams hold by then, so one wake-up brings the
+        // whole of what an upstream batch wrote, without another round trip.
+        let mut pipe = redis::pipe();
+        pipe.add_command(read(true)).add_command(read(false));
+        let replies: Vec<Value> = pipe.query_async(conn).await?;
+        self.stats.mark_ready(true);
+        let mut replies = replies.into_iter();
+        let mut batch = self.parse_read_reply(replies.next().unwrap_or(Value::Nil))?;
+        let more = self.parse_read_reply(replies.next().unwrap_or(Value::Nil))?;
+        if !more.is_empty() {
+            // A source in both reads may have a gap between them (an entry another consumer
+            // read meanwhile), which its commit must check for.
+            let first: BTreeSet<usize> = batch.iter().map(|p| p.source).collect();
+            let twice: BTreeSet<usize> = more
+                .iter()
+                .map(|p| p.source)
+                .filter(|s| first.contains(s))
+                .collect();
+            batch.extend(more);
+            if !twice.is_empty() {
+                for pending in &mut batch {
+                    pending.merged = twice.contains(&pending.source);
+                }
+            }
         }
         Ok(batch)
     }
@@ -554,6 +565,7 @@ impl<H: Handler> Stage<H> {
                     source,
                     entry,
                     deliveries: 1,
+                    merged: false,
                 });
             }
         }
@@ -935,6 +947,7 @@ impl<H: Handler> Stage<H> {
             .into_iter()
             .enumerate()
             .map(|(i, entry)| Pending {
+                merged: false,
                 source,
                 entry,
                 deliveries: counts.get(i).copied().unwrap_or(1).max(1) as u32,
@@ -1024,6 +1037,7 @@ impl<H: Handler> Stage<H> {
                 Err(reason) => Err(reason),
             };
             let commit = commits.entry(pending.source).or_default();
+            commit.merged |= pending.merged;
             let span_context = span.context().span().span_context().clone();
             if span_context.is_valid() && commit.traces.len() < 128 {
                 commit.traces.push(span_context);
@@ -1041,7 +1055,6 @@ impl<H: Handler> Stage<H> {
                 }
             }
         }
-        self.spread.store(commits.len() > 1, Ordering::Relaxed);
         for (source, commit) in commits.iter_mut() {
             if commit.processed > 0 {
                 let mut batch = Outputs::default();
@@ -1534,6 +1547,9 @@ impl<'a> CommitCall<'a> {
         cmd.arg(group).arg(self.part.len());
         for token in &self.tokens {
             cmd.arg(*token);
+        }
+        for (_, commit) in self.part {
+            cmd.arg(if commit.merged { "1" } else { "0" });
         }
         for (_, commit) in self.part {
             cmd.arg(commit.entries.len());
