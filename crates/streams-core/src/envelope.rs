@@ -68,6 +68,11 @@ pub enum EnvelopeError {
 }
 
 impl Envelope {
+    /// The name of the header field.
+    pub const HEADER_FIELD: &'static str = "h";
+    /// The name of the payload field.
+    pub const PAYLOAD_FIELD: &'static str = "p";
+
     /// A new envelope stamped with the current time as its origin.
     pub fn new(
         event_type: impl Into<String>,
@@ -141,13 +146,16 @@ impl Envelope {
 
     /// Calls `f` with each field's name and value, in wire order.
     pub fn for_each_field(&self, mut f: impl FnMut(&[u8], &[u8])) {
-        f(b"h", &self.header());
-        f(b"p", &self.payload);
+        f(Self::HEADER_FIELD.as_bytes(), &self.header());
+        f(Self::PAYLOAD_FIELD.as_bytes(), &self.payload);
     }
 
     /// The entry's fields as name/value pairs, in wire order.
     pub fn to_fields(&self) -> Vec<(&'static str, Vec<u8>)> {
-        vec![("h", self.header()), ("p", self.payload.to_vec())]
+        vec![
+            (Self::HEADER_FIELD, self.header()),
+            (Self::PAYLOAD_FIELD, self.payload.to_vec()),
+        ]
     }
 
     /// Reads an envelope from a stream entry's fields. Unknown fields are ignored, so that a

@@ -128,11 +128,13 @@ pub(crate) const FAILED: &str = "TICKFLOW_FAILED";
 ///
 /// KEYS[2s-1] and KEYS[2s]: source s's input stream and lease key (the input again when
 /// unfenced); the KEYS after them are the keys effects write. ARGV: group, source count S,
-/// each source's fencing token ('' = none; the leases are read with one MGET), each
-/// source's gap flag ('1' when its entries came from two reads), then per source: entry
-/// count, then per entry: id, op count, and per op: kind ('X' = XADD, else a command name),
-/// key index, argument count, arguments; then the source's batch op count and ops (e.g. a
-/// state snapshot), applied if any entry of the source was acknowledged by this call.
+/// the envelope's two field names, each source's fencing token ('' = none; the leases are
+/// read with one MGET), each source's gap flag ('1' when its entries came from two reads),
+/// then per source: entry count, then per entry: id, op count, and per op either 'E', key
+/// index, envelope header, payload (XADD of an envelope) or kind ('X' = XADD, else a command
+/// name), key index, argument count, arguments; then the source's batch op count and ops
+/// (e.g. a state snapshot), applied if any entry of the source was acknowledged by this
+/// call.
 ///
 /// An entry's effects are applied only if its XACK removed it from the pending list, so an
 /// entry handled twice is forwarded once. With a fencing token, a source is refused
@@ -145,63 +147,86 @@ pub(crate) const FAILED: &str = "TICKFLOW_FAILED";
 /// stay pending. Other sources are not affected by a refused or failed one. Returns, per
 /// source, one 0/1 per entry or the status string.
 const ACK_FORWARD: &str = r#"
-local group, sources = ARGV[1], tonumber(ARGV[2])
+local group, sources, h_name, p_name = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local token_at, flag_at = 4, 4 + sources
 local held = {}
 local leases = {}
 for s = 1, sources do
-  if ARGV[2 + s] ~= '' then leases[#leases + 1] = KEYS[2 * s] end
+  if ARGV[token_at + s] ~= '' then leases[#leases + 1] = KEYS[2 * s] end
 end
 if #leases > 0 then
   local values = redis.call('MGET', unpack(leases))
   local k = 1
   for s = 1, sources do
-    if ARGV[2 + s] ~= '' then
-      held[s] = values[k] == ARGV[2 + s]
+    if ARGV[token_at + s] ~= '' then
+      held[s] = values[k] == ARGV[token_at + s]
       k = k + 1
     end
   end
 end
-local i = 3 + 2 * sources
+local i = 5 + 2 * sources
 local result = {}
+-- The ARGV length of the op at k: an envelope ('E', key index, header, payload) or any
+-- other (kind, key index, argument count, arguments).
+local function op_size(k)
+  if ARGV[k] == 'E' then return 4 end
+  return 3 + tonumber(ARGV[k + 2])
+end
 local function skip(count)
-  for _ = 1, count do i = i + 3 + tonumber(ARGV[i + 2]) end
+  for _ = 1, count do i = i + op_size(i) end
 end
 local function apply()
-  local kind, key, nargs = ARGV[i], KEYS[tonumber(ARGV[i + 1])], tonumber(ARGV[i + 2])
+  local kind, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
   local reply
-  if kind == 'X' then
-    reply = redis.pcall('XADD', key, '*', unpack(ARGV, i + 3, i + 2 + nargs))
+  if kind == 'E' then
+    reply = redis.pcall('XADD', key, '*', h_name, ARGV[i + 2], p_name, ARGV[i + 3])
+    i = i + 4
   else
-    reply = redis.pcall(kind, key, unpack(ARGV, i + 3, i + 2 + nargs))
+    local nargs = tonumber(ARGV[i + 2])
+    if kind == 'X' then
+      reply = redis.pcall('XADD', key, '*', unpack(ARGV, i + 3, i + 2 + nargs))
+    else
+      reply = redis.pcall(kind, key, unpack(ARGV, i + 3, i + 2 + nargs))
+    end
+    i = i + 3 + nargs
   end
-  i = i + 3 + nargs
   if type(reply) == 'table' and reply.err then return reply.err end
   return nil
 end
 for s = 1, sources do
   local stream = KEYS[2 * s - 1]
-  local token, n = ARGV[2 + s], tonumber(ARGV[i])
+  local token, n = ARGV[token_at + s], tonumber(ARGV[i])
   i = i + 1
   local status = nil
   if token ~= '' then
     if not held[s] then
       status = 'TICKFLOW_FENCED'
-    elseif n > 0 and #redis.call('XPENDING', stream, group, '-', '(' .. ARGV[i], 1) > 0 then
-      -- Owned partitions keep order: nothing older than this batch may still be pending.
-      status = 'TICKFLOW_OUT_OF_ORDER'
-    elseif n > 1 and ARGV[2 + sources + s] == '1' then
-      -- Read twice: between the first and the last entry, only the batch's own may be
-      -- pending (all of them, or none on a retry of a call that went through).
-      local last = ARGV[i]
-      local k = i
-      for _ = 1, n do
-        last = ARGV[k]
-        local ops = tonumber(ARGV[k + 1])
-        k = k + 2
-        for _ = 1, ops do k = k + 3 + tonumber(ARGV[k + 2]) end
+    elseif n > 0 then
+      -- Owned partitions keep order. A batch read twice may also have a gap; but the
+      -- partition's pending entries are normally the batch's own (or none, on a retry of a
+      -- call that went through), and then there is neither a gap nor anything older.
+      local merged = n > 1 and ARGV[flag_at + s] == '1'
+      local pending = -1
+      if merged then pending = redis.call('XPENDING', stream, group)[1] end
+      if pending ~= n and pending ~= 0 then
+        if #redis.call('XPENDING', stream, group, '-', '(' .. ARGV[i], 1) > 0 then
+          -- Nothing older than this batch may still be pending.
+          status = 'TICKFLOW_OUT_OF_ORDER'
+        elseif merged then
+          -- Read twice: between the first and the last entry, only the batch's own may be
+          -- pending (all of them, or none on a retry of a call that went through).
+          local last = ARGV[i]
+          local k = i
+          for _ = 1, n do
+            last = ARGV[k]
+            local ops = tonumber(ARGV[k + 1])
+            k = k + 2
+            for _ = 1, ops do k = k + op_size(k) end
+          end
+          local rows = #redis.call('XPENDING', stream, group, ARGV[i], last, n + 1)
+          if rows ~= 0 and rows ~= n then status = 'TICKFLOW_OUT_OF_ORDER' end
+        end
       end
-      local rows = #redis.call('XPENDING', stream, group, ARGV[i], last, n + 1)
-      if rows ~= 0 and rows ~= n then status = 'TICKFLOW_OUT_OF_ORDER' end
     end
   end
   local acks = {}
@@ -517,7 +542,8 @@ mod tests {
             .ack_forward
             .run_with(conn, 3, |cmd| {
                 cmd.arg("in").arg(lease).arg("out");
-                cmd.arg("g").arg(1).arg(token).arg("0").arg(ids.len());
+                cmd.arg("g").arg(1).arg("h").arg("p").arg(token).arg("0");
+                cmd.arg(ids.len());
                 for id in ids {
                     cmd.arg(id)
                         .arg(1)
@@ -741,7 +767,8 @@ mod tests {
                     .arg("c")
                     .arg("c");
                 cmd.arg("out").arg("not-a-hash");
-                cmd.arg("g").arg(3).arg("").arg("my-token#2").arg("");
+                cmd.arg("g").arg(3).arg("h").arg("p");
+                cmd.arg("").arg("my-token#2").arg("");
                 cmd.arg("0").arg("0").arg("0");
                 // a: every entry forwarded, plus a batch op.
                 cmd.arg(a.len());
@@ -864,7 +891,13 @@ mod tests {
                 .ack_forward
                 .run_with(conn, 3, |cmd| {
                     cmd.arg("in").arg("lease").arg("out");
-                    cmd.arg("g").arg(1).arg("me#1").arg(gap_flag).arg(ids.len());
+                    cmd.arg("g")
+                        .arg(1)
+                        .arg("h")
+                        .arg("p")
+                        .arg("me#1")
+                        .arg(gap_flag);
+                    cmd.arg(ids.len());
                     for id in ids {
                         cmd.arg(*id)
                             .arg(1)

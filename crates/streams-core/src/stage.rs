@@ -1545,6 +1545,7 @@ impl<'a> CommitCall<'a> {
             cmd.arg(*key);
         }
         cmd.arg(group).arg(self.part.len());
+        cmd.arg(Envelope::HEADER_FIELD).arg(Envelope::PAYLOAD_FIELD);
         for token in &self.tokens {
             cmd.arg(*token);
         }
@@ -1570,10 +1571,10 @@ impl<'a> CommitCall<'a> {
         let key_index = self.index[op.key()];
         match op {
             Op::AppendEnvelope { envelope, .. } => {
-                cmd.arg("X").arg(key_index).arg(envelope.field_count() * 2);
-                envelope.for_each_field(|name, value| {
-                    cmd.arg(name).arg(value);
-                });
+                cmd.arg("E")
+                    .arg(key_index)
+                    .arg(envelope.header())
+                    .arg(&envelope.payload[..]);
             }
             Op::Append { fields, .. } => {
                 cmd.arg("X").arg(key_index).arg(fields.len() * 2);
