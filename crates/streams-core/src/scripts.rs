@@ -1,7 +1,9 @@
 //! The server-side scripts that make each step atomic, and a small way to call them.
 //!
-//! Every script touches only keys passed in `KEYS` and, for one partition, keys that share
-//! its hash tag; so each call maps to one Redis Cluster slot.
+//! Every script touches only keys passed in `KEYS`. Each partition's keys share its hash
+//! tag; ACK_FORWARD takes a whole batch, which may span partitions (one call per batch was
+//! measured to matter more than one slot per call), so on a Redis Cluster, which tickflow does
+//! not support yet, its calls would have to be split by slot.
 
 use redis::{Cmd, Value, aio::ConnectionLike};
 

@@ -1,5 +1,6 @@
 //! The stage loop: read a batch through a consumer group, hand each entry to a [`Handler`],
-//! then acknowledge the batch and append its outputs in one script call per partition.
+//! then acknowledge the batch and append its outputs in one script call (ACK_FORWARD, for
+//! every partition in the batch), sent ahead of the next read on the loop's connection.
 //!
 //! A stage is a [`StageSpec`] (which streams, which group, shared or owned partitions, the
 //! input format) plus a [`Handler`]; [`Stage::run`] drives it until shutdown. Everything
