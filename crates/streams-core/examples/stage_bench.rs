@@ -457,7 +457,7 @@ async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(60)));
-    Ok(redis::Client::open(url)?
+    Ok(streams_core::connection::client(url)?
         .get_multiplexed_async_connection_with_config(&config)
         .await?)
 }

@@ -159,7 +159,7 @@ impl Redis {
     /// Prepares the client and the pool. Connects lazily: Redis need not be up yet.
     pub fn new(url: &str, pool_size: usize) -> Result<Self> {
         install_tls_provider();
-        let client = Client::open(url)?;
+        let client = client(url)?;
         let manager = Manager {
             client: client.clone(),
             config: AsyncConnectionConfig::new()
@@ -223,6 +223,18 @@ impl Redis {
     }
 }
 
+/// A client for `url` whose connections send each request at once (`TCP_NODELAY`). redis-rs
+/// leaves Nagle's algorithm on, which holds a small write back while an earlier one on the
+/// connection is unacknowledged: a commit queued ahead of a read, or concurrent requests on
+/// one multiplexed connection, then waited for a round trip.
+pub fn client(url: &str) -> redis::RedisResult<Client> {
+    use redis::IntoConnectionInfo;
+    let info = url
+        .into_connection_info()?
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    Client::open(info)
+}
+
 /// rustls needs a process-wide crypto provider before the first `rediss://` connection.
 fn install_tls_provider() {
     static INSTALLED: std::sync::Once = std::sync::Once::new();
@@ -259,6 +271,14 @@ mod tests {
             .find_map(|l| l.strip_prefix("cmdstat_ping:calls="))
             .and_then(|rest| rest.split(',').next())
             .map_or(0, |n| n.parse().unwrap())
+    }
+
+    #[test]
+    fn clients_send_each_request_at_once() {
+        for url in ["redis://127.0.0.1:6379", "redis://:pw@db.example:7000/2"] {
+            let client = client(url).unwrap();
+            assert!(client.get_connection_info().tcp_settings().nodelay(), "{url}");
+        }
     }
 
     #[tokio::test]

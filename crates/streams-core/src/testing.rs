@@ -304,7 +304,7 @@ pub async fn connect(url: &str) -> redis::RedisResult<redis::aio::MultiplexedCon
     let config = redis::AsyncConnectionConfig::new()
         .set_response_timeout(Some(TEST_RESPONSE_TIMEOUT))
         .set_connection_timeout(Some(Duration::from_secs(5)));
-    redis::Client::open(url)?
+    crate::connection::client(url)?
         .get_multiplexed_async_connection_with_config(&config)
         .await
 }
