@@ -277,7 +277,10 @@ mod tests {
     fn clients_send_each_request_at_once() {
         for url in ["redis://127.0.0.1:6379", "redis://:pw@db.example:7000/2"] {
             let client = client(url).unwrap();
-            assert!(client.get_connection_info().tcp_settings().nodelay(), "{url}");
+            assert!(
+                client.get_connection_info().tcp_settings().nodelay(),
+                "{url}"
+            );
         }
     }
 

@@ -1107,6 +1107,17 @@ impl<H: Handler> Stage<H> {
     /// The span an entry is handled in (OpenTelemetry messaging conventions), a child of
     /// the context the entry carries. Disabled, and free, unless tracing is on.
     fn entry_span(&self, delivery: &Delivery) -> tracing::Span {
+        // A trace its root decided not to sample gets no span here either (a parent-based
+        // sampler would drop it, after building it): the outputs carry the entry's context
+        // on, unchanged, and the cost of a span per entry is saved.
+        if let Some(traceparent) = delivery
+            .envelope
+            .as_ref()
+            .and_then(|e| e.traceparent.as_deref())
+            && !crate::trace_context::is_sampled(traceparent)
+        {
+            return tracing::Span::none();
+        }
         let source = self
             .sources
             .iter()

@@ -7,10 +7,7 @@
 
 use std::collections::HashMap;
 
-use opentelemetry::{
-    propagation::TextMapPropagator,
-    trace::{TraceContextExt, TraceFlags},
-};
+use opentelemetry::{propagation::TextMapPropagator, trace::TraceContextExt};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -102,10 +99,15 @@ pub fn stamp(span: &tracing::Span) {
     });
 }
 
-/// Whether a `traceparent` value is sampled (flags bit 0).
+/// Whether a `traceparent` value is sampled (flags bit 0). Read straight off the text (the
+/// stage asks this for every traced entry); a value that is not a trace context is not.
 pub fn is_sampled(traceparent: &str) -> bool {
-    let cx = extract(Some(traceparent), None);
-    cx.span().span_context().trace_flags() & TraceFlags::SAMPLED == TraceFlags::SAMPLED
+    traceparent.len() == 55
+        && traceparent
+            .get(53..55)
+            .and_then(|flags| u8::from_str_radix(flags, 16).ok())
+            .is_some_and(|flags| flags & 1 == 1)
+        && crate::envelope::is_valid_traceparent(traceparent)
 }
 
 #[cfg(test)]

@@ -310,6 +310,18 @@ async fn a_zero_ratio_sampler_exports_nothing_and_the_pipeline_still_works() {
         .expect("a trade on the market stream");
     let carried = trade.envelope.traceparent.clone().expect("a traceparent");
     assert!(carried.ends_with("-00"), "not sampled: {carried}");
+    // No stage makes a span for an unsampled trace: the buy order's context reaches the
+    // market stream as ingest wrote it.
+    let buy = p
+        .stream_entries(topology::INBOUND)
+        .await
+        .into_iter()
+        .find(|e| {
+            v1::NewOrder::decode(e.envelope.payload.as_ref())
+                .is_ok_and(|o| o.client_order_id == "b1")
+        })
+        .expect("the buy order on the inbound stream");
+    assert_eq!(buy.envelope.traceparent.as_deref(), Some(carried.as_str()));
 
     p.stop().await;
     // Everything was flushed at exit; allow for a straggler anyway.
