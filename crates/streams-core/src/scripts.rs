@@ -53,9 +53,7 @@ impl LuaScript {
     where
         C: ConnectionLike + Send,
     {
-        let mut cmd = Cmd::new();
-        cmd.arg("EVALSHA").arg(&self.sha).arg(key_count);
-        fill(&mut cmd);
+        let cmd = command("EVALSHA", &self.sha, key_count, &fill);
         Ok(cmd.query_async::<Value>(conn).await?)
     }
 
@@ -70,19 +68,22 @@ impl LuaScript {
     where
         C: ConnectionLike + Send,
     {
-        let build = |verb: &str, body: &str| {
-            let mut cmd = Cmd::new();
-            cmd.arg(verb).arg(body).arg(key_count);
-            fill(&mut cmd);
-            cmd
-        };
-        match build("EVALSHA", &self.sha).query_async::<Value>(conn).await {
-            Err(e) if e.code() == Some("NOSCRIPT") => {
-                Ok(build("EVAL", self.code).query_async::<Value>(conn).await?)
+        match self.run_loaded(conn, key_count, &fill).await {
+            Err(e) if e.is_no_script() => {
+                let cmd = command("EVAL", self.code, key_count, &fill);
+                Ok(cmd.query_async::<Value>(conn).await?)
             }
-            other => Ok(other?),
+            other => other,
         }
     }
+}
+
+/// `verb body key_count`, then what `fill` appends (keys, then arguments).
+fn command(verb: &str, body: &str, key_count: usize, fill: &impl Fn(&mut Cmd)) -> Cmd {
+    let mut cmd = Cmd::new();
+    cmd.arg(verb).arg(body).arg(key_count);
+    fill(&mut cmd);
+    cmd
 }
 
 /// The scripts, compiled once per process.
@@ -195,11 +196,24 @@ local function apply()
   if type(reply) == 'table' and reply.err then return reply.err end
   return nil
 end
+-- The current source's status: nil while it goes well.
+local status = nil
+-- Applies `count` ops, or skips them once one has failed.
+local function apply_ops(count)
+  for _ = 1, count do
+    if status then
+      skip(1)
+    else
+      local failure = apply()
+      if failure then status = 'TICKFLOW_FAILED ' .. failure end
+    end
+  end
+end
 for s = 1, sources do
   local stream = KEYS[2 * s - 1]
   local token, n = ARGV[token_at + s], tonumber(ARGV[i])
   i = i + 1
-  local status = nil
+  status = nil
   if token ~= '' then
     if not held[s] then
       status = 'TICKFLOW_FENCED'
@@ -243,14 +257,7 @@ for s = 1, sources do
       acks[e] = acked
       if acked == 1 then
         any_acked = true
-        for _ = 1, ops do
-          if status then
-            skip(1)
-          else
-            local failure = apply()
-            if failure then status = 'TICKFLOW_FAILED ' .. failure end
-          end
-        end
+        apply_ops(ops)
       else
         skip(ops)
       end
@@ -261,14 +268,7 @@ for s = 1, sources do
   if status or not any_acked then
     skip(batch_ops)
   else
-    for _ = 1, batch_ops do
-      if status then
-        skip(1)
-      else
-        local failure = apply()
-        if failure then status = 'TICKFLOW_FAILED ' .. failure end
-      end
-    end
+    apply_ops(batch_ops)
   end
   result[s] = status or acks
 end
@@ -547,13 +547,7 @@ mod tests {
                 cmd.arg("g").arg(1).arg("h").arg("p").arg(token).arg("0");
                 cmd.arg(ids.len());
                 for id in ids {
-                    cmd.arg(id)
-                        .arg(1)
-                        .arg("X")
-                        .arg(3)
-                        .arg(2)
-                        .arg("from")
-                        .arg(id);
+                    entry_forwarded(cmd, id, 3);
                 }
                 cmd.arg(0);
             })
@@ -565,6 +559,39 @@ mod tests {
             },
             other => Err(protocol("array", &other)),
         }
+    }
+
+    /// ACK_FORWARD arguments of an entry `id` with one effect: XADD `from id` to KEYS[key].
+    fn entry_forwarded(cmd: &mut Cmd, id: &str, key: usize) {
+        cmd.arg(id)
+            .arg(1)
+            .arg("X")
+            .arg(key)
+            .arg(2)
+            .arg("from")
+            .arg(id);
+    }
+
+    /// Group `g` on stream `key`, from its start (creating the stream).
+    async fn create_group(conn: &mut redis::aio::MultiplexedConnection, key: &str) {
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(key)
+            .arg("g")
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+
+    async fn set(conn: &mut redis::aio::MultiplexedConnection, key: &str, value: &str) {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async(conn)
+            .await
+            .unwrap();
     }
 
     async fn read_all(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
@@ -595,15 +622,7 @@ mod tests {
     async fn the_same_batch_submitted_twice_is_forwarded_once() {
         let server = RedisServer::start();
         let mut conn = server.connect().await;
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg("in")
-            .arg("g")
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        create_group(&mut conn, "in").await;
         for i in 0..5 {
             let _: String = redis::cmd("XADD")
                 .arg("in")
@@ -641,15 +660,7 @@ mod tests {
     async fn a_wrong_fencing_token_acknowledges_and_forwards_nothing() {
         let server = RedisServer::start();
         let mut conn = server.connect().await;
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg("in")
-            .arg("g")
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        create_group(&mut conn, "in").await;
         let _: String = redis::cmd("XADD")
             .arg("in")
             .arg("*")
@@ -659,12 +670,7 @@ mod tests {
             .await
             .unwrap();
         let ids = read_all(&mut conn).await;
-        let _: () = redis::cmd("SET")
-            .arg("lease")
-            .arg("new-owner#2")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        set(&mut conn, "lease", "new-owner#2").await;
         let err = ack_forward(&mut conn, &ids, "old-owner#1")
             .await
             .unwrap_err();
@@ -716,15 +722,7 @@ mod tests {
         let server = RedisServer::start();
         let mut conn = server.connect().await;
         for key in ["a", "b", "c"] {
-            let _: () = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(key)
-                .arg("g")
-                .arg("0")
-                .arg("MKSTREAM")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
+            create_group(&mut conn, key).await;
         }
         let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..3 {
@@ -746,18 +744,8 @@ mod tests {
             .query_async(&mut conn)
             .await
             .unwrap();
-        let _: () = redis::cmd("SET")
-            .arg("lease:b")
-            .arg("someone-else#1")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let _: () = redis::cmd("SET")
-            .arg("not-a-hash")
-            .arg("x")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        set(&mut conn, "lease:b", "someone-else#1").await;
+        set(&mut conn, "not-a-hash", "x").await;
         // KEYS: a, a (unfenced), b, lease:b, c, c, then out (7), not-a-hash (8).
         let reply = scripts()
             .ack_forward
@@ -775,25 +763,13 @@ mod tests {
                 // a: every entry forwarded, plus a batch op.
                 cmd.arg(a.len());
                 for id in &a {
-                    cmd.arg(id)
-                        .arg(1)
-                        .arg("X")
-                        .arg(7)
-                        .arg(2)
-                        .arg("from")
-                        .arg(id);
+                    entry_forwarded(cmd, id, 7);
                 }
                 cmd.arg(1).arg("X").arg(7).arg(2).arg("batch").arg("a");
                 // b: fenced.
                 cmd.arg(b.len());
                 for id in &b {
-                    cmd.arg(id)
-                        .arg(1)
-                        .arg("X")
-                        .arg(7)
-                        .arg(2)
-                        .arg("from")
-                        .arg(id);
+                    entry_forwarded(cmd, id, 7);
                 }
                 cmd.arg(0);
                 // c: the second entry's effect fails (a string is not a hash).
@@ -808,13 +784,7 @@ mod tests {
                             .arg("f")
                             .arg(1);
                     } else {
-                        cmd.arg(id)
-                            .arg(1)
-                            .arg("X")
-                            .arg(7)
-                            .arg(2)
-                            .arg("from")
-                            .arg(id);
+                        entry_forwarded(cmd, id, 7);
                     }
                 }
                 cmd.arg(1).arg("X").arg(7).arg(2).arg("batch").arg("c");
@@ -854,21 +824,8 @@ mod tests {
     async fn a_gap_between_two_reads_of_an_owned_partition_is_refused() {
         let server = RedisServer::start();
         let mut conn = server.connect().await;
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg("in")
-            .arg("g")
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let _: () = redis::cmd("SET")
-            .arg("lease")
-            .arg("me#1")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        create_group(&mut conn, "in").await;
+        set(&mut conn, "lease", "me#1").await;
         let read = async |conn: &mut redis::aio::MultiplexedConnection, consumer: &str| {
             let _: Value = redis::cmd("XREADGROUP")
                 .arg("GROUP")
@@ -901,13 +858,7 @@ mod tests {
                         .arg(gap_flag);
                     cmd.arg(ids.len());
                     for id in ids {
-                        cmd.arg(*id)
-                            .arg(1)
-                            .arg("X")
-                            .arg(3)
-                            .arg(2)
-                            .arg("from")
-                            .arg(*id);
+                        entry_forwarded(cmd, id, 3);
                     }
                     cmd.arg(0);
                 })

@@ -258,16 +258,7 @@ impl Aggregator {
         {
             return Ok(());
         }
-        let mut conn = self
-            .redis
-            .pooled()
-            .await
-            .map_err(|e| HandlerError::Retry(e.to_string()))?;
-        let hash: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.keys.stats(symbol))
-            .query_async(&mut *conn)
-            .await
-            .map_err(|e| HandlerError::Retry(e.to_string()))?;
+        let hash: HashMap<String, String> = self.hash(&self.keys.stats(symbol)).await?;
         self.stats
             .entry(partition)
             .or_default()
@@ -280,18 +271,23 @@ impl Aggregator {
         if self.latency.contains_key(&partition) {
             return Ok(());
         }
+        let hash: HashMap<u32, u64> = self.hash(&self.keys.latency(partition)).await?;
+        self.latency.insert(partition, hash);
+        Ok(())
+    }
+
+    /// The hash at `key` (a Redis error is a retry: the entry waits for Redis).
+    async fn hash<T: redis::FromRedisValue>(&self, key: &str) -> Result<T, HandlerError> {
         let mut conn = self
             .redis
             .pooled()
             .await
             .map_err(|e| HandlerError::Retry(e.to_string()))?;
-        let hash: HashMap<u32, u64> = redis::cmd("HGETALL")
-            .arg(self.keys.latency(partition))
+        redis::cmd("HGETALL")
+            .arg(key)
             .query_async(&mut *conn)
             .await
-            .map_err(|e| HandlerError::Retry(e.to_string()))?;
-        self.latency.insert(partition, hash);
-        Ok(())
+            .map_err(|e| HandlerError::Retry(e.to_string()))
     }
 
     /// The statistics of `symbol`, loaded before (`load_stats`), marked as changed.
