@@ -15,13 +15,6 @@ pub enum StreamsError {
         /// The partition whose lease was lost.
         partition: u32,
     },
-    /// An owned partition has entries pending older than the batch being committed (left
-    /// by a former owner or a lost reply): they must be handled first, in order.
-    #[error("older entries pending on partition {partition}")]
-    OutOfOrder {
-        /// The partition.
-        partition: u32,
-    },
     /// Redis answered something this build does not understand.
     #[error("unexpected reply: {0}")]
     Protocol(String),
@@ -40,9 +33,7 @@ impl StreamsError {
                         Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "READONLY")
                     )
             }
-            StreamsError::Fenced { .. }
-            | StreamsError::OutOfOrder { .. }
-            | StreamsError::Protocol(_) => false,
+            StreamsError::Fenced { .. } | StreamsError::Protocol(_) => false,
         }
     }
 

@@ -1415,9 +1415,6 @@ fn fenced_or(error: StreamsError, partition: Partition) -> StreamsError {
         StreamsError::Redis(e) if e.code() == Some(FENCED) || e.to_string().contains(FENCED) => {
             StreamsError::Fenced { partition }
         }
-        StreamsError::Redis(e) if e.to_string().contains(scripts::OUT_OF_ORDER) => {
-            StreamsError::OutOfOrder { partition }
-        }
         _ => error,
     }
 }
