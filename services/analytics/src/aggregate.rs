@@ -12,7 +12,7 @@
 //!   `last_price_e6`, `ticks`, `last_tick_price_e6`, `exec_<status>` counts;
 //! - `…:state:analytics:bars:{1s|1m}:{SYMBOL}` sorted set: score = bucket start (ms),
 //!   member = the bar's JSON;
-//! - `…:state:analytics:latency` hash: latency bucket index → count.
+//! - `…:state:analytics:latency_us` hash: latency bucket floor (µs) → count (see [`latency`]).
 
 use std::collections::HashMap;
 
@@ -125,7 +125,7 @@ impl AnalyticsKeys {
     pub fn latency(&self, partition: Partition) -> String {
         self.keys.partition_state(
             tickflow_proto::topology::ANALYTICS_GROUP,
-            "latency",
+            "latency_us",
             partition,
         )
     }
@@ -157,7 +157,7 @@ pub struct Aggregator {
     /// Each symbol's statistics, as stored plus what was counted since (loaded on first use).
     stats: HashMap<Partition, HashMap<String, SymbolStats>>,
     /// Each partition's latency histogram, likewise.
-    latency: HashMap<Partition, HashMap<u32, u64>>,
+    latency: HashMap<Partition, HashMap<u64, u64>>,
     /// What the batch in hand changed, per partition, written by `batch_effects`.
     batch: HashMap<Partition, BatchDelta>,
 }
@@ -170,7 +170,7 @@ struct BatchDelta {
     /// The bars of `bars` that did not exist before this batch: only a new bar can push an
     /// older one out of the retention, so only these trim.
     opened: std::collections::BTreeSet<(String, Interval, u64)>,
-    latency: std::collections::BTreeSet<u32>,
+    latency: std::collections::BTreeSet<u64>,
 }
 
 /// One symbol's statistics hash (`…:stats:{SYMBOL}`).
@@ -271,7 +271,7 @@ impl Aggregator {
         if self.latency.contains_key(&partition) {
             return Ok(());
         }
-        let hash: HashMap<u32, u64> = self.hash(&self.keys.latency(partition)).await?;
+        let hash: HashMap<u64, u64> = self.hash(&self.keys.latency(partition)).await?;
         self.latency.insert(partition, hash);
         Ok(())
     }
@@ -588,7 +588,7 @@ impl Handler for Aggregator {
         }
         let latency_us = now_micros().saturating_sub(envelope.origin_us);
         metrics::histogram!("tickflow_e2e_latency_seconds").record(latency_us as f64 / 1e6);
-        let bucket = latency::bucket(latency_us);
+        let bucket = latency::floor(latency_us);
         *self
             .latency
             .get_mut(&partition)

@@ -173,13 +173,13 @@ async fn latency_percentiles(
     for partition in state.keys.partitions() {
         pipe.cmd("HGETALL").arg(state.keys.latency(partition));
     }
-    let hashes: Vec<HashMap<u32, u64>> = pipe.query_async(&mut *conn).await.map_err(unavailable)?;
-    let mut merged: BTreeMap<u32, u64> = BTreeMap::new();
+    let hashes: Vec<HashMap<u64, u64>> = pipe.query_async(&mut *conn).await.map_err(unavailable)?;
+    let mut merged: BTreeMap<u64, u64> = BTreeMap::new();
     for hash in hashes {
         for (bucket, count) in hash {
             *merged.entry(bucket).or_default() += count;
         }
     }
-    let list: Vec<(u32, u64)> = merged.into_iter().collect();
+    let list: Vec<(u64, u64)> = merged.into_iter().collect();
     Ok(Json(latency::percentiles(&list)))
 }
