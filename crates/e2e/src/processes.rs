@@ -712,11 +712,9 @@ fn spawn(
     }
 }
 
-/// A free `127.0.0.1` port (bound, then released for the child to take).
+/// A free `127.0.0.1` address for a child to listen on ([`streams_core::testing::free_port`]).
 fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
+    SocketAddr::from(([127, 0, 0, 1], streams_core::testing::free_port()))
 }
 
 /// The sum of the samples of metric `name` whose labels include every one of `labels`,

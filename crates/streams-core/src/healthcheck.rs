@@ -241,9 +241,8 @@ mod tests {
     }
 
     fn closed_port() -> SocketAddr {
-        // Bound, then dropped: nothing listens there any more.
-        let listener = StdListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
+        // Free a moment ago, and outside the range the kernel hands out to clients.
+        SocketAddr::from(([127, 0, 0, 1], crate::testing::free_port()))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,6 +32,7 @@
 //! redis.restart(); // same port, same data
 //! ```
 
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -318,13 +319,63 @@ pub fn unique_namespace(prefix: &str) -> String {
     format!("t-{prefix}-{}-{n}-{random:08x}", std::process::id())
 }
 
-/// A port that was free a moment ago (the OS picked it for a listener on
-/// port 0, which we then dropped).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|addr| addr.port())
-        .expect("bind 127.0.0.1:0 to find a free port")
+/// A `127.0.0.1` port for a server a test (or the benchmark) is about to start, the
+/// redis harness's own and a child process's `HTTP_ADDR`/`GRPC_ADDR` alike.
+///
+/// The usual trick, binding port 0 and releasing what the kernel picked, has a race that
+/// CI once hit ("engine: cannot listen on HTTP_ADDR=127.0.0.1:43193: Address already in
+/// use"): that port lies in the kernel's ephemeral range, so the very next outgoing
+/// connection from any process (a Redis client, say) may get it as its local port before
+/// the child binds it. This picks at random *outside* that range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`), checks that it can be bound right now, and
+/// never hands the same port out twice in one process. Two processes picking at once
+/// could still meet, one time in tens of thousands.
+///
+/// # Panics
+///
+/// If no port can be bound after many tries (the loopback interface is unusable).
+pub fn free_port() -> u16 {
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let ephemeral = ephemeral_port_range();
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let candidates = std::iter::repeat_with(|| rand::random_range(FREE_PORT_RANGE)).take(1000);
+    let port = first_free_port(candidates, &ephemeral, &handed_out).unwrap_or_else(|| {
+        panic!("found no free 127.0.0.1 port in {FREE_PORT_RANGE:?} outside {ephemeral:?}")
+    });
+    handed_out.insert(port);
+    port
+}
+
+/// The first candidate outside `ephemeral`, not in `handed_out`, that binds now.
+fn first_free_port(
+    candidates: impl IntoIterator<Item = u16>,
+    ephemeral: &std::ops::RangeInclusive<u16>,
+    handed_out: &BTreeSet<u16>,
+) -> Option<u16> {
+    candidates.into_iter().find(|port| {
+        !ephemeral.contains(port)
+            && !handed_out.contains(port)
+            && TcpListener::bind(("127.0.0.1", *port)).is_ok()
+    })
+}
+
+/// Where [`free_port`] picks: above the registered ports most local daemons use.
+const FREE_PORT_RANGE: std::ops::RangeInclusive<u16> = 10_000..=65_535;
+
+/// The kernel's ephemeral port range (Linux's default when it cannot be read).
+fn ephemeral_port_range() -> std::ops::RangeInclusive<u16> {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut bounds = text.split_whitespace().map(|n| n.parse::<u16>());
+            match (bounds.next(), bounds.next()) {
+                (Some(Ok(low)), Some(Ok(high))) => Some(low..=high),
+                _ => None,
+            }
+        })
+        .unwrap_or(32_768..=60_999)
 }
 
 fn spawn(dir: &Path, port: u16, options: RedisOptions) -> Child {
@@ -581,6 +632,33 @@ mod tests {
         assert_ne!(a.port(), b.port());
         assert_ne!(a.dir(), b.dir());
         assert!(a.log_path().exists());
+    }
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() {
+        let ephemeral = ephemeral_port_range();
+        let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
+        let distinct: BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
+        for port in ports {
+            assert!(!ephemeral.contains(&port), "{port} is in {ephemeral:?}");
+            assert!(FREE_PORT_RANGE.contains(&port), "{port}");
+        }
+    }
+
+    #[test]
+    fn a_port_in_use_in_the_ephemeral_range_or_handed_out_is_passed_over() {
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let held_port = held.local_addr().unwrap().port();
+        let given = free_port();
+        let wanted = free_port();
+        let ephemeral = 20_000..=20_010;
+        let handed_out = BTreeSet::from([given]);
+        assert_eq!(
+            first_free_port([held_port, 20_005, given, wanted], &ephemeral, &handed_out),
+            Some(wanted)
+        );
+        assert_eq!(first_free_port([held_port], &(1..=1), &handed_out), None);
     }
 
     #[test]

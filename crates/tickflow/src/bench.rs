@@ -107,12 +107,6 @@ impl Drop for Service {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// The benchmark's instruments: `B00`…, tick 0.01, lot 1, no band.
 fn instruments(count: usize) -> Vec<(String, f64)> {
     (0..count)
@@ -214,10 +208,10 @@ pub(crate) async fn run(options: BenchOptions) -> anyhow::Result<()> {
 
     // The four services.
     let exe = std::env::current_exe()?;
-    let grpc_port = free_port()?;
+    let grpc_port = streams_core::testing::free_port();
     let mut services = Vec::new();
     for name in ["ingest", "transform", "engine", "analytics"] {
-        let http = free_port()?;
+        let http = streams_core::testing::free_port();
         let log = std::fs::File::create(work.join(format!("{name}.log")))?;
         let child = Command::new(&exe)
             .args(["serve", name])
