@@ -105,7 +105,7 @@ pub(crate) async fn partition_status(
     let Ok(groups) = groups else {
         return Ok(status);
     };
-    for info in records(groups) {
+    for info in xinfo_records(groups) {
         if info.get("name").map(String::as_str) != Some(group) {
             continue;
         }
@@ -121,7 +121,7 @@ pub(crate) async fn partition_status(
             .arg(group)
             .query_async(&mut *conn)
             .await?;
-        status.consumers = records(consumers)
+        status.consumers = xinfo_records(consumers)
             .into_iter()
             .map(|c| ConsumerStatus {
                 name: c.get("name").cloned().unwrap_or_default(),
@@ -158,7 +158,7 @@ pub(crate) async fn backlog_gauges(
     let mut lag = None;
     let mut pending = 0;
     if let Some(Ok(groups)) = replies.into_iter().nth(2) {
-        for info in records(groups) {
+        for info in xinfo_records(groups) {
             if info.get("name").map(String::as_str) == Some(group) {
                 lag = bounded_lag(info.get("lag").and_then(|v| v.parse().ok()), length);
                 pending = info
@@ -179,8 +179,9 @@ pub(crate) fn bounded_lag(lag: Option<u64>, length: u64) -> Option<u64> {
     lag.map(|lag| lag.min(length))
 }
 
-/// XINFO replies (RESP2 flat arrays or RESP3 maps) as string maps; nested values dropped.
-fn records(reply: Value) -> Vec<std::collections::HashMap<String, String>> {
+/// An `XINFO GROUPS`/`XINFO CONSUMERS` reply (RESP2 flat arrays or RESP3 maps) as one
+/// string map per group or consumer; nil and nested values are left out.
+pub fn xinfo_records(reply: Value) -> Vec<std::collections::HashMap<String, String>> {
     let Value::Array(items) = reply else {
         return Vec::new();
     };
@@ -295,7 +296,7 @@ pub(crate) async fn delete_idle_consumers(
             .query_async(&mut *conn)
             .await;
         let Ok(consumers) = consumers else { continue };
-        for c in records(consumers) {
+        for c in xinfo_records(consumers) {
             let name = c.get("name").cloned().unwrap_or_default();
             let pending: u64 = c.get("pending").and_then(|v| v.parse().ok()).unwrap_or(1);
             let idle: u64 = c.get("idle").and_then(|v| v.parse().ok()).unwrap_or(0);

@@ -50,14 +50,14 @@ pub mod telemetry;
 pub mod testing;
 pub mod trace_context;
 
-pub use admin_ops::{ConsumerStatus, PartitionStatus, TrimOutcome, trim_stream};
+pub use admin_ops::{ConsumerStatus, PartitionStatus, TrimOutcome, trim_stream, xinfo_records};
 pub use app::App;
 pub use config::{Config, Env};
 pub use connection::Redis;
 pub use envelope::Envelope;
 pub use error::StreamsError;
 pub use keys::{KeySpace, Partition};
-pub use scripts::RawEntry;
+pub use scripts::{RawEntry, parse_entries};
 pub use stage::{
     ConsumeMode, Delivery, Handler, HandlerError, InputFormat, Inputs, Outputs, Stage, StageSpec,
 };

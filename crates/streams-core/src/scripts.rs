@@ -463,8 +463,9 @@ pub struct RawEntry {
     pub fields: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
-/// Parses `[[id, [f, v, ...]], ...]`, skipping nil entries (deleted but still pending).
-pub(crate) fn parse_entries(value: Value) -> Result<Vec<RawEntry>> {
+/// Parses an entry list as XRANGE and XREADGROUP return it, `[[id, [f, v, ...]], ...]`,
+/// skipping nil entries (deleted but still pending).
+pub fn parse_entries(value: Value) -> Result<Vec<RawEntry>> {
     let items = match value {
         Value::Array(items) => items,
         Value::Nil => return Ok(Vec::new()),

@@ -134,6 +134,24 @@ impl AnalyticsKeys {
     pub fn partitions(&self) -> impl Iterator<Item = Partition> {
         self.keys.all_partitions()
     }
+
+    /// Every partition's latency histogram, merged: bucket floor in µs → count. The one
+    /// reader of the histograms (the query API and `tickflow bench --attach` use it).
+    pub async fn latency_histogram(
+        &self,
+        conn: &mut impl redis::aio::ConnectionLike,
+    ) -> redis::RedisResult<std::collections::BTreeMap<u64, u64>> {
+        let mut pipe = redis::pipe();
+        for partition in self.partitions() {
+            pipe.cmd("HGETALL").arg(self.latency(partition));
+        }
+        let hashes: Vec<HashMap<u64, u64>> = pipe.query_async(conn).await?;
+        let mut merged = std::collections::BTreeMap::new();
+        for (bucket, count) in hashes.into_iter().flatten() {
+            *merged.entry(bucket).or_default() += count;
+        }
+        Ok(merged)
+    }
 }
 
 /// How long bars are kept.

@@ -169,17 +169,11 @@ async fn latency_percentiles(
     State(state): State<ApiState>,
 ) -> Result<Json<latency::Percentiles>, ApiError> {
     let mut conn = state.redis.pooled().await.map_err(unavailable)?;
-    let mut pipe = redis::pipe();
-    for partition in state.keys.partitions() {
-        pipe.cmd("HGETALL").arg(state.keys.latency(partition));
-    }
-    let hashes: Vec<HashMap<u64, u64>> = pipe.query_async(&mut *conn).await.map_err(unavailable)?;
-    let mut merged: BTreeMap<u64, u64> = BTreeMap::new();
-    for hash in hashes {
-        for (bucket, count) in hash {
-            *merged.entry(bucket).or_default() += count;
-        }
-    }
+    let merged = state
+        .keys
+        .latency_histogram(&mut *conn)
+        .await
+        .map_err(unavailable)?;
     let list: Vec<(u64, u64)> = merged.into_iter().collect();
     Ok(Json(latency::percentiles(&list)))
 }

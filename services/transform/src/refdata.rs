@@ -140,6 +140,28 @@ pub async fn store(
     Ok(instruments.len())
 }
 
+/// The instruments stored in Redis, by symbol. One that does not parse is logged and
+/// left out.
+pub async fn read_stored(
+    conn: &mut impl redis::aio::ConnectionLike,
+    keys: &KeySpace,
+) -> redis::RedisResult<HashMap<String, Instrument>> {
+    let raw: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys.global("instruments"))
+        .query_async(conn)
+        .await?;
+    let mut instruments = HashMap::with_capacity(raw.len());
+    for (symbol, json) in raw {
+        match serde_json::from_str::<Instrument>(&json) {
+            Ok(instrument) => {
+                instruments.insert(symbol, instrument);
+            }
+            Err(e) => tracing::error!(%symbol, error = %e, "ignoring invalid instrument in Redis"),
+        }
+    }
+    Ok(instruments)
+}
+
 /// The in-memory copy the handler reads.
 #[derive(Debug, Clone, Default)]
 pub struct RefData {
@@ -178,22 +200,9 @@ impl RefData {
         if version == self.snapshot().version && version != 0 {
             return Ok(false);
         }
-        let raw: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(keys.global("instruments"))
-            .query_async(&mut *conn)
+        let instruments = read_stored(&mut *conn, keys)
             .await
             .map_err(StreamsError::from)?;
-        let mut instruments = HashMap::with_capacity(raw.len());
-        for (symbol, json) in raw {
-            match serde_json::from_str::<Instrument>(&json) {
-                Ok(instrument) => {
-                    instruments.insert(symbol, instrument);
-                }
-                Err(e) => {
-                    tracing::error!(%symbol, error = %e, "ignoring invalid instrument in Redis")
-                }
-            }
-        }
         tracing::info!(
             version,
             instruments = instruments.len(),
