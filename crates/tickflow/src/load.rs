@@ -8,8 +8,12 @@ use anyhow::{Context, bail};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tickflow_proto::v1::{self, event::Kind, ingest_service_client::IngestServiceClient};
 
+/// The usage of `tickflow load`, part of `tickflow help`.
+pub const USAGE: &str = "  tickflow load  [--grpc http://127.0.0.1:50051] [--rate 200] [--seconds S] [--symbols AAPL,MSFT] [--seed 7]";
+
+/// `tickflow load`'s options.
 #[derive(Debug)]
-pub(crate) struct LoadOptions {
+pub struct LoadOptions {
     grpc: String,
     rate: u64,
     seconds: Option<u64>,
@@ -17,7 +21,8 @@ pub(crate) struct LoadOptions {
     seed: u64,
 }
 
-pub(crate) fn parse_load(args: &[String]) -> anyhow::Result<LoadOptions> {
+/// Parses `tickflow load`'s arguments.
+pub fn parse_load(args: &[String]) -> anyhow::Result<LoadOptions> {
     let mut options = LoadOptions {
         grpc: std::env::var("INGEST_GRPC").unwrap_or_else(|_| "http://127.0.0.1:50051".into()),
         rate: 200,
@@ -101,7 +106,8 @@ fn next_event(market: &mut Market, rng: &mut StdRng, counter: &mut u64) -> v1::E
     v1::Event { kind: Some(kind) }
 }
 
-pub(crate) async fn load(options: LoadOptions) -> anyhow::Result<()> {
+/// Sends the demo load until Ctrl-C or `--seconds`.
+pub async fn load(options: LoadOptions) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(options.seed);
     let mut markets: Vec<Market> = options
         .symbols

@@ -2,37 +2,42 @@
 //!
 //! - `tickflow load …`: a steady demo load through ingest's gRPC API ([`load`]).
 //! - `tickflow bench …`: starts a full pipeline (four service processes on a local
-//!   redis-server), pushes N events through it and reports throughput, latency, CPU,
-//!   memory and whether every event arrived exactly once ([`bench`]).
+//!   redis-server), or attaches to a running one (`--attach`), pushes N events through it
+//!   and reports throughput, latency, CPU, memory and whether every event arrived exactly
+//!   once ([`bench`]).
 //! - `tickflow serve ingest|transform|engine|analytics`: runs one service, exactly as its
 //!   own binary does (the benchmark starts its processes this way).
 //! - `tickflow healthcheck ingest|transform|engine|analytics`: exit 0 when that service's
 //!   `/readyz` (on `HTTP_ADDR`, else the service's default address) answers 200.
 
-mod bench;
-mod load;
+use tickflow::{bench, load};
 
-const HELP: &str = "\
-usage:
-  tickflow load  [--grpc http://127.0.0.1:50051] [--rate 200] [--seconds S] [--symbols AAPL,MSFT] [--seed 7]
-  tickflow bench [--events 200000] [--rate 0] [--via grpc|http|stream] [--symbols 16]
-                 [--partitions 16] [--batch 256] [--trace-ratio R] [--json]
+const SERVICE_USAGE: &str = "\
   tickflow serve ingest|transform|engine|analytics
   tickflow healthcheck ingest|transform|engine|analytics";
+
+fn help() -> String {
+    format!("usage:\n{}\n{}\n{SERVICE_USAGE}", load::USAGE, bench::USAGE)
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = args.first().map(String::as_str).unwrap_or("help");
     let rest = args.get(1..).unwrap_or_default();
-    match args.first().map(String::as_str) {
-        Some("load") => load::load(load::parse_load(rest)?).await,
-        Some("bench") => bench::run(bench::parse(rest)?).await,
-        Some("serve") => serve(rest.first().map(String::as_str)).await,
-        Some("healthcheck") => healthcheck(rest.first().map(String::as_str)),
-        _ => {
-            println!("{HELP}");
-            Ok(())
-        }
+    // `tickflow`, `tickflow help`, `-h`/`--help` anywhere: the usage, exit 0.
+    if matches!(command, "help" | "-h" | "--help")
+        || rest.iter().any(|a| a == "-h" || a == "--help")
+    {
+        println!("{}", help());
+        return Ok(());
+    }
+    match command {
+        "load" => load::load(load::parse_load(rest)?).await,
+        "bench" => bench::run(bench::parse(rest)?).await,
+        "serve" => serve(rest.first().map(String::as_str)).await,
+        "healthcheck" => healthcheck(rest.first().map(String::as_str)),
+        other => anyhow::bail!("tickflow: unknown command {other:?}\n{}", help()),
     }
 }
 
@@ -44,7 +49,7 @@ async fn serve(service: Option<&str>) -> anyhow::Result<()> {
         Some("transform") => transform::main_with(env, shutdown).await,
         Some("engine") => engine::main_with(env, shutdown).await,
         Some("analytics") => analytics::main_with(env, shutdown).await,
-        other => anyhow::bail!("tickflow serve: unknown service {other:?}\n{HELP}"),
+        other => anyhow::bail!("tickflow serve: unknown service {other:?}\n{}", help()),
     }
 }
 
@@ -55,7 +60,10 @@ fn default_http_addr(service: Option<&str>) -> anyhow::Result<&'static str> {
         Some("transform") => transform::DEFAULT_HTTP_ADDR,
         Some("engine") => engine::DEFAULT_HTTP_ADDR,
         Some("analytics") => analytics::DEFAULT_HTTP_ADDR,
-        other => anyhow::bail!("tickflow healthcheck: unknown service {other:?}\n{HELP}"),
+        other => anyhow::bail!(
+            "tickflow healthcheck: unknown service {other:?}\n{}",
+            help()
+        ),
     })
 }
 

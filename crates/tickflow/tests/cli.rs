@@ -1,13 +1,49 @@
-//! Keeps `tickflow bench` working: a small run through the four service processes, which
-//! must deliver every order exactly once. (Its figures are not checked: speed lives in
-//! BENCHMARKS.md, not in tests.)
+//! The tickflow command line, run as users run it.
+//!
+//! - A small `tickflow bench` on a pipeline of its own must deliver every order exactly
+//!   once. (Its figures are not checked: speed lives in BENCHMARKS.md, not in tests.)
+//! - `tickflow bench --attach` against four running `tickflow serve` processes that trim
+//!   their streams every 200 ms, through gRPC and HTTP: every order once, no consumer group
+//!   and no order of its own left behind, and a clear error when it is pointed at the wrong
+//!   partitions.
+//! - `--help` prints the usage; an unknown command fails.
 
 use std::process::Command;
 
+use serde_json::Value as Json;
+use streams_core::{KeySpace, testing::RedisServer};
+use tickflow::local::LocalPipeline;
+use tickflow_proto::topology;
+use transform::refdata::Instrument;
+
+fn tickflow(args: &[&str], env: &[(&str, String)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tickflow"))
+        .args(args)
+        .env_remove("REDIS_URL")
+        .env_remove("TICKFLOW_NAMESPACE")
+        .env_remove("TICKFLOW_PARTITIONS")
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("run tickflow")
+}
+
+/// The one JSON object a successful `--json` run prints.
+fn report(output: &std::process::Output) -> Json {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "tickflow failed: {}\nstdout: {stdout}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim()).expect("one JSON object")
+}
+
 #[test]
 fn a_small_bench_delivers_every_order_exactly_once() {
-    let output = Command::new(env!("CARGO_BIN_EXE_tickflow"))
-        .args([
+    let report = report(&tickflow(
+        &[
             "bench",
             "--events",
             "2000",
@@ -16,19 +52,9 @@ fn a_small_bench_delivers_every_order_exactly_once() {
             "--symbols",
             "4",
             "--json",
-        ])
-        .env_remove("REDIS_URL")
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run tickflow bench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "tickflow bench failed: {}\nstdout: {stdout}\nstderr: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+        ],
+        &[],
+    ));
     assert_eq!(report["events"], 2000);
     assert_eq!(report["accepted"], 2000);
     assert_eq!(report["lost"], 0);
@@ -43,5 +69,246 @@ fn a_small_bench_delivers_every_order_exactly_once() {
                 > 0.0,
             "{service}"
         );
+    }
+}
+
+#[test]
+fn help_prints_the_usage_and_an_unknown_command_fails() {
+    for args in [
+        &["--help"][..],
+        &["help"],
+        &["-h"],
+        &[],
+        &["bench", "--help"],
+        &["load", "-h"],
+        &["bench", "--attach", "--help"],
+    ] {
+        let output = tickflow(args, &[]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{args:?}: {output:?}");
+        assert!(
+            stdout.contains("tickflow bench --attach") && stdout.contains("tickflow load"),
+            "{args:?}: {stdout}"
+        );
+    }
+    for args in [
+        &["bnech"][..],
+        &["bench", "--nonsense"],
+        &["load", "--rate"],
+    ] {
+        let output = tickflow(args, &[]);
+        assert!(!output.status.success(), "{args:?}: {output:?}");
+        assert!(!output.stderr.is_empty(), "{args:?} says why");
+    }
+}
+
+/// Instruments with other ticks, lots, limits and bands than the bench's own.
+fn instruments() -> Vec<Instrument> {
+    let instrument = |symbol: &str, tick_size, lot_size, band_bps, min, max, max_qty| Instrument {
+        symbol: symbol.into(),
+        tick_size,
+        lot_size,
+        band_bps,
+        min_price: min,
+        max_price: max,
+        max_qty,
+        name: String::new(),
+        currency: String::new(),
+    };
+    vec![
+        instrument("AAA", 0.01, 1, 1000, None, None, None),
+        instrument("BBB", 0.05, 10, 20, Some(50.0), Some(150.0), Some(40)),
+        instrument("CCC", 0.5, 100, 0, None, None, None),
+        instrument("DDD", 0.01, 1, 1, None, Some(20.0), None),
+    ]
+}
+
+/// A running pipeline: four `tickflow serve` processes on a private Redis.
+struct Running {
+    _redis: RedisServer,
+    pipeline: LocalPipeline,
+    url: String,
+    keys: KeySpace,
+    _logs: tempfile::TempDir,
+}
+
+impl Running {
+    async fn start(partitions: u32) -> Self {
+        let redis = RedisServer::start();
+        let url = redis.url();
+        let keys = KeySpace::new(
+            streams_core::testing::unique_namespace("attach"),
+            partitions,
+        );
+        let handle = streams_core::Redis::new(&url, 2).unwrap();
+        transform::refdata::store(&handle, &keys, &instruments())
+            .await
+            .unwrap();
+        let env: Vec<(String, String)> = [
+            ("REDIS_URL", url.clone()),
+            ("TICKFLOW_NAMESPACE", keys.namespace().to_owned()),
+            ("TICKFLOW_PARTITIONS", partitions.to_string()),
+            ("TICKFLOW_TRIM_INTERVAL_MS", "200".to_owned()),
+            ("RUST_LOG", "warn".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let logs = tempfile::tempdir().unwrap();
+        let pipeline =
+            LocalPipeline::start(env!("CARGO_BIN_EXE_tickflow").as_ref(), &env, logs.path())
+                .await
+                .unwrap();
+        Self {
+            _redis: redis,
+            pipeline,
+            url,
+            keys,
+            _logs: logs,
+        }
+    }
+
+    fn env(&self, partitions: u32) -> Vec<(&'static str, String)> {
+        vec![
+            ("REDIS_URL", self.url.clone()),
+            ("TICKFLOW_NAMESPACE", self.keys.namespace().to_owned()),
+            ("TICKFLOW_PARTITIONS", partitions.to_string()),
+        ]
+    }
+
+    /// Each market stream's consumer groups.
+    async fn market_groups(&self) -> Vec<Vec<String>> {
+        let mut conn = streams_core::testing::connect(&self.url).await.unwrap();
+        let mut groups = Vec::new();
+        for p in self.keys.all_partitions() {
+            let reply: redis::Value = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(self.keys.stream(topology::MARKET, p))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            groups.push(
+                streams_core::xinfo_records(reply)
+                    .into_iter()
+                    .filter_map(|g| g.get("name").cloned())
+                    .collect(),
+            );
+        }
+        groups
+    }
+
+    /// The orders resting in the engine's books (as of its last commit) whose id starts
+    /// with `prefix`.
+    async fn resting(&self, prefix: &str) -> Vec<String> {
+        let redis = streams_core::Redis::new(&self.url, 1).unwrap();
+        let mut resting = Vec::new();
+        for p in self.keys.all_partitions() {
+            let books = engine::stage::load_books(&redis, &self.keys, p)
+                .await
+                .unwrap();
+            for symbol in books.symbols() {
+                let book = books.get(symbol).unwrap();
+                for side in [engine::book::Side::Buy, engine::book::Side::Sell] {
+                    resting.extend(
+                        book.orders(side)
+                            .filter(|o| o.order_id.starts_with(prefix))
+                            .map(|o| o.order_id.clone()),
+                    );
+                }
+            }
+        }
+        resting
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attached_bench_measures_a_running_pipeline_and_leaves_nothing_behind() {
+    let running = Running::start(4).await;
+    let grpc = running.pipeline.grpc_url();
+    let http = running.pipeline.http_url("ingest");
+    for (via, url_flag, url) in [("grpc", "--grpc", grpc), ("http", "--http", http)] {
+        let output = tickflow(
+            &[
+                "bench",
+                "--attach",
+                "--via",
+                via,
+                url_flag,
+                &url,
+                "--events",
+                "1500",
+                "--symbols",
+                "4",
+                "--json",
+            ],
+            &running.env(4),
+        );
+        let report = report(&output);
+        eprintln!("{via}: {report}");
+        assert_eq!(report["mode"], "attach", "{report}");
+        assert_eq!(report["accepted"], 1500, "{report}");
+        assert_eq!(report["lost"], 0, "{report}");
+        assert_eq!(report["duplicated"], 0, "{report}");
+        assert_eq!(report["timed_out"], false, "{report}");
+        assert_eq!(
+            report["symbols"],
+            serde_json::json!(["AAA", "BBB", "CCC", "DDD"])
+        );
+        // 1350 orders and 150 ticks, one market entry each; the count is the run's own
+        // (the first run's cancels may land in the second's).
+        let count = report["latency_us"]["count"].as_u64().unwrap();
+        assert!((1350..=3000).contains(&count), "{report}");
+        assert!(
+            report["latency_us"]["p50"].as_u64().unwrap() > 0,
+            "{report}"
+        );
+
+        // The run's orders that rested were cancelled: the engine's books hold none.
+        assert!(
+            report["resting_cancelled"].as_u64().unwrap() > 0,
+            "{report}"
+        );
+        assert_eq!(report["left_resting"], 0, "{report}");
+        let run = report["run"].as_str().unwrap();
+        let resting = running.resting(&format!("bench-{run}-")).await;
+        assert!(
+            resting.is_empty(),
+            "{} left resting: {report}",
+            resting.len()
+        );
+    }
+    // The bench's consumer groups are gone: analytics alone reads the market streams.
+    for groups in running.market_groups().await {
+        assert_eq!(groups, ["analytics"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attached_bench_pointed_at_the_wrong_partitions_says_so() {
+    let running = Running::start(4).await;
+    let grpc = running.pipeline.grpc_url();
+    for (partitions, expected) in [
+        (2, "more than TICKFLOW_PARTITIONS=2 partitions"),
+        (8, "analytics does not read"),
+    ] {
+        let output = tickflow(
+            &["bench", "--attach", "--grpc", &grpc, "--events", "10"],
+            &running.env(partitions),
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{partitions}: {stderr}");
+        assert!(stderr.contains(expected), "{partitions}: {stderr}");
+    }
+    let mut wrong_namespace = running.env(4);
+    wrong_namespace[1].1 = "nobody".into();
+    let output = tickflow(&["bench", "--attach", "--grpc", &grpc], &wrong_namespace);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("analytics does not read"),
+        "{stderr}"
+    );
+    // Nothing was published and no group was made.
+    for groups in running.market_groups().await {
+        assert_eq!(groups, ["analytics"]);
     }
 }

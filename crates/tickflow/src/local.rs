@@ -1,0 +1,202 @@
+//! A local pipeline: the four services as `tickflow serve …` processes on one Redis, each
+//! on free `127.0.0.1` ports, with its output in a log file of its own. `tickflow bench`
+//! runs its measurements on one; the tests start one to attach the benchmark to.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+/// The services, in pipeline order.
+pub const SERVICES: [&str; 4] = ["ingest", "transform", "engine", "analytics"];
+
+/// How long each service gets to answer `/readyz`.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Four running service processes; killed when dropped, stopped gracefully by
+/// [`LocalPipeline::stop`].
+#[derive(Debug)]
+pub struct LocalPipeline {
+    services: Vec<Service>,
+    grpc_port: u16,
+    logs: PathBuf,
+}
+
+/// One service process.
+#[derive(Debug)]
+struct Service {
+    name: &'static str,
+    child: Child,
+    http_port: u16,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// CPU seconds (user + system) and peak resident memory of one process.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    /// User + system CPU seconds so far.
+    pub cpu_seconds: f64,
+    /// Peak resident set (`VmHWM`), MiB.
+    pub peak_rss_mib: f64,
+}
+
+impl LocalPipeline {
+    /// Starts `exe serve NAME` for every service with `env` (which must name `REDIS_URL`,
+    /// `TICKFLOW_NAMESPACE`, …; the reference data must already be in Redis), each with its
+    /// own `HTTP_ADDR`, one `GRPC_ADDR` for ingest, and `CONSUMER_NAME` `NAME-1`; logs go
+    /// to `logs/NAME.log`. Waits until every service answers `/readyz`.
+    pub async fn start(exe: &Path, env: &[(String, String)], logs: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(logs)?;
+        let grpc_port = streams_core::testing::free_port();
+        let mut services = Vec::new();
+        for name in SERVICES {
+            let http_port = streams_core::testing::free_port();
+            let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+            let child = Command::new(exe)
+                .args(["serve", name])
+                .envs(env.iter().cloned())
+                .env("HTTP_ADDR", format!("127.0.0.1:{http_port}"))
+                .env("GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
+                .env("CONSUMER_NAME", format!("{name}-1"))
+                .stdout(Stdio::from(log.try_clone()?))
+                .stderr(Stdio::from(log))
+                .spawn()
+                .with_context(|| format!("starting {name}"))?;
+            services.push(Service {
+                name,
+                child,
+                http_port,
+            });
+        }
+        let mut pipeline = Self {
+            services,
+            grpc_port,
+            logs: logs.to_owned(),
+        };
+        pipeline.wait_ready().await?;
+        Ok(pipeline)
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let http = reqwest::Client::builder().no_proxy().build()?;
+        let ready_by = Instant::now() + READY_TIMEOUT;
+        let logs = &self.logs;
+        for service in &mut self.services {
+            let url = format!("http://127.0.0.1:{}/readyz", service.http_port);
+            loop {
+                if let Some(status) = service.child.try_wait()? {
+                    bail!(
+                        "{} exited with {status}; see {}",
+                        service.name,
+                        logs.display()
+                    );
+                }
+                if http
+                    .get(&url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+                {
+                    break;
+                }
+                if Instant::now() > ready_by {
+                    bail!(
+                        "{} not ready after {READY_TIMEOUT:?}; see {}",
+                        service.name,
+                        logs.display()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ingest's gRPC URL, `http://127.0.0.1:PORT`.
+    pub fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// The HTTP base URL of `service` (one of [`SERVICES`]), `http://127.0.0.1:PORT`.
+    pub fn http_url(&self, service: &str) -> String {
+        let port = self
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .map_or(0, |s| s.http_port);
+        format!("http://127.0.0.1:{port}")
+    }
+
+    /// Where the services' logs are.
+    pub fn logs(&self) -> &Path {
+        &self.logs
+    }
+
+    /// Each service's CPU time and peak memory so far, in pipeline order.
+    pub fn usage(&self) -> Vec<(&'static str, Usage)> {
+        self.services
+            .iter()
+            .map(|s| (s.name, process_usage(s.child.id())))
+            .collect()
+    }
+
+    /// Stops every service with SIGTERM (each finishes its batch and flushes its spans)
+    /// and waits for it to exit.
+    pub fn stop(mut self) {
+        for service in &self.services {
+            let _ = Command::new("kill")
+                .args(["-TERM", &service.child.id().to_string()])
+                .status();
+        }
+        for service in &mut self.services {
+            let _ = service.child.wait();
+        }
+    }
+}
+
+/// CPU seconds and peak resident memory of a process, from /proc.
+fn process_usage(pid: u32) -> Usage {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of /proc/PID/stat: 11 and 12 after the name.
+    let cpu_seconds = (ticks(11) + ticks(12)) / clock_ticks_per_second();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    Usage {
+        cpu_seconds,
+        peak_rss_mib: peak_kib as f64 / 1024.0,
+    }
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
