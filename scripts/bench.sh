@@ -5,7 +5,8 @@
 #    redis-server (crates/streams-core/examples/stage_bench.rs).
 # 2. The whole pipeline, four service processes on one redis-server (`tickflow bench`):
 #    as fast as accepted, at a fixed 10,000 events/s, and with tracing at 1 % and 100 %.
-# 3. redis-benchmark XADD on a redis-server of its own, for scale.
+# 3. redis-benchmark XADD on a redis-server of its own, for scale, and what one short script
+#    call costs Redis back to back and after a short idle (the VM's wake-up cost).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 EVENTS="${EVENTS:-200000}"
@@ -13,6 +14,9 @@ EVENTS="${EVENTS:-200000}"
 echo "== machine"
 echo "nproc=$(nproc)  cpu=\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)\"  $(redis-server --version | cut -d' ' -f1-3)"
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+# On a VM, guest halt-polling decides what waking an idle vCPU costs (see the idle-cost
+# figures at the end): 0 means every wake-up goes through the host.
+echo "guest_halt_poll_ns: $(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns 2>/dev/null || echo 'n/a (no haltpoll driver)')"
 
 cargo build --release -p tickflow -p streams-core --features streams-core/test-util --bins --example stage_bench
 
@@ -43,6 +47,18 @@ for args in "-c 1" "-c 50" "-c 50 -P 50"; do
     printf '%-14s' "$args:"
     # shellcheck disable=SC2086
     redis-benchmark -p "$port" -n 200000 $args -q XADD benchstream '*' f v | tr '\r' '\n' | tail -1
+done
+
+echo
+echo "== idle cost: one short script call (one XADD) back to back and after 1 ms / 3 ms idle"
+# Redis's own time per call (INFO commandstats), so the client's side is not in it.
+sha=$(redis-cli -p "$port" SCRIPT LOAD "return redis.call('XADD', KEYS[1], '*', 'f', 'v')")
+for gap in 0 0.001 0.003; do
+    redis-cli -p "$port" CONFIG RESETSTAT >/dev/null
+    redis-cli -p "$port" -r 2000 -i "$gap" EVALSHA "$sha" 1 idlestream >/dev/null
+    usec=$(redis-cli -p "$port" INFO commandstats | tr -d '\r' |
+        sed -n 's/^cmdstat_evalsha:.*usec_per_call=\([0-9.]*\).*/\1/p')
+    printf 'gap %-6s s: %s µs per call\n' "$gap" "$usec"
 done
 redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
 rm -rf "$dir"

@@ -3,8 +3,9 @@
 //!
 //! - Where: `REDIS_URL`, `TICKFLOW_NAMESPACE` and `TICKFLOW_PARTITIONS` name the pipeline's
 //!   Redis, key prefix and partitions (read as every service reads them); ingest is at
-//!   `--grpc URL` (default `INGEST_GRPC`, else `http://127.0.0.1:50051`) or, with
-//!   `--via http`, at `--http URL` (default `INGEST_HTTP`, else `http://127.0.0.1:8080`).
+//!   `--grpc URL` (default `INGEST_GRPC`, as for `tickflow load`, else
+//!   `http://127.0.0.1:50051`) or, with `--via http`, at `--http URL` (default
+//!   `http://127.0.0.1:8080`).
 //! - First it checks that analytics reads every market stream of those partitions and of
 //!   no more, so that a wrong `TICKFLOW_PARTITIONS` is a clear error, not a run that waits
 //!   on the wrong streams.
@@ -69,7 +70,6 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         Via::Http => options
             .http
             .clone()
-            .or_else(|| std::env::var("INGEST_HTTP").ok())
             .unwrap_or_else(|| "http://127.0.0.1:8080".into()),
         _ => options
             .grpc
