@@ -57,7 +57,7 @@ pub use connection::Redis;
 pub use envelope::Envelope;
 pub use error::StreamsError;
 pub use keys::{KeySpace, Partition};
-pub use scripts::{RawEntry, parse_entries};
+pub use scripts::{RawEntry, parse_entries, parse_read_reply};
 pub use stage::{
     ConsumeMode, Delivery, Handler, HandlerError, InputFormat, Inputs, Outputs, Stage, StageSpec,
 };

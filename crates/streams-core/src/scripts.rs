@@ -497,6 +497,31 @@ pub fn parse_entries(value: Value) -> Result<Vec<RawEntry>> {
     Ok(entries)
 }
 
+/// Parses an XREADGROUP (or XREAD) reply into (stream key, entries) pairs: RESP2 gives
+/// `[[key, entries], ...]`, RESP3 a map, and nil means nothing came.
+pub fn parse_read_reply(value: Value) -> Result<Vec<(String, Vec<RawEntry>)>> {
+    let streams = match value {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Array(streams) => streams
+            .into_iter()
+            .filter_map(|s| match s {
+                Value::Array(mut pair) if pair.len() == 2 => {
+                    let entries = pair.pop()?;
+                    let key = pair.pop()?;
+                    Some((key, entries))
+                }
+                _ => None,
+            })
+            .collect::<Vec<_>>(),
+        Value::Map(pairs) => pairs,
+        other => return Err(protocol("XREADGROUP reply", &other)),
+    };
+    streams
+        .into_iter()
+        .map(|(key, entries)| Ok((as_string(key)?, parse_entries(entries)?)))
+        .collect()
+}
+
 pub(crate) fn as_bytes(value: Value) -> Result<Vec<u8>> {
     match value {
         Value::BulkString(bytes) => Ok(bytes),

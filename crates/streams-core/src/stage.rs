@@ -539,36 +539,17 @@ impl<H: Handler> Stage<H> {
     }
 
     fn parse_read_reply(&self, reply: Value) -> Result<Vec<Pending>> {
-        let streams = match reply {
-            Value::Nil => return Ok(Vec::new()),
-            Value::Array(streams) => streams
-                .into_iter()
-                .filter_map(|s| match s {
-                    Value::Array(mut pair) if pair.len() == 2 => {
-                        let entries = pair.pop()?;
-                        let key = pair.pop()?;
-                        Some((key, entries))
-                    }
-                    _ => None,
-                })
-                .collect::<Vec<_>>(),
-            Value::Map(pairs) => pairs,
-            other => return Err(scripts::protocol("XREADGROUP reply", &other)),
-        };
         let mut batch = Vec::new();
-        for (key, entries) in streams {
-            let key = as_string(key)?;
+        for (key, entries) in scripts::parse_read_reply(reply)? {
             let Some(&source) = self.source_by_key.get(key.as_str()) else {
                 continue;
             };
-            for entry in parse_entries(entries)? {
-                batch.push(Pending {
-                    source,
-                    entry,
-                    deliveries: 1,
-                    merged: false,
-                });
-            }
+            batch.extend(entries.into_iter().map(|entry| Pending {
+                source,
+                entry,
+                deliveries: 1,
+                merged: false,
+            }));
         }
         Ok(batch)
     }

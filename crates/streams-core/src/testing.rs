@@ -329,40 +329,84 @@ pub fn unique_namespace(prefix: &str) -> String {
 /// the child binds it. This picks at random *outside* that range
 /// (`/proc/sys/net/ipv4/ip_local_port_range`), checks that it can be bound right now, and
 /// never hands the same port out twice in one process. Two processes picking at once
-/// could still meet, one time in tens of thousands.
+/// could still meet, one time in tens of thousands. On a host whose ephemeral range leaves
+/// (almost) nothing outside it, it falls back to the kernel's pick.
 ///
 /// # Panics
 ///
-/// If no port can be bound after many tries (the loopback interface is unusable).
+/// If no port can be bound at all (the loopback interface is unusable).
 pub fn free_port() -> u16 {
+    free_port_in(&outside_ephemeral(&ephemeral_port_range()))
+}
+
+/// [`free_port`] picking from `outside`.
+fn free_port_in(outside: &[std::ops::Range<u16>]) -> u16 {
     static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-    let ephemeral = ephemeral_port_range();
     let mut handed_out = HANDED_OUT
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let candidates = std::iter::repeat_with(|| rand::random_range(FREE_PORT_RANGE)).take(1000);
-    let port = first_free_port(candidates, &ephemeral, &handed_out).unwrap_or_else(|| {
-        panic!("found no free 127.0.0.1 port in {FREE_PORT_RANGE:?} outside {ephemeral:?}")
+    let total: usize = outside.iter().map(|r| r.len()).sum();
+    let candidates = std::iter::repeat_with(|| {
+        // The n-th port of the ranges outside the ephemeral one.
+        let mut n = rand::random_range(0..total.max(1));
+        for range in outside {
+            if n < range.len() {
+                return range.start + n as u16;
+            }
+            n -= range.len();
+        }
+        0
+    })
+    .take(if total >= MIN_OUTSIDE_PORTS { 1000 } else { 0 });
+    let port = first_free_port(candidates, &handed_out).unwrap_or_else(|| {
+        let kernel_pick = || -> io::Result<u16> {
+            (0..100)
+                .map(|_| {
+                    TcpListener::bind("127.0.0.1:0")?
+                        .local_addr()
+                        .map(|a| a.port())
+                })
+                .find(|port| port.as_ref().is_ok_and(|p| !handed_out.contains(p)))
+                .unwrap_or_else(|| Err(io::Error::other("every pick was handed out already")))
+        };
+        kernel_pick().unwrap_or_else(|e| panic!("found no free 127.0.0.1 port: {e}"))
     });
     handed_out.insert(port);
     port
 }
 
-/// The first candidate outside `ephemeral`, not in `handed_out`, that binds now.
+/// The first candidate not in `handed_out` that binds now.
 fn first_free_port(
     candidates: impl IntoIterator<Item = u16>,
-    ephemeral: &std::ops::RangeInclusive<u16>,
     handed_out: &BTreeSet<u16>,
 ) -> Option<u16> {
     candidates.into_iter().find(|port| {
-        !ephemeral.contains(port)
-            && !handed_out.contains(port)
-            && TcpListener::bind(("127.0.0.1", *port)).is_ok()
+        *port != 0 && !handed_out.contains(port) && TcpListener::bind(("127.0.0.1", *port)).is_ok()
     })
 }
 
-/// Where [`free_port`] picks: above the registered ports most local daemons use.
-const FREE_PORT_RANGE: std::ops::RangeInclusive<u16> = 10_000..=65_535;
+/// Below this many ports outside the ephemeral range, [`free_port`] lets the kernel pick.
+const MIN_OUTSIDE_PORTS: usize = 1_000;
+
+/// The ports [`free_port`] picks from: outside `ephemeral`, above the registered ports most
+/// local daemons use (10 000), or above 1 024 if that leaves too few.
+fn outside_ephemeral(ephemeral: &std::ops::RangeInclusive<u16>) -> Vec<std::ops::Range<u16>> {
+    let (low, high) = (*ephemeral.start(), *ephemeral.end());
+    let ranges = |floor: u16| {
+        let below = floor..low.max(floor);
+        let above = high.saturating_add(1).max(floor)..u16::MAX;
+        [below, above]
+            .into_iter()
+            .filter(|r| !r.is_empty())
+            .collect::<Vec<_>>()
+    };
+    let preferred = ranges(10_000);
+    if preferred.iter().map(|r| r.len()).sum::<usize>() >= MIN_OUTSIDE_PORTS {
+        preferred
+    } else {
+        ranges(1_024)
+    }
+}
 
 /// The kernel's ephemeral port range (Linux's default when it cannot be read).
 fn ephemeral_port_range() -> std::ops::RangeInclusive<u16> {
@@ -637,28 +681,52 @@ mod tests {
     #[test]
     fn free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() {
         let ephemeral = ephemeral_port_range();
+        let outside = outside_ephemeral(&ephemeral);
         let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
         let distinct: BTreeSet<u16> = ports.iter().copied().collect();
         assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
-        for port in ports {
-            assert!(!ephemeral.contains(&port), "{port} is in {ephemeral:?}");
-            assert!(FREE_PORT_RANGE.contains(&port), "{port}");
+        if outside.iter().map(|r| r.len()).sum::<usize>() >= MIN_OUTSIDE_PORTS {
+            for port in ports {
+                assert!(!ephemeral.contains(&port), "{port} is in {ephemeral:?}");
+                assert!(outside.iter().any(|r| r.contains(&port)), "{port}");
+            }
         }
     }
 
     #[test]
-    fn a_port_in_use_in_the_ephemeral_range_or_handed_out_is_passed_over() {
+    fn the_ports_outside_the_ephemeral_range_are_above_10000_when_enough_are() {
+        assert_eq!(
+            outside_ephemeral(&(32_768..=60_999)),
+            [10_000..32_768, 61_000..65_535]
+        );
+        // A range that leaves too little above 10 000 (a common tuning): from 1 024 up.
+        assert_eq!(outside_ephemeral(&(10_500..=65_535)), vec![(1_024..10_500)]);
+        assert_eq!(
+            outside_ephemeral(&(1_024..=65_535)),
+            Vec::<std::ops::Range<u16>>::new()
+        );
+        // With nothing outside, the kernel picks (bindable, not handed out twice).
+        let picks: BTreeSet<u16> = (0..20).map(|_| free_port_in(&[])).collect();
+        assert_eq!(picks.len(), 20);
+        assert!(
+            picks
+                .iter()
+                .all(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        );
+    }
+
+    #[test]
+    fn a_port_in_use_or_handed_out_is_passed_over() {
         let held = TcpListener::bind("127.0.0.1:0").unwrap();
         let held_port = held.local_addr().unwrap().port();
         let given = free_port();
         let wanted = free_port();
-        let ephemeral = 20_000..=20_010;
         let handed_out = BTreeSet::from([given]);
         assert_eq!(
-            first_free_port([held_port, 20_005, given, wanted], &ephemeral, &handed_out),
+            first_free_port([held_port, 0, given, wanted], &handed_out),
             Some(wanted)
         );
-        assert_eq!(first_free_port([held_port], &(1..=1), &handed_out), None);
+        assert_eq!(first_free_port([held_port], &handed_out), None);
     }
 
     #[test]
