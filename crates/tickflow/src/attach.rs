@@ -8,35 +8,43 @@
 //!   `http://127.0.0.1:8080`).
 //! - First it checks that analytics reads every market stream of those partitions and of
 //!   no more, so that a wrong `TICKFLOW_PARTITIONS` is a clear error, not a run that waits
-//!   on the wrong streams.
+//!   on the wrong streams. It warns of bench groups an earlier run left behind.
 //! - It trades the pipeline's own instruments (the first `--symbols` of its reference
 //!   data, by symbol) around the engine's reference price (the last trade or tick), within
-//!   their tick, lot, static limits and price band, under client order ids
-//!   `bench-<run>-<n>`. `<run>` is printed
-//!   at the start.
+//!   their tick, lot, static limits and half their price band, under client order ids
+//!   `bench-<run>-<n>`. `<run>` is printed at the start. Its ticks are printed at that
+//!   reference price; for an instrument that has none yet, they set one.
 //! - It reads the market streams through a consumer group of its own,
-//!   `tickflow-bench-<run>`, created before the first order: with NOACK nothing is left
-//!   pending, and safe trimming keeps every entry it has not read yet. The group is removed
-//!   at the end, on an error and on Ctrl-C.
+//!   `tickflow-bench-<run>`, created (all partitions at once) before the first order: with
+//!   NOACK nothing is left pending, and safe trimming keeps every entry it has not read
+//!   yet. The group is removed at the end, on an error, a panic, SIGTERM and Ctrl-C.
 //! - It waits until every order has its accept/reject report and analytics has committed
-//!   the last entry of the run on each partition (not until the whole pipeline is idle:
-//!   other traffic may go on), or gives up after a deadline (`timed_out` in the report).
+//!   the last entry with a report of the run on each partition (not until the whole
+//!   pipeline is idle: other traffic may go on), or gives up after a deadline (`timed_out`
+//!   in the report).
 //! - Latency is what analytics' histogram gained over the run: the run's own market
-//!   entries, plus whatever other traffic the pipeline carried meanwhile.
-//! - At the end it cancels the run's orders still resting in the books, so that the
-//!   benchmark does not leave them to trade against real flow.
+//!   entries (but for ticks published after a partition's last order, which may land
+//!   after), plus whatever other traffic the pipeline carried meanwhile.
+//! - At the end, and after an error once every order was published, it cancels the run's
+//!   orders that may still rest (those whose last report leaves a quantity, and those not
+//!   reported at all), so that the benchmark does not leave them to trade against real
+//!   flow; `left_resting` counts the cancels not answered in time. After Ctrl-C or SIGTERM
+//!   it only removes its group.
+//! - Entries of other traffic that do not decode are skipped and counted (`undecodable`).
 //! - The services' CPU and memory are not measured in this mode: they may run on other
 //!   machines. Redis's CPU is (INFO), with everything else it did meanwhile.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
+    panic::AssertUnwindSafe,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
+use futures::FutureExt;
 use redis::{Value, aio::MultiplexedConnection};
 use serde_json::json;
-use streams_core::{KeySpace, RawEntry};
+use streams_core::KeySpace;
 use tickflow_proto::{topology, v1};
 use tokio_util::task::AbortOnDropHandle;
 use transform::refdata::Instrument;
@@ -51,6 +59,11 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Entries per stream per read.
 const READ_COUNT: usize = 2_000;
+/// The highest limit price the flow uses, in millionths (a billion): far above any
+/// instrument's, and low enough that no price arithmetic overflows.
+const MAX_PRICE_E6: i64 = 1_000_000_000 * 1_000_000;
+/// The prefix of every bench group's name.
+const GROUP_PREFIX: &str = "tickflow-bench-";
 
 /// Runs the attached benchmark and prints its report.
 pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
@@ -64,7 +77,12 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
                 streams_core::config::redact(&config.redis_url)
             )
         })?;
-    check_partitions(&mut conn, &keys).await?;
+    for stale in check_partitions(&mut conn, &keys).await? {
+        eprintln!(
+            "warning: {stale}: left by an earlier run? It holds back trimming until removed \
+             (redis-cli XGROUP DESTROY <stream> <group>)"
+        );
+    }
     let markets = markets(&mut conn, &config.redis_url, &keys, options.symbols).await?;
     let target = match options.via {
         Via::Http => options
@@ -79,7 +97,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     };
     let run_id = format!("{:08x}", rand::random::<u32>());
     let run = Run {
-        group: format!("tickflow-bench-{run_id}"),
+        group: format!("{GROUP_PREFIX}{run_id}"),
         prefix: format!("bench-{run_id}-"),
         streams: keys
             .all_partitions()
@@ -89,6 +107,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         target,
         run_id,
     };
+    let events = flow(&markets, options.events, options.seed, &run.prefix);
+    let orders = Orders::of(&events);
     eprintln!(
         "tickflow bench --attach: run {} against {} ({} partitions of {:?}), orders {}<n>, group {}",
         run.run_id,
@@ -98,18 +118,48 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         run.prefix,
         run.group
     );
+
+    // From here on the group exists: every way out goes through its removal below.
+    let stop = streams_core::shutdown::on_signals();
     run.create_groups(&mut conn).await?;
+    let mut progress = Progress::default();
     let outcome = tokio::select! {
-        outcome = run.measure(&options, &markets, &mut conn) => outcome,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!(
+        outcome = AssertUnwindSafe(run.measure(&options, &markets, events, &orders, &mut conn, &mut progress)).catch_unwind() => {
+            outcome.unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(anyhow::anyhow!("the run panicked: {message}"))
+            })
+        }
+        _ = stop.cancelled() => Err(anyhow::anyhow!(
             "interrupted: orders {}* may still rest in the books", run.prefix
         )),
     };
-    // Removed whatever happened; a connection that was mid-command is replaced.
-    let mut cleanup = streams_core::testing::connect(&config.redis_url).await?;
-    let removed = run.destroy_groups(&mut cleanup).await;
-    let result = outcome?;
+    // The multiplexed connection drops the reply of a command the run left half way.
+    let cancelled = if stop.is_cancelled() {
+        None
+    } else {
+        let cleanup = run.cancel_orders(options.via, &mut conn, &mut progress, &orders);
+        Some(
+            tokio::time::timeout(CLEANUP_TIMEOUT, cleanup)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(anyhow::anyhow!("ingest did not take the cancels in time"))
+                }),
+        )
+    };
+    let removed = run.destroy_groups(&mut conn).await;
+    let mut result = outcome?;
     removed?;
+    let (resting_cancelled, left_resting) = cancelled
+        .transpose()
+        .with_context(|| format!("cancelling orders {}* left resting", run.prefix))?
+        .unwrap_or_default();
+    result["resting_cancelled"] = json!(resting_cancelled);
+    result["left_resting"] = json!(left_resting);
     bench::print_result(&options, &result);
     let (lost, duplicated) = (result["lost"].as_u64(), result["duplicated"].as_u64());
     if lost != Some(0) || duplicated != Some(0) {
@@ -138,12 +188,43 @@ struct Run {
     target: String,
 }
 
-/// What the run read so far.
+/// The run's orders: ids in flow order, and each one's symbol (for its cancel).
+struct Orders {
+    ids: Vec<String>,
+    symbols: HashMap<String, String>,
+}
+
+impl Orders {
+    fn of(events: &[v1::Event]) -> Self {
+        let symbols = events
+            .iter()
+            .filter_map(|e| match &e.kind {
+                Some(v1::event::Kind::NewOrder(o)) => {
+                    Some((o.client_order_id.clone(), o.symbol.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        Self {
+            ids: order_ids(events),
+            symbols,
+        }
+    }
+}
+
+/// What the run has done and read so far; kept outside the measurement, so that the
+/// cleanup knows it whatever became of the measurement.
 #[derive(Default)]
-struct Seen {
+struct Progress {
     tally: Tally,
     /// Per market stream, the id of the last entry with a report of the run.
     last_ours: HashMap<usize, StreamId>,
+    /// Whether ingest took every event.
+    published_all: bool,
+    /// Cancelled orders that have not had a report that ends them yet.
+    awaiting_cancel: HashSet<String>,
+    /// Entries of the market streams that did not decode (other traffic's).
+    undecodable: u64,
 }
 
 /// A stream entry id, ordered as Redis orders them.
@@ -159,17 +240,18 @@ impl Run {
         &self,
         options: &BenchOptions,
         markets: &[Market],
+        events: Vec<v1::Event>,
+        orders: &Orders,
         conn: &mut MultiplexedConnection,
+        progress: &mut Progress,
     ) -> anyhow::Result<serde_json::Value> {
         let analytics = analytics::aggregate::AnalyticsKeys::new(self.keys.clone());
         let histogram_before = analytics.latency_histogram(conn).await?;
         let redis_cpu_before = bench::redis_cpu(conn).await?;
-        let events = flow(markets, options.events, options.seed, &self.prefix);
-        let orders = order_ids(&events);
-        let mut seen = Seen::default();
+        let count = events.len() as u64;
 
         let started = Instant::now();
-        // Stopped with the run (an error, Ctrl-C), not left publishing.
+        // Stopped with the run (an error, a signal), not left publishing.
         let mut publisher = AbortOnDropHandle::new(tokio::spawn(publish(
             options.via,
             self.target.clone(),
@@ -179,20 +261,23 @@ impl Run {
         // A read is never abandoned half way: with NOACK, what Redis delivered to a read
         // nobody waits for any more would be gone for the run.
         while !publisher.is_finished() {
-            self.read(conn, &mut seen, Some(Duration::from_millis(20)))
+            self.read(conn, progress, Some(Duration::from_millis(20)))
                 .await?;
         }
         let accepted = (&mut publisher).await??;
+        progress.published_all = accepted == count;
         let published = started.elapsed();
         let deadline =
             Instant::now() + SETTLE_TIMEOUT + Duration::from_secs(options.events / 2_000);
         let mut timed_out = false;
-        while !(seen.tally.decided(&orders) && self.analytics_past(conn, &seen.last_ours).await?) {
+        while !(progress.tally.decided(&orders.ids)
+            && self.analytics_past(conn, &progress.last_ours).await?)
+        {
             if Instant::now() > deadline {
                 timed_out = true;
                 break;
             }
-            self.read(conn, &mut seen, Some(Duration::from_millis(5)))
+            self.read(conn, progress, Some(Duration::from_millis(5)))
                 .await?;
         }
         let seconds = started.elapsed().as_secs_f64();
@@ -206,19 +291,11 @@ impl Run {
         // What else the streams hold by now (a late duplicate counts), within reason when
         // other traffic goes on.
         for _ in 0..100 {
-            if self.read(conn, &mut seen, None).await? == 0 {
+            if self.read(conn, progress, None).await? == 0 {
                 break;
             }
         }
-        let (lost, duplicated, rejected, first_rejection) = (
-            seen.tally.lost(&orders),
-            seen.tally.duplicated(),
-            seen.tally.rejected,
-            seen.tally.first_rejection.clone(),
-        );
-        let (resting_cancelled, left_resting) =
-            self.cancel_resting(options.via, conn, &mut seen).await?;
-
+        let tally = &progress.tally;
         Ok(json!({
             "mode": "attach",
             "run": self.run_id,
@@ -234,13 +311,12 @@ impl Run {
             "events_per_sec": accepted as f64 / seconds,
             "latency_us": bench::latency_json(&histogram),
             "redis_cpu_seconds": redis_cpu,
-            "rejected": rejected,
-            "first_rejection": first_rejection,
-            "lost": lost,
-            "duplicated": duplicated,
+            "rejected": tally.rejected,
+            "first_rejection": tally.first_rejection,
+            "lost": tally.lost(&orders.ids),
+            "duplicated": tally.duplicated(),
             "timed_out": timed_out,
-            "resting_cancelled": resting_cancelled,
-            "left_resting": left_resting,
+            "undecodable": progress.undecodable,
         }))
     }
 
@@ -249,7 +325,7 @@ impl Run {
     async fn read(
         &self,
         conn: &mut MultiplexedConnection,
-        seen: &mut Seen,
+        progress: &mut Progress,
         block: Option<Duration>,
     ) -> anyhow::Result<usize> {
         let mut cmd = redis::cmd("XREADGROUP");
@@ -267,21 +343,29 @@ impl Run {
         }
         let reply: Value = cmd.query_async(conn).await?;
         let mut read = 0;
-        for (key, entries) in stream_replies(reply)? {
+        for (key, entries) in streams_core::parse_read_reply(reply)? {
             let Some(index) = self.streams.iter().position(|s| *s == key) else {
                 continue;
             };
             read += entries.len();
             for entry in entries {
+                let Ok(reports) = bench::reports_in(&entry) else {
+                    // Not the run's: its entries are the engine's and transform's own.
+                    progress.undecodable += 1;
+                    continue;
+                };
                 let mut ours = false;
-                for report in bench::reports_in(&entry)? {
+                for report in reports {
                     if report.client_order_id.starts_with(&self.prefix) {
-                        seen.tally.add(&report);
+                        progress.tally.add(&report);
+                        if ends_the_order(&report) {
+                            progress.awaiting_cancel.remove(&report.client_order_id);
+                        }
                         ours = true;
                     }
                 }
                 if ours && let Some(id) = parse_id(&entry.id) {
-                    seen.last_ours.insert(index, id);
+                    progress.last_ours.insert(index, id);
                 }
             }
         }
@@ -323,51 +407,67 @@ impl Run {
         Ok(true)
     }
 
-    /// Cancels the run's orders that still rest and waits for their reports. Returns how
-    /// many it cancelled and how many still rest.
-    async fn cancel_resting(
+    /// Cancels the run's orders that may still rest: those whose last report leaves a
+    /// quantity and, once every event was published, those with no report at all (a
+    /// cancel of an order the engine does not hold is only rejected). Waits for their
+    /// answers; returns how many it cancelled and how many were not answered.
+    async fn cancel_orders(
         &self,
         via: Via,
         conn: &mut MultiplexedConnection,
-        seen: &mut Seen,
+        progress: &mut Progress,
+        orders: &Orders,
     ) -> anyhow::Result<(usize, usize)> {
-        let cancels: Vec<v1::Event> = seen
+        let mut targets: BTreeMap<String, String> = progress
             .tally
             .resting
             .iter()
-            .map(|(id, symbol)| v1::Event {
+            .map(|(id, symbol)| (id.clone(), symbol.clone()))
+            .collect();
+        if progress.published_all {
+            for id in progress.tally.undecided(&orders.ids) {
+                targets.insert(id.clone(), orders.symbols[id].clone());
+            }
+        }
+        if targets.is_empty() {
+            return Ok((0, 0));
+        }
+        progress.awaiting_cancel = targets.keys().cloned().collect();
+        let cancels: Vec<v1::Event> = targets
+            .into_iter()
+            .map(|(client_order_id, symbol)| v1::Event {
                 kind: Some(v1::event::Kind::Cancel(v1::CancelOrder {
-                    symbol: symbol.clone(),
-                    client_order_id: id.clone(),
+                    symbol,
+                    client_order_id,
                 })),
             })
             .collect();
         let count = cancels.len();
-        if count > 0 {
-            publish(via, self.target.clone(), cancels, 0).await?;
-        }
+        publish(via, self.target.clone(), cancels, 0).await?;
         let deadline = Instant::now() + CLEANUP_TIMEOUT;
-        while !seen.tally.resting.is_empty() && Instant::now() < deadline {
-            self.read(conn, seen, Some(Duration::from_millis(20)))
+        while !progress.awaiting_cancel.is_empty() && Instant::now() < deadline {
+            self.read(conn, progress, Some(Duration::from_millis(20)))
                 .await?;
         }
-        Ok((count, seen.tally.resting.len()))
+        Ok((count, progress.awaiting_cancel.len()))
     }
 
+    /// Creates the run's group on every market stream at once (MULTI), at the end of each.
     async fn create_groups(&self, conn: &mut MultiplexedConnection) -> anyhow::Result<()> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
         for stream in &self.streams {
-            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            pipe.cmd("XGROUP")
                 .arg("CREATE")
                 .arg(stream)
                 .arg(&self.group)
                 .arg("$")
-                .query_async(conn)
-                .await;
-            if let Err(e) = created {
-                let _ = self.destroy_groups(conn).await;
-                return Err(e)
-                    .with_context(|| format!("creating group {} on {stream}", self.group));
-            }
+                .ignore();
+        }
+        let created: redis::RedisResult<()> = pipe.query_async(conn).await;
+        if let Err(e) = created {
+            let _ = self.destroy_groups(conn).await;
+            return Err(e).with_context(|| format!("creating group {}", self.group));
         }
         Ok(())
     }
@@ -388,6 +488,14 @@ impl Run {
     }
 }
 
+/// Whether `report` leaves nothing of its order in the book.
+fn ends_the_order(report: &v1::ExecutionReport) -> bool {
+    matches!(
+        v1::ExecStatus::try_from(report.status),
+        Ok(v1::ExecStatus::Filled | v1::ExecStatus::Cancelled | v1::ExecStatus::Rejected)
+    )
+}
+
 /// Publishes through ingest's API; returns how many events it accepted.
 async fn publish(
     via: Via,
@@ -401,36 +509,13 @@ async fn publish(
     }
 }
 
-/// An XREADGROUP reply (RESP2 `[[key, entries], …]` or a RESP3 map; nil when nothing came)
-/// as (key, entries) pairs.
-fn stream_replies(reply: Value) -> anyhow::Result<Vec<(String, Vec<RawEntry>)>> {
-    let pairs: Vec<(Value, Value)> = match reply {
-        Value::Nil => return Ok(Vec::new()),
-        Value::Map(pairs) => pairs,
-        Value::Array(items) => items
-            .into_iter()
-            .filter_map(|item| match item {
-                Value::Array(pair) if pair.len() == 2 => {
-                    let mut pair = pair.into_iter();
-                    Some((pair.next()?, pair.next()?))
-                }
-                _ => None,
-            })
-            .collect(),
-        other => bail!("unexpected XREADGROUP reply {other:?}"),
-    };
-    pairs
-        .into_iter()
-        .map(|(key, entries)| {
-            let key: String = redis::from_redis_value(key)?;
-            Ok((key, streams_core::parse_entries(entries)?))
-        })
-        .collect()
-}
-
 /// Checks that analytics reads the market stream of every partition `keys` names, and that
-/// the pipeline has no more partitions than that.
-async fn check_partitions(conn: &mut MultiplexedConnection, keys: &KeySpace) -> anyhow::Result<()> {
+/// the pipeline has no more partitions than that. Returns the bench groups found on them
+/// (`stream group`), which earlier runs left behind.
+async fn check_partitions(
+    conn: &mut MultiplexedConnection,
+    keys: &KeySpace,
+) -> anyhow::Result<Vec<String>> {
     let partitions = keys.partitions();
     let mut pipe = redis::pipe();
     // One past the last: it must not be read, or the pipeline has more partitions.
@@ -440,35 +525,49 @@ async fn check_partitions(conn: &mut MultiplexedConnection, keys: &KeySpace) -> 
             .arg(keys.stream(topology::MARKET, p));
     }
     let replies: Vec<redis::RedisResult<Value>> = pipe.ignore_errors().query_async(conn).await?;
-    let read_by_analytics: Vec<bool> = replies
+    let groups: Vec<Vec<String>> = replies
         .into_iter()
         .map(|reply| {
-            reply.is_ok_and(|groups| {
-                streams_core::xinfo_records(groups)
-                    .iter()
-                    .any(|g| g.get("name").map(String::as_str) == Some(topology::ANALYTICS_GROUP))
-            })
+            reply.map_or_else(
+                |_| Vec::new(),
+                |groups| {
+                    streams_core::xinfo_records(groups)
+                        .into_iter()
+                        .filter_map(|g| g.get("name").cloned())
+                        .collect()
+                },
+            )
         })
         .collect();
+    let read_by_analytics = |p: u32| {
+        groups[p as usize]
+            .iter()
+            .any(|g| g == topology::ANALYTICS_GROUP)
+    };
     let namespace = keys.namespace();
-    if let Some(p) = read_by_analytics[..partitions as usize]
-        .iter()
-        .position(|r| !r)
-    {
+    if let Some(p) = (0..partitions).find(|p| !read_by_analytics(*p)) {
         bail!(
             "analytics does not read {}: is a pipeline running with TICKFLOW_NAMESPACE={namespace} \
              and TICKFLOW_PARTITIONS={partitions} on this REDIS_URL?",
-            keys.stream(topology::MARKET, p as u32)
+            keys.stream(topology::MARKET, p)
         );
     }
-    if read_by_analytics[partitions as usize] {
+    if read_by_analytics(partitions) {
         bail!(
             "the pipeline in {namespace:?} has more than TICKFLOW_PARTITIONS={partitions} partitions \
              (analytics reads {}): set TICKFLOW_PARTITIONS to the pipeline's",
             keys.stream(topology::MARKET, partitions)
         );
     }
-    Ok(())
+    Ok((0..partitions)
+        .flat_map(|p| {
+            let stream = keys.stream(topology::MARKET, p);
+            groups[p as usize]
+                .iter()
+                .filter(|g| g.starts_with(GROUP_PREFIX))
+                .map(move |g| format!("{stream} {g}"))
+        })
+        .collect())
 }
 
 /// The first `count` instruments of the pipeline's reference data, by symbol, with prices
@@ -513,38 +612,43 @@ async fn markets(
 }
 
 /// The prices and lots the flow may use on `instrument`, around `last_price_e6` (else the
-/// middle of its static limits, else 100): within its static limits, and within its price
-/// band of that reference price.
+/// middle of its static limits, else 100): within its static limits, and within half its
+/// price band of that reference price, so that an order stays in the band wherever the
+/// run's own trades move its centre.
 fn market(instrument: &Instrument, last_price_e6: Option<i64>) -> anyhow::Result<Market> {
     let symbol = &instrument.symbol;
+    instrument
+        .validate()
+        .map_err(|e| anyhow::anyhow!("the pipeline's reference data: {e}"))?;
     let tick_e6 = instrument.tick_e6();
     let to_ticks = |price: f64| price * 1e6 / tick_e6 as f64;
+    // Every price in ticks stays within [1, MAX_PRICE_E6 / tick_e6]: no overflow below.
+    let ceiling = MAX_PRICE_E6 / tick_e6;
     let min_ticks = instrument
         .min_price
-        .map_or(1, |p| (to_ticks(p) - 1e-9).ceil() as i64)
-        .max(1);
+        .map_or(1.0, |p| (to_ticks(p) - 1e-9).ceil())
+        .clamp(1.0, ceiling as f64) as i64;
     let max_ticks = instrument
         .max_price
-        .map_or(i64::MAX / tick_e6, |p| (to_ticks(p) + 1e-9).floor() as i64);
+        .map_or(ceiling as f64, |p| (to_ticks(p) + 1e-9).floor())
+        .clamp(0.0, ceiling as f64) as i64;
     if min_ticks > max_ticks {
         bail!("{symbol}: no price on its tick between its min_price and max_price");
     }
     let reference = match (last_price_e6, instrument.min_price, instrument.max_price) {
-        (Some(last), ..) => (last as f64 / tick_e6 as f64).round() as i64,
-        (None, Some(_), Some(_)) => min_ticks + (max_ticks - min_ticks) / 2,
-        _ => to_ticks(100.0).round() as i64,
+        (Some(last), ..) => (last as f64 / tick_e6 as f64).round(),
+        (None, Some(_), Some(_)) => (min_ticks + (max_ticks - min_ticks) / 2) as f64,
+        _ => to_ticks(100.0).round(),
     }
-    .clamp(min_ticks, max_ticks);
-    let band = i64::try_from(
-        u128::from(reference.unsigned_abs()) * u128::from(instrument.band_bps) / 10_000,
-    )
-    .unwrap_or(i64::MAX);
+    .clamp(min_ticks as f64, max_ticks as f64) as i64;
     let spread = if instrument.band_bps > 0 {
-        PRICE_SPREAD_TICKS.min(band)
+        let band = i128::from(reference) * i128::from(instrument.band_bps) / 10_000;
+        // Strictly under half: the band's width is computed from its (moving) centre.
+        PRICE_SPREAD_TICKS.min(((band - 1).max(0) / 2) as i64)
     } else {
         PRICE_SPREAD_TICKS
     };
-    let lot = instrument.lot_size.max(1);
+    let lot = instrument.lot_size;
     let max_lots = instrument
         .max_qty
         .map_or(MAX_LOTS, |max| (max / lot).min(MAX_LOTS));
@@ -586,8 +690,8 @@ mod tests {
         let m = market(&instrument(0.05, 0, None, None), Some(50_000_000)).unwrap();
         assert_eq!((m.reference, m.low, m.high), (1_000, 995, 1_005));
         assert_eq!((m.lot, m.max_lots), (10, 2), "max_qty 25 is two lots of 10");
-        // A band of 20 bps around 1000 ticks is 2 ticks wide each side.
-        let m = market(&instrument(0.05, 20, None, None), Some(50_000_000)).unwrap();
+        // A band of 50 bps around 1000 ticks is 5 ticks wide each side: under half of it.
+        let m = market(&instrument(0.05, 50, None, None), Some(50_000_000)).unwrap();
         assert_eq!((m.low, m.high), (998, 1_002));
         // A band narrower than one tick: the reference price only, no panic.
         let m = market(&instrument(0.05, 1, None, None), Some(50_000_000)).unwrap();
@@ -623,6 +727,35 @@ mod tests {
                 .to_string()
                 .contains("min_price")
         );
+        let no_tick = instrument(0.0, 0, None, None);
+        assert!(
+            market(&no_tick, None)
+                .unwrap_err()
+                .to_string()
+                .contains("tick_size")
+        );
+    }
+
+    #[test]
+    fn extreme_prices_neither_overflow_nor_leave_the_limits() {
+        // The middle of [0.01, 1e14] and a last trade near i64::MAX, on the smallest tick.
+        for (inst, last) in [
+            (instrument(0.01, 0, Some(0.01), Some(1e14)), None),
+            (instrument(0.000_001, 5, None, None), Some(i64::MAX - 1)),
+            (instrument(0.000_001, 10_000, None, None), Some(1)),
+        ] {
+            let m = market(&inst, last).unwrap();
+            assert!(
+                1 <= m.low && m.low <= m.reference && m.reference <= m.high,
+                "{m:?}"
+            );
+            let events = crate::bench::flow(std::slice::from_ref(&m), 100, 1, "x");
+            for event in events {
+                if let Some(v1::event::Kind::NewOrder(o)) = event.kind {
+                    assert!(o.price > 0.0 && o.price <= 1e9, "{o:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -405,7 +405,7 @@ async fn measure_local(
     let tally = tally_market(conn, keys).await?;
 
     // Stop the services gracefully (spans are flushed).
-    pipeline.stop();
+    pipeline.stop().await;
 
     Ok(json!({
         "mode": "local",
@@ -773,15 +773,19 @@ impl Tally {
 
     /// Orders of `orders` that got no accept/reject report.
     pub(crate) fn lost(&self, orders: &[String]) -> u64 {
-        orders
-            .iter()
-            .filter(|o| !self.decisions.contains_key(o.as_str()))
-            .count() as u64
+        self.undecided(orders).count() as u64
     }
 
     /// Orders that got more than one.
     pub(crate) fn duplicated(&self) -> u64 {
         self.decisions.values().filter(|c| **c > 1).count() as u64
+    }
+
+    /// The orders of `orders` with no accept/reject report.
+    pub(crate) fn undecided<'a>(&self, orders: &'a [String]) -> impl Iterator<Item = &'a String> {
+        orders
+            .iter()
+            .filter(|o| !self.decisions.contains_key(o.as_str()))
     }
 
     /// Whether every order of `orders` has its accept/reject report (cheap until the

@@ -15,6 +15,8 @@ pub const SERVICES: [&str; 4] = ["ingest", "transform", "engine", "analytics"];
 
 /// How long each service gets to answer `/readyz`.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long each service gets to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Four running service processes; killed when dropped, stopped gracefully by
 /// [`LocalPipeline::stop`].
@@ -61,8 +63,11 @@ impl LocalPipeline {
         for name in SERVICES {
             let http_port = streams_core::testing::free_port();
             let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+            // Only what it is given: nothing of the caller's environment (OTEL_*, tuning)
+            // changes what is measured or tested.
             let child = Command::new(exe)
                 .args(["serve", name])
+                .env_clear()
                 .envs(env.iter().cloned())
                 .env("HTTP_ADDR", format!("127.0.0.1:{http_port}"))
                 .env("GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
@@ -150,15 +155,25 @@ impl LocalPipeline {
     }
 
     /// Stops every service with SIGTERM (each finishes its batch and flushes its spans)
-    /// and waits for it to exit.
-    pub fn stop(mut self) {
+    /// and waits for it to exit; one still running after [`STOP_TIMEOUT`] is killed.
+    pub async fn stop(mut self) {
         for service in &self.services {
             let _ = Command::new("kill")
                 .args(["-TERM", &service.child.id().to_string()])
                 .status();
         }
+        let deadline = Instant::now() + STOP_TIMEOUT;
         for service in &mut self.services {
-            let _ = service.child.wait();
+            while matches!(service.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if matches!(service.child.try_wait(), Ok(None)) {
+                eprintln!(
+                    "{} did not stop within {STOP_TIMEOUT:?} of SIGTERM; killing it",
+                    service.name
+                );
+            }
+            // Drop kills and reaps what is left.
         }
     }
 }

@@ -8,7 +8,11 @@
 //!   partitions.
 //! - `--help` prints the usage; an unknown command fails.
 
-use std::process::Command;
+use std::{
+    io::Read,
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
 
 use serde_json::Value as Json;
 use streams_core::{KeySpace, testing::RedisServer};
@@ -16,20 +20,68 @@ use tickflow::local::LocalPipeline;
 use tickflow_proto::topology;
 use transform::refdata::Instrument;
 
-fn tickflow(args: &[&str], env: &[(&str, String)]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tickflow"))
+/// How long one `tickflow` command may take before the test kills it and fails.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs `tickflow ARGS` with `env` (and none of the caller's pipeline variables), and
+/// kills it if it outlives [`COMMAND_TIMEOUT`].
+fn tickflow(args: &[&str], env: &[(&str, String)]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tickflow"))
         .args(args)
         .env_remove("REDIS_URL")
         .env_remove("TICKFLOW_NAMESPACE")
         .env_remove("TICKFLOW_PARTITIONS")
         .env("RUST_LOG", "warn")
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .expect("run tickflow")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tickflow");
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for tickflow") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "tickflow {args:?} still running after {COMMAND_TIMEOUT:?}; stderr:\n{}",
+                String::from_utf8_lossy(&stderr.join().unwrap_or_default())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
 }
 
 /// The one JSON object a successful `--json` run prints.
-fn report(output: &std::process::Output) -> Json {
+fn report(output: &Output) -> Json {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -125,8 +177,9 @@ fn instruments() -> Vec<Instrument> {
 
 /// A running pipeline: four `tickflow serve` processes on a private Redis.
 struct Running {
-    _redis: RedisServer,
+    // Dropped first (fields drop in order): the services stop before their Redis does.
     pipeline: LocalPipeline,
+    _redis: RedisServer,
     url: String,
     keys: KeySpace,
     _logs: tempfile::TempDir,
@@ -250,6 +303,8 @@ async fn an_attached_bench_measures_a_running_pipeline_and_leaves_nothing_behind
         assert_eq!(report["lost"], 0, "{report}");
         assert_eq!(report["duplicated"], 0, "{report}");
         assert_eq!(report["timed_out"], false, "{report}");
+        // Prices stay within half of each band around its reference: nothing is refused.
+        assert_eq!(report["rejected"], 0, "{report}");
         assert_eq!(
             report["symbols"],
             serde_json::json!(["AAA", "BBB", "CCC", "DDD"])
@@ -310,5 +365,82 @@ async fn an_attached_bench_pointed_at_the_wrong_partitions_says_so() {
     // Nothing was published and no group was made.
     for groups in running.market_groups().await {
         assert_eq!(groups, ["analytics"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attached_bench_stopped_by_sigterm_removes_its_group_and_warns_of_stale_ones() {
+    let running = Running::start(4).await;
+    let mut conn = streams_core::testing::connect(&running.url).await.unwrap();
+    let market0 = running.keys.stream(topology::MARKET, 0);
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&market0)
+        .arg("tickflow-bench-left-behind")
+        .arg("$")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // A slow run (100 events/s for 1000 s), stopped once it has started publishing.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tickflow"))
+        .args(["bench", "--attach", "--grpc", &running.pipeline.grpc_url()])
+        .args(["--events", "100000", "--rate", "100"])
+        .env("RUST_LOG", "warn")
+        .envs(running.env(4))
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    while !said.contains("tickflow bench --attach: run") {
+        let mut line = String::new();
+        assert!(
+            std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() > 0,
+            "tickflow exited early: {said}"
+        );
+        said.push_str(&line);
+    }
+    assert!(
+        said.contains(&format!("warning: {market0} tickflow-bench-left-behind")),
+        "{said}"
+    );
+    // Its group is there while it runs, next to analytics' and the stale one.
+    let run_groups = |groups: &[String]| {
+        groups
+            .iter()
+            .filter(|g| g.starts_with("tickflow-bench-"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while run_groups(&running.market_groups().await[1]) == 0 {
+        assert!(Instant::now() < deadline, "the run made no group");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tickflow did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut rest = String::new();
+    let _ = stderr.read_to_string(&mut rest);
+    assert!(!status.success(), "{rest}");
+    assert!(rest.contains("interrupted"), "{rest}");
+    // Only the stale group (which is not its to remove) and analytics' are left.
+    let groups = running.market_groups().await;
+    assert_eq!(groups[0], ["analytics", "tickflow-bench-left-behind"]);
+    for groups in &groups[1..] {
+        assert_eq!(groups, &["analytics"]);
     }
 }
