@@ -9,7 +9,7 @@ use crate::{
     connection::Redis,
     error::Result,
     scripts::{as_int, as_string, scripts},
-    stage::Source,
+    stage::spec::Source,
 };
 
 /// Creates `group` on every source, from the stream's start, creating missing streams.
@@ -222,7 +222,15 @@ pub(crate) async fn replay_dead_letters(redis: &Redis, source: &Source, count: u
             &[count],
         )
         .await?;
-    Ok(as_int(&reply)?.max(0) as u64)
+    // {replayed, kept}: an entry too large to append in one command stays dead-lettered.
+    let (replayed, kept) = match &reply {
+        Value::Array(parts) if parts.len() == 2 => (as_int(&parts[0])?, as_int(&parts[1])?),
+        other => return Err(crate::scripts::protocol("replay reply", other)),
+    };
+    if kept > 0 {
+        tracing::warn!(dead_letter = %source.dead_letter, kept, "dead letters with too many fields to replay were kept");
+    }
+    Ok(replayed.max(0) as u64)
 }
 
 /// Deletes `consumer` from `group` on every source; returns how many pending entries it

@@ -54,38 +54,37 @@ pub struct Once<'a> {
     pub ttl_ms: u64,
 }
 
-/// Appends each `(stream, envelope)` atomically (all or none). With `once`, an append
-/// already done under the same key is not repeated: its ids are returned instead.
+/// Appends each `(stream, envelope)` atomically (all or none, checked before the first
+/// write). With `once`, an append already done under the same key is not repeated: its ids
+/// are returned instead.
 pub async fn append(
     redis: &Redis,
     entries: &[(String, Envelope)],
     once: Option<Once<'_>>,
 ) -> Result<Appended, AppendError> {
-    let mut conn = redis.pooled().await?;
-    let Some(once) = once else {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for (stream, envelope) in entries {
-            let cmd = pipe.cmd("XADD").arg(stream).arg("*");
-            envelope.for_each_field(|name, value| {
-                cmd.arg(name).arg(value);
-            });
-        }
-        let ids: Vec<String> = pipe.query_async(&mut *conn).await?;
+    if entries.is_empty() {
         return Ok(Appended {
-            ids,
+            ids: Vec::new(),
             replayed: false,
         });
+    }
+    let mut conn = redis.pooled().await?;
+    // Without a key the script appends all or none too (a MULTI/EXEC would go on past a
+    // failing XADD); KEYS[1] is then the first stream, never read, so the call stays in
+    // one slot.
+    let (key, ttl_ms) = match once {
+        Some(once) => (once.key, once.ttl_ms.max(1)),
+        None => (entries[0].0.as_str(), 0),
     };
     let fingerprint = format!("{:016x}", fingerprint(entries));
     let reply = scripts()
         .append_once
         .run_with(&mut *conn, 1 + entries.len(), |cmd| {
-            cmd.arg(once.key);
+            cmd.arg(key);
             for (stream, _) in entries {
                 cmd.arg(stream);
             }
-            cmd.arg(once.ttl_ms.max(1));
+            cmd.arg(ttl_ms);
             cmd.arg(&fingerprint);
             for (_, envelope) in entries {
                 cmd.arg(envelope.field_count() * 2);
@@ -100,7 +99,7 @@ pub async fn append(
         Err(StreamsError::Redis(e))
             if e.code() == Some(KEY_REUSED) || e.to_string().contains(KEY_REUSED) =>
         {
-            Err(AppendError::KeyReused(once.key.to_owned()))
+            Err(AppendError::KeyReused(key.to_owned()))
         }
         Err(e) => Err(e.into()),
     }

@@ -12,7 +12,7 @@ use crate::{
     admin_ops::{backlog_gauges, delete_idle_consumers, trim_stream},
     config::StageTuning,
     connection::Redis,
-    stage::Source,
+    stage::spec::Source,
     stats::StageStats,
 };
 

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::{
     keys::KeySpace,
-    stage::{ConsumeMode, Source, StageSpec},
+    stage::spec::{ConsumeMode, Source, StageSpec},
 };
 
 /// The registry of every stage running in this process.

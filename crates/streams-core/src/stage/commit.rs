@@ -1,0 +1,872 @@
+//! The commit protocol: acknowledging a handled batch and applying its effects in one
+//! ACK_FORWARD script call per batch, all partitions of the batch in it.
+//!
+//! This module is the protocol's one owner: the script (`ack_forward.lua`), the typed call
+//! ([`AckForward`], built from [`SourceCommit`]s, which alone lays out the script's keys and
+//! arguments), the typed reply ([`SourceReply`]), and the stage's side (splitting a batch
+//! into calls, retrying through outages, settling each source's reply).
+//!
+//! The rule it keeps: **each source (partition) of a call is applied whole or not at all.**
+//! The script reads the whole call and checks every thing that can fail (the call's shape,
+//! the lease, the order of pending entries, the type of every key it will write, the size of
+//! every entry it will append) before its first write; variadic commands are sent in chunks,
+//! so no list is ever `unpack`ed whole (Lua stops at ~8,000 values). An entry's effects are
+//! applied only if the same call's XACK removed it from the pending list, so a batch
+//! committed twice is forwarded once.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{OnceLock, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use opentelemetry::trace::TraceContextExt;
+use redis::{Cmd, Value, aio::ConnectionLike, aio::MultiplexedConnection};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::{Handler, Stage, handler::Op};
+use crate::{
+    envelope::Envelope,
+    error::{Result, StreamsError},
+    scripts::{FAILED, FENCED, LuaScript, OUT_OF_ORDER, as_int, as_string, protocol},
+};
+
+/// Entries of one partition to acknowledge, with their effects.
+#[derive(Default)]
+pub(super) struct Commit {
+    pub(super) entries: Vec<(String, Vec<Op>)>,
+    /// Effects of the whole batch (Handler::batch_effects).
+    pub(super) batch_ops: Vec<Op>,
+    /// Span contexts of the traced entries: the commit span's parent and links.
+    pub(super) traces: Vec<opentelemetry::trace::SpanContext>,
+    pub(super) processed: u64,
+    pub(super) dead_lettered: u64,
+    /// The entries came from two reads of the stream: the commit checks for a gap.
+    pub(super) merged: bool,
+}
+
+#[derive(Default)]
+pub(super) struct CommitOutcome {
+    pub(super) fenced: Vec<usize>,
+    /// Sources whose commit was refused for older pending entries, or failed.
+    pub(super) stale: Vec<usize>,
+}
+
+impl<H: Handler> Stage<H> {
+    /// Commits every partition's entries in one script call (several for a batch larger
+    /// than [`MAX_ENTRIES_PER_CALL`], pipelined), retrying through outages. The first try
+    /// goes on `reader` when given (the read loop's connection, ahead of its next read);
+    /// retries go through the pool. Returns the sources whose lease was lost or whose older
+    /// entries must be handled first.
+    pub(super) async fn commit_all(
+        &self,
+        commits: BTreeMap<usize, Commit>,
+        tokens: &HashMap<usize, String>,
+        mut reader: Option<MultiplexedConnection>,
+    ) -> CommitOutcome {
+        let mut outcome = CommitOutcome::default();
+        let mut remaining: Vec<(usize, Commit)> = commits.into_iter().collect();
+        let mut delay = Duration::from_millis(50);
+        let mut grace_deadline: Option<Instant> = None;
+        while !remaining.is_empty() {
+            let calls = calls_of(&remaining);
+            let results: Vec<Result<Vec<SourceReply>>> = match reader.take() {
+                // The script only by its SHA: a NOSCRIPT is retried through the pool, not
+                // behind the blocking read queued on this connection.
+                Some(conn) => {
+                    self.commit_calls(conn, &remaining, &calls, tokens, false)
+                        .await
+                }
+                None => match self.redis.pooled().await {
+                    Ok(conn) => {
+                        let conn: crate::connection::Connection = conn.clone();
+                        self.commit_calls(conn, &remaining, &calls, tokens, true)
+                            .await
+                    }
+                    Err(e) => calls
+                        .iter()
+                        .map(|_| Err(StreamsError::Pool(e.to_string())))
+                        .collect(),
+                },
+            };
+            let mut retry = Vec::new();
+            let mut last_error = None;
+            let mut retry_now = true;
+            let mut remaining_iter = remaining.into_iter();
+            for (range, result) in calls.into_iter().zip(results) {
+                let part: Vec<(usize, Commit)> =
+                    remaining_iter.by_ref().take(range.len()).collect();
+                match result {
+                    Ok(replies) => {
+                        for ((source, commit), reply) in part.into_iter().zip(replies) {
+                            self.settle(source, commit, reply, &mut outcome);
+                        }
+                    }
+                    Err(e) if e.is_no_script() => retry.extend(part),
+                    Err(e) if e.is_transient() => {
+                        last_error = Some(e);
+                        retry_now = false;
+                        retry.extend(part);
+                    }
+                    Err(e) => {
+                        // Not an outage: a logic or data error. The entries stay pending and
+                        // will be claimed again; max deliveries bounds the repetition.
+                        let entries: usize = part.iter().map(|(_, c)| c.entries.len()).sum();
+                        self.stats
+                            .failed
+                            .fetch_add(entries as u64, Ordering::Relaxed);
+                        tracing::error!(group = %self.spec.group, error = %e, "ack-and-forward failed");
+                        outcome.stale.extend(part.iter().map(|(source, _)| *source));
+                    }
+                }
+            }
+            remaining = retry;
+            if remaining.is_empty() || retry_now {
+                continue;
+            }
+            self.stats.mark_ready(false);
+            let error = last_error.map(|e| e.to_string()).unwrap_or_default();
+            if self.shutdown.is_cancelled() {
+                let deadline = *grace_deadline
+                    .get_or_insert_with(|| Instant::now() + self.tuning.shutdown_grace);
+                if Instant::now() >= deadline {
+                    tracing::warn!(group = %self.spec.group, error, entries = remaining.iter().map(|(_, c)| c.entries.len()).sum::<usize>(),
+                        "shutdown grace over with Redis unreachable; unfinished entries stay pending for a peer to claim");
+                    break;
+                }
+            }
+            tracing::warn!(group = %self.spec.group, error, retry_in = ?delay, "ack-and-forward failed; keeping the outputs and retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
+        }
+        outcome
+    }
+
+    /// The calls of one commit attempt on `conn`, sent together.
+    async fn commit_calls<C>(
+        &self,
+        conn: C,
+        remaining: &[(usize, Commit)],
+        calls: &[std::ops::Range<usize>],
+        tokens: &HashMap<usize, String>,
+        load_script: bool,
+    ) -> Vec<Result<Vec<SourceReply>>>
+    where
+        C: redis::aio::ConnectionLike + Clone + Send,
+    {
+        futures::future::join_all(calls.iter().map(|range| {
+            let mut conn = conn.clone();
+            let part = &remaining[range.clone()];
+            async move { self.commit_call(&mut conn, part, tokens, load_script).await }
+        }))
+        .await
+    }
+
+    /// What one source's part of a commit came to.
+    fn settle(
+        &self,
+        source: usize,
+        commit: Commit,
+        reply: SourceReply,
+        outcome: &mut CommitOutcome,
+    ) {
+        match reply {
+            SourceReply::Acked(acked) => self.record_commit(source, &commit, acked),
+            SourceReply::Fenced => outcome.fenced.push(source),
+            SourceReply::OutOfOrder => outcome.stale.push(source),
+            SourceReply::Failed(error) => {
+                // A check failed (a key of another type, ...): nothing of the source was
+                // written; its entries stay pending and will be claimed again (and
+                // dead-lettered after max deliveries if the cause stays).
+                self.stats
+                    .failed
+                    .fetch_add(commit.entries.len() as u64, Ordering::Relaxed);
+                tracing::error!(group = %self.spec.group, partition = self.sources[source].partition, %error, "ack-and-forward failed");
+                outcome.stale.push(source);
+            }
+        }
+    }
+
+    /// One ACK_FORWARD call for `part`'s sources; a reply per source, in order.
+    async fn commit_call(
+        &self,
+        conn: &mut (impl redis::aio::ConnectionLike + Send),
+        part: &[(usize, Commit)],
+        tokens: &HashMap<usize, String>,
+        load_script: bool,
+    ) -> Result<Vec<SourceReply>> {
+        let call = AckForward::new(
+            &self.spec.group,
+            part.iter()
+                .map(|(source, commit)| {
+                    let src = &self.sources[*source];
+                    SourceCommit {
+                        stream: &src.stream,
+                        fence: tokens
+                            .get(source)
+                            .map(|token| (src.lease.as_str(), token.as_str())),
+                        merged: commit.merged,
+                        entries: &commit.entries,
+                        batch_ops: &commit.batch_ops,
+                    }
+                })
+                .collect(),
+        );
+        let span = tracing::debug_span!(
+            "ack_forward",
+            otel.name = "EVALSHA ack_forward",
+            otel.kind = "client",
+            db.system = "redis",
+            db.operation.name = "EVALSHA",
+            messaging.destination.name = %self.sources[part[0].0].logical,
+            messaging.batch.message_count = call.entries(),
+        );
+        let mut traces = part.iter().flat_map(|(_, c)| &c.traces);
+        if let Some(first) = traces.next() {
+            let _ = span
+                .set_parent(opentelemetry::Context::new().with_remote_span_context(first.clone()));
+            for other in traces.take(127) {
+                span.add_link(other.clone());
+            }
+        }
+        call.run(conn, load_script).instrument(span).await
+    }
+
+    fn record_commit(&self, source: usize, commit: &Commit, acked: Vec<bool>) {
+        let duplicates = acked.iter().filter(|a| !**a).count() as u64;
+        let partition = || self.sources[source].partition.to_string();
+        let group = || self.spec.group.clone();
+        self.stats
+            .processed
+            .fetch_add(commit.processed, Ordering::Relaxed);
+        self.stats
+            .dead_lettered
+            .fetch_add(commit.dead_lettered, Ordering::Relaxed);
+        self.stats
+            .duplicates_skipped
+            .fetch_add(duplicates, Ordering::Relaxed);
+        self.metrics.processed[source].increment(commit.processed);
+        if commit.dead_lettered > 0 {
+            metrics::counter!("tickflow_events_dead_lettered_total", "stage" => group(), "partition" => partition())
+                .increment(commit.dead_lettered);
+        }
+        if duplicates > 0 {
+            metrics::counter!("tickflow_duplicates_skipped_total", "stage" => group(), "partition" => partition())
+                .increment(duplicates);
+        }
+        self.stats.mark_ready(true);
+    }
+}
+
+/// The most entries one ACK_FORWARD call carries. A script runs alone on Redis, so a larger
+/// batch is split into several calls (pipelined) to keep other clients from waiting long.
+const MAX_ENTRIES_PER_CALL: usize = 512;
+
+/// The ranges of `commits` that go in one call each: whole sources, up to
+/// [`MAX_ENTRIES_PER_CALL`] entries (a larger source alone).
+fn calls_of(commits: &[(usize, Commit)]) -> Vec<std::ops::Range<usize>> {
+    let mut calls = Vec::new();
+    let (mut start, mut entries) = (0, 0);
+    for (i, (_, commit)) in commits.iter().enumerate() {
+        if i > start && entries + commit.entries.len() > MAX_ENTRIES_PER_CALL {
+            calls.push(start..i);
+            (start, entries) = (i, 0);
+        }
+        entries += commit.entries.len();
+    }
+    if start < commits.len() {
+        calls.push(start..commits.len());
+    }
+    calls
+}
+
+/// One source's part of an ACK_FORWARD call: a partition's entries, their effects, and
+/// the batch's effects.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SourceCommit<'a> {
+    /// The input stream the entries were read from.
+    pub(crate) stream: &'a str,
+    /// The lease key and the fencing token the caller holds (owned partitions).
+    pub(crate) fence: Option<(&'a str, &'a str)>,
+    /// The entries came from two reads of the stream: the script checks for a gap.
+    pub(crate) merged: bool,
+    /// Each entry's id and effects.
+    pub(crate) entries: &'a [(String, Vec<Op>)],
+    /// Effects applied if any entry is acknowledged by the call.
+    pub(crate) batch_ops: &'a [Op],
+}
+
+/// One ACK_FORWARD call: the only code that lays out the script's keys and arguments
+/// (`ack_forward.lua` has the layout).
+#[derive(Debug)]
+pub(crate) struct AckForward<'a> {
+    group: &'a str,
+    sources: Vec<SourceCommit<'a>>,
+    keys: Vec<&'a str>,
+    /// Each effect key's index in KEYS (1-based, as the script reads it).
+    index: HashMap<&'a str, usize>,
+}
+
+impl<'a> AckForward<'a> {
+    /// A call committing `sources` for `group`.
+    pub(crate) fn new(group: &'a str, sources: Vec<SourceCommit<'a>>) -> Self {
+        let mut keys: Vec<&str> = Vec::with_capacity(sources.len() * 2 + 8);
+        for source in &sources {
+            keys.push(source.stream);
+            keys.push(source.fence.map_or(source.stream, |(lease, _)| lease));
+        }
+        let mut index = HashMap::new();
+        for source in &sources {
+            let ops = source.entries.iter().flat_map(|(_, ops)| ops);
+            for op in ops.chain(source.batch_ops) {
+                let key = op.key();
+                if !index.contains_key(key) {
+                    keys.push(key);
+                    index.insert(key, keys.len());
+                }
+            }
+        }
+        Self {
+            group,
+            sources,
+            keys,
+            index,
+        }
+    }
+
+    /// How many entries the call acknowledges.
+    pub(crate) fn entries(&self) -> usize {
+        self.sources.iter().map(|s| s.entries.len()).sum()
+    }
+
+    /// Runs the call: by SHA only when `load_script` is false (a connection where a second
+    /// request would queue behind a blocking read), else loading the script on NOSCRIPT.
+    /// One reply per source, in order.
+    pub(crate) async fn run(
+        &self,
+        conn: &mut (impl ConnectionLike + Send),
+        load_script: bool,
+    ) -> Result<Vec<SourceReply>> {
+        let fill = |cmd: &mut Cmd| self.fill(cmd);
+        let script = ack_forward_script();
+        let reply = if load_script {
+            script.run_with(conn, self.keys.len(), fill).await?
+        } else {
+            script.run_loaded(conn, self.keys.len(), fill).await?
+        };
+        SourceReply::parse_all(reply, self.sources.len())
+    }
+
+    fn fill(&self, cmd: &mut Cmd) {
+        for key in &self.keys {
+            cmd.arg(*key);
+        }
+        cmd.arg(self.group).arg(self.sources.len());
+        cmd.arg(Envelope::HEADER_FIELD).arg(Envelope::PAYLOAD_FIELD);
+        for source in &self.sources {
+            cmd.arg(source.fence.map_or("", |(_, token)| token));
+        }
+        for source in &self.sources {
+            cmd.arg(if source.merged { "1" } else { "0" });
+        }
+        for source in &self.sources {
+            cmd.arg(source.entries.len());
+            for (id, ops) in source.entries {
+                cmd.arg(id).arg(ops.len());
+                for op in ops {
+                    self.encode(cmd, op);
+                }
+            }
+            cmd.arg(source.batch_ops.len());
+            for op in source.batch_ops {
+                self.encode(cmd, op);
+            }
+        }
+    }
+
+    fn encode(&self, cmd: &mut Cmd, op: &Op) {
+        let key_index = self.index[op.key()];
+        match op {
+            Op::AppendEnvelope { envelope, .. } => {
+                cmd.arg("E")
+                    .arg(key_index)
+                    .arg(envelope.header())
+                    .arg(&envelope.payload[..]);
+            }
+            Op::Append { fields, .. } => {
+                cmd.arg("X").arg(key_index).arg(fields.len() * 2);
+                for (name, value) in fields {
+                    cmd.arg(name.as_ref()).arg(value.as_slice());
+                }
+            }
+            Op::Command { name, args, .. } => {
+                cmd.arg(*name).arg(key_index).arg(args.len());
+                for arg in args {
+                    cmd.arg(arg.as_slice());
+                }
+            }
+        }
+    }
+}
+
+/// The script, compiled once per process.
+fn ack_forward_script() -> &'static LuaScript {
+    static SCRIPT: OnceLock<LuaScript> = OnceLock::new();
+    SCRIPT.get_or_init(|| LuaScript::new(include_str!("ack_forward.lua")))
+}
+
+/// What one source's part of an ACK_FORWARD call came back as. Every status but `Acked`
+/// means that nothing of the source was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SourceReply {
+    /// Per entry, whether this call acknowledged it (and so applied its effects).
+    Acked(Vec<bool>),
+    /// The lease is not held.
+    Fenced,
+    /// Older entries are pending.
+    OutOfOrder,
+    /// A check failed (a key of another type), with the reason.
+    Failed(String),
+}
+
+impl SourceReply {
+    /// Reads ACK_FORWARD's reply: one item per source, acknowledgements or a status.
+    fn parse_all(reply: Value, sources: usize) -> Result<Vec<SourceReply>> {
+        let Value::Array(items) = reply else {
+            return Err(protocol("ack_forward reply", &reply));
+        };
+        if items.len() != sources {
+            return Err(StreamsError::Protocol(format!(
+                "ack_forward replied for {} sources, not {sources}",
+                items.len()
+            )));
+        }
+        items.into_iter().map(Self::parse).collect()
+    }
+
+    fn parse(item: Value) -> Result<SourceReply> {
+        match item {
+            Value::Array(acks) => Ok(SourceReply::Acked(
+                acks.iter()
+                    .map(|v| as_int(v).map(|i| i == 1))
+                    .collect::<Result<_>>()?,
+            )),
+            Value::BulkString(_) | Value::SimpleString(_) => {
+                let status = as_string(item)?;
+                if status == FENCED {
+                    Ok(SourceReply::Fenced)
+                } else if status == OUT_OF_ORDER {
+                    Ok(SourceReply::OutOfOrder)
+                } else if let Some(error) = status.strip_prefix(FAILED) {
+                    Ok(SourceReply::Failed(error.trim().to_owned()))
+                } else {
+                    Err(StreamsError::Protocol(format!(
+                        "unknown ack_forward status {status:?}"
+                    )))
+                }
+            }
+            other => Err(protocol("ack_forward source reply", &other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use redis::aio::MultiplexedConnection;
+
+    use super::*;
+    use crate::{
+        scripts::{MAX_ENTRY_FIELDS, parse_entries},
+        testing::RedisServer,
+    };
+
+    /// An effect: XADD `from <id>` to `key`.
+    fn forward(key: &str, id: &str) -> Op {
+        Op::Append {
+            key: key.to_owned(),
+            fields: vec![(Cow::Borrowed(b"from"), id.as_bytes().to_vec())],
+        }
+    }
+
+    fn command(name: &'static str, key: &str, args: Vec<Vec<u8>>) -> Op {
+        Op::Command {
+            name,
+            key: key.to_owned(),
+            args,
+        }
+    }
+
+    /// Entries `ids`, each forwarded to `out`.
+    fn forwarded(ids: &[String], out: &str) -> Vec<(String, Vec<Op>)> {
+        ids.iter()
+            .map(|id| (id.clone(), vec![forward(out, id)]))
+            .collect()
+    }
+
+    fn source<'a>(
+        stream: &'a str,
+        fence: Option<(&'a str, &'a str)>,
+        entries: &'a [(String, Vec<Op>)],
+        batch_ops: &'a [Op],
+    ) -> SourceCommit<'a> {
+        SourceCommit {
+            stream,
+            fence,
+            merged: false,
+            entries,
+            batch_ops,
+        }
+    }
+
+    /// One ACK_FORWARD call of group `g`.
+    async fn commit(
+        conn: &mut MultiplexedConnection,
+        sources: Vec<SourceCommit<'_>>,
+    ) -> Result<Vec<SourceReply>> {
+        AckForward::new("g", sources).run(conn, true).await
+    }
+
+    /// Group `g` on stream `key`, from its start (creating the stream).
+    async fn create_group(conn: &mut MultiplexedConnection, key: &str) {
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(key)
+            .arg("g")
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+
+    async fn set(conn: &mut MultiplexedConnection, key: &str, value: &str) {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+
+    async fn xadd(conn: &mut MultiplexedConnection, key: &str) -> String {
+        redis::cmd("XADD")
+            .arg(key)
+            .arg("*")
+            .arg("n")
+            .arg(1)
+            .query_async(conn)
+            .await
+            .unwrap()
+    }
+
+    /// `n` entries added to `key`, then read by consumer `c` of group `g`.
+    async fn delivered(conn: &mut MultiplexedConnection, key: &str, n: usize) -> Vec<String> {
+        for _ in 0..n {
+            xadd(conn, key).await;
+        }
+        read(conn, key, "c").await
+    }
+
+    async fn read(conn: &mut MultiplexedConnection, key: &str, consumer: &str) -> Vec<String> {
+        let reply: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("g")
+            .arg(consumer)
+            .arg("STREAMS")
+            .arg(key)
+            .arg(">")
+            .query_async(conn)
+            .await
+            .unwrap();
+        crate::scripts::parse_read_reply(reply)
+            .unwrap()
+            .into_iter()
+            .flat_map(|(_, entries)| entries)
+            .map(|e| e.id)
+            .collect()
+    }
+
+    async fn len(conn: &mut MultiplexedConnection, key: &str) -> u64 {
+        redis::cmd("XLEN").arg(key).query_async(conn).await.unwrap()
+    }
+
+    async fn pending(conn: &mut MultiplexedConnection, key: &str) -> i64 {
+        let summary: Value = redis::cmd("XPENDING")
+            .arg(key)
+            .arg("g")
+            .query_async(conn)
+            .await
+            .unwrap();
+        let Value::Array(summary) = summary else {
+            panic!("summary")
+        };
+        as_int(&summary[0]).unwrap()
+    }
+
+    async fn hlen(conn: &mut MultiplexedConnection, key: &str) -> u64 {
+        redis::cmd("HLEN").arg(key).query_async(conn).await.unwrap()
+    }
+
+    fn acked(n: usize) -> SourceReply {
+        SourceReply::Acked(vec![true; n])
+    }
+
+    #[tokio::test]
+    async fn the_same_batch_submitted_twice_is_forwarded_once() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        create_group(&mut conn, "in").await;
+        let ids = delivered(&mut conn, "in", 5).await;
+        let entries = forwarded(&ids, "out");
+        let call = || vec![source("in", None, &entries, &[])];
+        assert_eq!(commit(&mut conn, call()).await.unwrap(), [acked(5)]);
+        // A retry after a lost reply, or a second consumer's commit: acknowledged already.
+        assert_eq!(
+            commit(&mut conn, call()).await.unwrap(),
+            [SourceReply::Acked(vec![false; 5])]
+        );
+        assert_eq!(len(&mut conn, "out").await, 5);
+        assert_eq!(pending(&mut conn, "in").await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_fencing_token_acknowledges_and_forwards_nothing() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        create_group(&mut conn, "in").await;
+        let ids = delivered(&mut conn, "in", 1).await;
+        set(&mut conn, "lease", "new-owner#2").await;
+        let entries = forwarded(&ids, "out");
+        let reply = commit(
+            &mut conn,
+            vec![source("in", Some(("lease", "old-owner#1")), &entries, &[])],
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply, [SourceReply::Fenced]);
+        assert_eq!(len(&mut conn, "out").await, 0);
+        let reply = commit(
+            &mut conn,
+            vec![source("in", Some(("lease", "new-owner#2")), &entries, &[])],
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply, [acked(1)]);
+    }
+
+    /// Three sources in one call: a fenced one and one that would write a key of another
+    /// type are refused whole, before any write, and the third is committed whole.
+    #[tokio::test]
+    async fn each_source_of_a_call_is_applied_whole_or_not_at_all() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        let mut ids = Vec::new();
+        for key in ["a", "b", "c"] {
+            create_group(&mut conn, key).await;
+            ids.push(delivered(&mut conn, key, 3).await);
+        }
+        set(&mut conn, "lease:b", "someone-else#1").await;
+        set(&mut conn, "not-a-hash", "x").await;
+        let a = forwarded(&ids[0], "out");
+        let b = forwarded(&ids[1], "out");
+        // c: the first entry forwards, the second writes a hash key that holds a string.
+        let mut c = forwarded(&ids[2], "out");
+        c[1].1 = vec![command(
+            "HSET",
+            "not-a-hash",
+            vec![b"f".to_vec(), b"1".to_vec()],
+        )];
+        let batch_a = [forward("out", "batch-a")];
+        let batch_c = [forward("out", "batch-c")];
+        let reply = commit(
+            &mut conn,
+            vec![
+                source("a", None, &a, &batch_a),
+                source("b", Some(("lease:b", "my-token#2")), &b, &[]),
+                source("c", None, &c, &batch_c),
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply[0], acked(3));
+        assert_eq!(reply[1], SourceReply::Fenced);
+        let SourceReply::Failed(why) = &reply[2] else {
+            panic!("{reply:?}")
+        };
+        assert!(
+            why.contains("WRONGTYPE") && why.contains("not-a-hash"),
+            "{why}"
+        );
+        // a's three entries and its batch op; nothing of b or c, not even c's first entry.
+        assert_eq!(len(&mut conn, "out").await, 4);
+        assert_eq!(pending(&mut conn, "a").await, 0);
+        assert_eq!(pending(&mut conn, "b").await, 3);
+        assert_eq!(pending(&mut conn, "c").await, 3);
+    }
+
+    /// The engine's snapshot of a swept book: one HSET and one HDEL of far more arguments
+    /// than Lua's unpack takes (~8,000), applied whole.
+    #[tokio::test]
+    async fn variadic_effects_of_any_size_are_applied_whole() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        create_group(&mut conn, "in").await;
+        let ids = delivered(&mut conn, "in", 2).await;
+        let orders = 12_000;
+        let resting: Vec<Vec<u8>> = (0..orders)
+            .flat_map(|k| {
+                [
+                    format!("o{k}").into_bytes(),
+                    format!("{{\"qty\":{k}}}").into_bytes(),
+                ]
+            })
+            .collect();
+        let first = vec![(ids[0].clone(), vec![command("HSET", "book", resting)])];
+        assert_eq!(
+            commit(&mut conn, vec![source("in", None, &first, &[])])
+                .await
+                .unwrap(),
+            [acked(1)]
+        );
+        assert_eq!(hlen(&mut conn, "book").await, orders);
+        // The sweep: every order gone in one HDEL, the members of a set, a sorted set.
+        let gone: Vec<Vec<u8>> = (0..orders).map(|k| format!("o{k}").into_bytes()).collect();
+        let scored: Vec<Vec<u8>> = (0..orders)
+            .flat_map(|k| [k.to_string().into_bytes(), format!("m{k}").into_bytes()])
+            .collect();
+        let second = vec![(
+            ids[1].clone(),
+            vec![
+                command("HDEL", "book", gone.clone()),
+                command("SADD", "symbols", gone),
+                command("ZADD", "bars", scored),
+            ],
+        )];
+        assert_eq!(
+            commit(&mut conn, vec![source("in", None, &second, &[])])
+                .await
+                .unwrap(),
+            [acked(1)]
+        );
+        assert_eq!(hlen(&mut conn, "book").await, 0);
+        let members: u64 = redis::cmd("SCARD")
+            .arg("symbols")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let scores: u64 = redis::cmd("ZCARD")
+            .arg("bars")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!((members, scores), (orders, orders));
+    }
+
+    /// A malformed call (an entry too large for one XADD, a command effects may not use,
+    /// a bad score) is refused whole before any write, whatever came before it.
+    #[tokio::test]
+    async fn a_malformed_call_is_refused_before_any_write() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        create_group(&mut conn, "in").await;
+        let ids = delivered(&mut conn, "in", 2).await;
+        let huge = Op::Append {
+            key: "out".into(),
+            fields: (0..MAX_ENTRY_FIELDS + 1)
+                .map(|k| (Cow::Owned(format!("f{k}").into_bytes()), b"v".to_vec()))
+                .collect(),
+        };
+        let bad_ops = [
+            huge,
+            command("FLUSHALL", "out", vec![]),
+            command("ZADD", "z", vec![b"nan".to_vec(), b"m".to_vec()]),
+            command("HSET", "h", vec![b"odd".to_vec()]),
+        ];
+        for bad in bad_ops {
+            let entries = vec![
+                (ids[0].clone(), vec![forward("out", &ids[0])]),
+                (ids[1].clone(), vec![bad]),
+            ];
+            let err = commit(&mut conn, vec![source("in", None, &entries, &[])])
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("TICKFLOW_INVALID"), "{err}");
+            assert_eq!(len(&mut conn, "out").await, 0);
+            assert_eq!(pending(&mut conn, "in").await, 2);
+        }
+        // An entry of exactly the limit goes through.
+        let largest = Op::Append {
+            key: "out".into(),
+            fields: (0..MAX_ENTRY_FIELDS)
+                .map(|k| (Cow::Owned(format!("f{k}").into_bytes()), b"v".to_vec()))
+                .collect(),
+        };
+        let entries = vec![(ids[0].clone(), vec![largest])];
+        assert_eq!(
+            commit(&mut conn, vec![source("in", None, &entries, &[])])
+                .await
+                .unwrap(),
+            [acked(1)]
+        );
+        assert_eq!(len(&mut conn, "out").await, 1);
+    }
+
+    /// A batch of one partition read in two reads is refused when another consumer holds an
+    /// entry between its first and last (a gap), and accepted without one.
+    #[tokio::test]
+    async fn a_gap_between_two_reads_of_an_owned_partition_is_refused() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        create_group(&mut conn, "in").await;
+        set(&mut conn, "lease", "me#1").await;
+        let mut ids = Vec::new();
+        for consumer in ["me", "zombie", "me"] {
+            ids.push(xadd(&mut conn, "in").await);
+            read(&mut conn, "in", consumer).await;
+        }
+        let merged = |entries| SourceCommit {
+            stream: "in",
+            fence: Some(("lease", "me#1")),
+            merged: true,
+            entries,
+            batch_ops: &[],
+        };
+        // Entries 0 and 2 were read by two reads, with entry 1 taken by another consumer in
+        // between: refused, nothing done.
+        let both = forwarded(&[ids[0].clone(), ids[2].clone()], "out");
+        let reply = commit(&mut conn, vec![merged(&both)]).await.unwrap();
+        assert_eq!(reply, [SourceReply::OutOfOrder]);
+        assert_eq!(len(&mut conn, "out").await, 0);
+        assert_eq!(pending(&mut conn, "in").await, 3);
+        // Entry 0 alone has no gap; then, once entry 1 is done, entry 2.
+        let first = forwarded(&ids[..1], "out");
+        assert_eq!(
+            commit(&mut conn, vec![merged(&first)]).await.unwrap(),
+            [acked(1)]
+        );
+        let _: i64 = redis::cmd("XACK")
+            .arg("in")
+            .arg("g")
+            .arg(&ids[1])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let last = forwarded(&ids[2..], "out");
+        assert_eq!(
+            commit(&mut conn, vec![merged(&last)]).await.unwrap(),
+            [acked(1)]
+        );
+        assert_eq!(len(&mut conn, "out").await, 2);
+        let out: Value = redis::cmd("XRANGE")
+            .arg("out")
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(parse_entries(out).unwrap().len(), 2);
+    }
+}
