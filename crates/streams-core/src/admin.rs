@@ -5,14 +5,20 @@
 //! | `GET /livez`                        | the process is up (no Redis call)                     |
 //! | `GET /readyz`                       | Redis answers and the groups exist; 503 with a reason |
 //! | `GET /metrics`                      | Prometheus text                                       |
-//! | `GET /admin/status`                 | per stage and partition: length, lag, pending, owner, consumers, DLQ, counters |
+//! | `GET /admin/status`                 | per stage and partition: length, lag, pending, owner, consumers, DLQ, counters (cached 1 s) |
 //! | `POST /admin/dlq/replay`            | `?stage=G[&partition=P][&count=N]`: dead letters back into their stream (token) |
 //! | `DELETE /admin/consumers/{stage}/{consumer}` | delete a consumer from a group (token)       |
 //!
 //! Mutating routes need `Authorization: Bearer <ADMIN_TOKEN>` (401 otherwise) and are
 //! disabled (403) when `ADMIN_TOKEN` is unset.
+//!
+//! Redis's own error text never reaches a client: it is logged, and the client is told
+//! that Redis is unreachable or unavailable.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use axum::{
     Json, Router,
@@ -24,10 +30,13 @@ use axum::{
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use subtle::ConstantTimeEq;
 
 use crate::{
     admin_ops::{self, PartitionStatus},
+    config::Secret,
     connection::Redis,
+    error::StreamsError,
     stage::ConsumeMode,
     stats::{StageCounters, StageStats, Stats},
 };
@@ -40,20 +49,32 @@ pub struct AdminState {
     /// The stages of this process.
     pub stats: Stats,
     /// `ADMIN_TOKEN`; `None` disables mutating routes.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret<String>>,
     /// The Prometheus recorder's handle, for `/metrics`.
     pub metrics: Option<PrometheusHandle>,
     /// The service's name, shown in status.
     pub service: String,
 }
 
+/// How long a computed `/admin/status` is served to every request that asks for it.
+/// A status costs Redis five commands per partition of every stage; with this cache,
+/// polling it costs at most one such computation per second however often it is polled,
+/// so dashboards and scripts cannot crowd the stages out of Redis or the pool.
+pub const STATUS_CACHE_TTL: Duration = Duration::from_secs(1);
+
 /// The router; merge it into the service's own.
 pub fn router(state: AdminState) -> Router {
+    let status_cache = Arc::new(StatusCache::default());
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/admin/status", get(status))
+        .route(
+            "/admin/status",
+            get(move |State(state): State<Arc<AdminState>>| async move {
+                status(&state, &status_cache).await
+            }),
+        )
         .route("/admin/dlq/replay", post(replay))
         .route(
             "/admin/consumers/{stage}/{consumer}",
@@ -63,8 +84,19 @@ pub fn router(state: AdminState) -> Router {
 }
 
 /// An error as the admin API shows it: a status and a JSON `{"error": ...}` body.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct ApiError(StatusCode, String);
+
+impl ApiError {
+    /// A Redis failure during `action`: the detail goes to the log, not to the client.
+    fn redis(action: &str, error: &StreamsError) -> Self {
+        tracing::warn!(error = %error, "{action} failed: redis error");
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "redis unavailable (the service log has the detail)".into(),
+        )
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -74,9 +106,11 @@ impl IntoResponse for ApiError {
 
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
     if let Err(e) = state.redis.ping(Duration::from_millis(500)).await {
+        // Redis's error text can name hosts, users and internals: it is logged, not served.
+        tracing::warn!(redis = state.redis.display_url(), error = %e, "readiness: redis unreachable");
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "ready": false, "reason": format!("redis unreachable: {e}") })),
+            Json(json!({ "ready": false, "reason": "redis unreachable" })),
         )
             .into_response();
     }
@@ -109,13 +143,13 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
 }
 
 /// `/admin/status` body.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct Status {
     service: String,
     stages: Vec<StageStatus>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct StageStatus {
     group: String,
     mode: &'static str,
@@ -123,17 +157,36 @@ struct StageStatus {
     partitions: Vec<PartitionStatus>,
 }
 
-async fn status(State(state): State<Arc<AdminState>>) -> Result<Json<Status>, ApiError> {
+/// The last computed status (or failure) and when it was computed.
+#[derive(Debug, Default)]
+struct StatusCache {
+    /// Held while a status is computed, so that concurrent requests wait for that one
+    /// computation and share its result instead of each starting their own.
+    last: tokio::sync::Mutex<Option<(Instant, Result<Status, ApiError>)>>,
+}
+
+async fn status(state: &AdminState, cache: &StatusCache) -> Result<Json<Status>, ApiError> {
+    let mut last = cache.last.lock().await;
+    if let Some((computed_at, outcome)) = last.as_ref()
+        && computed_at.elapsed() < STATUS_CACHE_TTL
+    {
+        return outcome.clone().map(Json);
+    }
+    // A failure is cached too: while Redis is down, polling must not retry it per request.
+    let outcome = compute_status(state).await;
+    *last = Some((Instant::now(), outcome.clone()));
+    outcome.map(Json)
+}
+
+/// One round trip to Redis per stage (see [`admin_ops::partition_statuses`]).
+async fn compute_status(state: &AdminState) -> Result<Status, ApiError> {
     let mut stages = Vec::new();
     for stage in state.stats.stages() {
         let owned = stage.mode == ConsumeMode::Owned;
-        let reads = stage
-            .sources
-            .iter()
-            .map(|s| admin_ops::partition_status(&state.redis, s, &stage.group, owned));
-        let partitions = futures::future::try_join_all(reads)
-            .await
-            .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("redis: {e}")))?;
+        let partitions =
+            admin_ops::partition_statuses(&state.redis, &stage.sources, &stage.group, owned)
+                .await
+                .map_err(|e| ApiError::redis("admin status", &e))?;
         stages.push(StageStatus {
             group: stage.group.clone(),
             mode: if owned { "owned" } else { "shared" },
@@ -141,14 +194,19 @@ async fn status(State(state): State<Arc<AdminState>>) -> Result<Json<Status>, Ap
             partitions,
         });
     }
-    Ok(Json(Status {
+    Ok(Status {
         service: state.service.clone(),
         stages,
-    }))
+    })
 }
 
 fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = state.admin_token.as_ref().filter(|t| !t.is_empty()) else {
+    let Some(expected) = state
+        .admin_token
+        .as_ref()
+        .map(Secret::expose_secret)
+        .filter(|t| !t.is_empty())
+    else {
         return Err(ApiError(
             StatusCode::FORBIDDEN,
             "admin actions are disabled: ADMIN_TOKEN is not set".into(),
@@ -159,7 +217,7 @@ fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+    if !tokens_match(given.as_bytes(), expected.as_bytes()) {
         return Err(ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token".into(),
@@ -168,8 +226,18 @@ fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether the token a client sent equals the expected one, in a time that depends only on
+/// the length of what was sent: neither where the first difference is nor the expected
+/// token's length shows in the timing. (`subtle`'s slice comparison returns at once on a
+/// length mismatch, which would tell a client the token's length.) Every byte sent is
+/// compared with the expected byte at the same position, wrapping around; the lengths are
+/// compared in constant time too. `expected` must not be empty.
+fn tokens_match(given: &[u8], expected: &[u8]) -> bool {
+    let mut equal = (given.len() as u64).ct_eq(&(expected.len() as u64));
+    for (position, byte) in given.iter().enumerate() {
+        equal &= byte.ct_eq(&expected[position % expected.len()]);
+    }
+    equal.into()
 }
 
 fn find_stage(state: &AdminState, group: &str) -> Result<Arc<StageStats>, ApiError> {
@@ -204,7 +272,7 @@ async fn replay(
     {
         replayed += admin_ops::replay_dead_letters(&state.redis, source, count)
             .await
-            .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("redis: {e}")))?;
+            .map_err(|e| ApiError::redis("dead-letter replay", &e))?;
     }
     tracing::info!(stage = %query.stage, partition = ?query.partition, replayed, "dead letters replayed");
     Ok(Json(json!({ "replayed": replayed })))
@@ -219,9 +287,37 @@ async fn delete_consumer(
     let stage = find_stage(&state, &group)?;
     let dropped = admin_ops::delete_consumer(&state.redis, &stage.sources, &group, &consumer)
         .await
-        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("redis: {e}")))?;
+        .map_err(|e| ApiError::redis("consumer deletion", &e))?;
     tracing::warn!(%group, %consumer, dropped, "consumer deleted by admin");
     Ok(Json(
         json!({ "deleted": consumer, "pending_dropped": dropped }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tokens_match;
+
+    #[test]
+    fn only_the_exact_token_matches() {
+        let expected = b"it-admin-token";
+        assert!(tokens_match(b"it-admin-token", expected));
+        for wrong in [
+            &b""[..],
+            b"it-admin-toke",
+            b"it-admin-tokenx",
+            b"it-admin-tokem",
+            b"jt-admin-token",
+            b"it-admin-tokenit-admin-token",
+            b"IT-ADMIN-TOKEN",
+        ] {
+            assert!(
+                !tokens_match(wrong, expected),
+                "{}",
+                String::from_utf8_lossy(wrong)
+            );
+        }
+        assert!(tokens_match(b"x", b"x"));
+        assert!(!tokens_match(b"xx", b"x"), "a repeat of a short token");
+    }
 }

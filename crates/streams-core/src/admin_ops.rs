@@ -68,60 +68,94 @@ pub struct PartitionStatus {
     pub dead_letters: u64,
 }
 
-/// Reads the status of `source` for `group`.
-pub(crate) async fn partition_status(
+/// The commands [`partition_statuses`] sends per source, in this order: XLEN of the
+/// stream, XLEN of its dead-letter stream, GET of its lease, XINFO GROUPS, XINFO CONSUMERS.
+const STATUS_COMMANDS_PER_SOURCE: usize = 5;
+
+/// Reads the status of every source for `group` in one pipeline: one pooled connection
+/// and one round trip, however many partitions there are, so that a status request does
+/// not take a connection per partition from the pool the stages need.
+pub(crate) async fn partition_statuses(
     redis: &Redis,
-    source: &Source,
+    sources: &[Source],
     group: &str,
     owned: bool,
-) -> Result<PartitionStatus> {
-    let mut conn = redis.pooled().await?;
+) -> Result<Vec<PartitionStatus>> {
+    if sources.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut pipe = redis::pipe();
-    pipe.cmd("XLEN").arg(&*source.stream);
-    pipe.cmd("XLEN").arg(&source.dead_letter);
-    pipe.cmd("GET").arg(&source.lease);
-    let (length, dead_letters, owner): (u64, u64, Option<String>) =
-        pipe.query_async(&mut *conn).await?;
-    let mut status = PartitionStatus {
-        partition: source.partition,
-        stream: source.stream.to_string(),
-        length,
-        lag: None,
-        pending: 0,
-        last_delivered_id: None,
-        owner: if owned {
-            owner.map(|o| o.split('#').next().unwrap_or_default().to_owned())
-        } else {
-            None
-        },
-        consumers: Vec::new(),
-        dead_letters,
-    };
-    let groups: redis::RedisResult<Value> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(&*source.stream)
-        .query_async(&mut *conn)
-        .await;
-    let Ok(groups) = groups else {
-        return Ok(status);
-    };
-    for info in xinfo_records(groups) {
-        if info.get("name").map(String::as_str) != Some(group) {
+    for source in sources {
+        pipe.cmd("XLEN").arg(&*source.stream);
+        pipe.cmd("XLEN").arg(&source.dead_letter);
+        pipe.cmd("GET").arg(&source.lease);
+        // Both XINFO calls fail when the stream or the group does not exist yet; that
+        // leaves the group's part of the status empty, as for a stage not started.
+        pipe.cmd("XINFO").arg("GROUPS").arg(&*source.stream);
+        pipe.cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&*source.stream)
+            .arg(group);
+    }
+    let mut conn = redis.pooled().await?;
+    let replies: Vec<redis::RedisResult<Value>> =
+        pipe.ignore_errors().query_async(&mut *conn).await?;
+    drop(conn);
+    if replies.len() != sources.len() * STATUS_COMMANDS_PER_SOURCE {
+        return Err(crate::error::StreamsError::Protocol(format!(
+            "{} replies to a status pipeline of {} commands",
+            replies.len(),
+            sources.len() * STATUS_COMMANDS_PER_SOURCE
+        )));
+    }
+    let mut replies = replies.into_iter();
+    let mut statuses = Vec::with_capacity(sources.len());
+    for source in sources {
+        let mut next = || replies.next().expect("the reply count was checked");
+        let length = as_int(&next()?)?.max(0) as u64;
+        let dead_letters = as_int(&next()?)?.max(0) as u64;
+        let owner = match next()? {
+            Value::Nil => None,
+            value => Some(as_string(value)?),
+        };
+        let groups = next();
+        let consumers = next();
+        let mut status = PartitionStatus {
+            partition: source.partition,
+            stream: source.stream.to_string(),
+            length,
+            lag: None,
+            pending: 0,
+            last_delivered_id: None,
+            owner: if owned {
+                owner.map(|o| o.split('#').next().unwrap_or_default().to_owned())
+            } else {
+                None
+            },
+            consumers: Vec::new(),
+            dead_letters,
+        };
+        let Ok(groups) = groups else {
+            statuses.push(status);
             continue;
-        }
+        };
+        let Some(info) = xinfo_records(groups)
+            .into_iter()
+            .find(|info| info.get("name").map(String::as_str) == Some(group))
+        else {
+            statuses.push(status);
+            continue;
+        };
         status.pending = info
             .get("pending")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         status.lag = bounded_lag(info.get("lag").and_then(|v| v.parse().ok()), length);
         status.last_delivered_id = info.get("last-delivered-id").cloned();
-        let consumers: Value = redis::cmd("XINFO")
-            .arg("CONSUMERS")
-            .arg(&*source.stream)
-            .arg(group)
-            .query_async(&mut *conn)
-            .await?;
-        status.consumers = xinfo_records(consumers)
+        // Empty if the group went away between the two XINFO calls.
+        status.consumers = consumers
+            .map(xinfo_records)
+            .unwrap_or_default()
             .into_iter()
             .map(|c| ConsumerStatus {
                 name: c.get("name").cloned().unwrap_or_default(),
@@ -129,8 +163,9 @@ pub(crate) async fn partition_status(
                 idle_ms: c.get("idle").and_then(|v| v.parse().ok()).unwrap_or(0),
             })
             .collect();
+        statuses.push(status);
     }
-    Ok(status)
+    Ok(statuses)
 }
 
 /// Stream length, the group's lag (None when Redis cannot tell) and pending count, and

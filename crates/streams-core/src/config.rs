@@ -122,19 +122,52 @@ impl Env {
     }
 }
 
+/// A value that must not reach a log line: its `Debug` prints `***`, and it has no
+/// `Display`, so only an explicit [`Secret::expose_secret`] call can read it. A derived
+/// `Debug` on a struct holding one is then safe to log. It has no `PartialEq` either:
+/// comparing a secret with what a client sent must be done in constant time.
+#[derive(Clone)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    /// Wraps `value`.
+    pub fn new(value: T) -> Self {
+        Self(value)
+    }
+
+    /// The value itself; the one way to read it, so that every use is easy to find.
+    pub fn expose_secret(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> From<T> for Secret<T> {
+    fn from(value: T) -> Self {
+        Self(value)
+    }
+}
+
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
 /// What every tickflow process shares. Each field names its variable; README lists them all.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// `REDIS_URL`: `redis://[user:pass@]host:port[/db]` or `rediss://` for TLS.
-    pub redis_url: String,
+    /// `REDIS_URL`: `redis://[user:pass@]host:port[/db]` or `rediss://` for TLS. It may hold
+    /// a password, so it is kept as a [`Secret`]; [`redact`] gives a form to log.
+    pub redis_url: Secret<String>,
     /// `TICKFLOW_NAMESPACE` and `TICKFLOW_PARTITIONS`: key prefix and partition count.
     pub keys: KeySpace,
     /// `CONSUMER_NAME`: this process's consumer name in every group (default hostname-pid).
     pub consumer_name: String,
     /// `HTTP_ADDR`: where the health/admin (and service) HTTP server listens.
     pub http_addr: SocketAddr,
-    /// `ADMIN_TOKEN`: bearer token for mutating admin actions; unset disables them.
-    pub admin_token: Option<String>,
+    /// `ADMIN_TOKEN`: bearer token for mutating admin actions; unset disables them. Leading
+    /// and trailing whitespace is removed (a token read from a file often ends in a newline).
+    pub admin_token: Option<Secret<String>>,
     /// `TICKFLOW_POOL_SIZE`: connections in the shared (non-blocking) pool.
     pub pool_size: usize,
     /// Stage loop tuning.
@@ -157,6 +190,10 @@ pub struct StageTuning {
     /// `TICKFLOW_MAX_LEN`: hard cap on a partition's length (0: none). Can delete entries
     /// that a group has not acknowledged; that is logged and counted.
     pub max_len: u64,
+    /// `TICKFLOW_DLQ_MAX_LEN`: cap on each dead-letter stream's length, applied by the same
+    /// periodic trim as the inputs (every `TICKFLOW_TRIM_INTERVAL_MS`); the oldest dead
+    /// letters beyond it are dropped, logged and counted.
+    pub dead_letter_max_len: u64,
     /// `TICKFLOW_LEASE_TTL_MS`: lifetime of a partition lease (owned mode) and of a
     /// consumer's membership; renewed every third of it.
     pub lease_ttl: Duration,
@@ -176,6 +213,7 @@ impl Default for StageTuning {
             max_deliveries: 5,
             trim_interval: Duration::from_millis(10_000),
             max_len: 0,
+            dead_letter_max_len: 100_000,
             lease_ttl: Duration::from_millis(5_000),
             consumer_idle_delete: Duration::from_millis(3_600_000),
             shutdown_grace: Duration::from_millis(10_000),
@@ -217,6 +255,12 @@ impl Config {
             max_deliveries: env.ranged_or("TICKFLOW_MAX_DELIVERIES", 5, 1, 1000)? as u32,
             trim_interval: env.millis_or("TICKFLOW_TRIM_INTERVAL_MS", 10_000, 0, 86_400_000)?,
             max_len: env.parse_or("TICKFLOW_MAX_LEN", 0)?,
+            dead_letter_max_len: env.ranged_or(
+                "TICKFLOW_DLQ_MAX_LEN",
+                defaults.dead_letter_max_len,
+                1,
+                1_000_000_000,
+            )?,
             lease_ttl: env.millis_or("TICKFLOW_LEASE_TTL_MS", 5_000, 100, 600_000)?,
             consumer_idle_delete: env.millis_or(
                 "TICKFLOW_CONSUMER_IDLE_DELETE_MS",
@@ -227,11 +271,13 @@ impl Config {
             shutdown_grace: env.millis_or("TICKFLOW_SHUTDOWN_GRACE_MS", 10_000, 0, 600_000)?,
         };
         Ok(Self {
-            redis_url,
+            redis_url: Secret::new(redis_url),
             keys: KeySpace::new(namespace, partitions),
             consumer_name,
             http_addr: env.addr_or("HTTP_ADDR", default_http_addr)?,
-            admin_token: env.get("ADMIN_TOKEN"),
+            admin_token: env
+                .get("ADMIN_TOKEN")
+                .map(|token| Secret::new(token.trim().to_owned())),
             pool_size: env.ranged_or("TICKFLOW_POOL_SIZE", 16, 1, 1024)? as usize,
             stage,
         })
@@ -241,7 +287,7 @@ impl Config {
     /// short timings so that recovery and rebalancing happen within a test's patience.
     pub fn for_tests(redis_url: &str, namespace: &str, partitions: u32) -> Self {
         Self {
-            redis_url: redis_url.to_owned(),
+            redis_url: Secret::new(redis_url.to_owned()),
             keys: KeySpace::new(namespace, partitions),
             consumer_name: default_consumer_name(),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -254,6 +300,7 @@ impl Config {
                 max_deliveries: 3,
                 trim_interval: Duration::ZERO,
                 max_len: 0,
+                dead_letter_max_len: 100_000,
                 lease_ttl: Duration::from_millis(600),
                 consumer_idle_delete: Duration::from_secs(3600),
                 shutdown_grace: Duration::from_secs(5),
@@ -305,7 +352,8 @@ mod tests {
     #[test]
     fn defaults_apply_when_unset() {
         let config = Config::from_env(&Env::from_pairs::<&str, &str>([]), "0.0.0.0:8080").unwrap();
-        assert_eq!(config.redis_url, "redis://127.0.0.1:6379");
+        assert_eq!(config.redis_url.expose_secret(), "redis://127.0.0.1:6379");
+        assert_eq!(config.stage.dead_letter_max_len, 100_000);
         assert_eq!(config.keys, KeySpace::new("tickflow", 16));
         assert_eq!(config.http_addr.port(), 8080);
         assert!(config.admin_token.is_none());
@@ -324,7 +372,8 @@ mod tests {
             "redis://:onlypass@localhost",
         ] {
             let env = Env::from_pairs([("REDIS_URL", url)]);
-            assert_eq!(Config::from_env(&env, "0.0.0.0:1").unwrap().redis_url, url);
+            let config = Config::from_env(&env, "0.0.0.0:1").unwrap();
+            assert_eq!(config.redis_url.expose_secret(), url);
         }
     }
 
@@ -337,6 +386,8 @@ mod tests {
             ("HTTP_ADDR", "localhost"),
             ("REDIS_URL", "http://x"),
             ("TICKFLOW_NAMESPACE", "a{b}"),
+            ("TICKFLOW_DLQ_MAX_LEN", "0"),
+            ("TICKFLOW_DLQ_MAX_LEN", "many"),
         ];
         for (variable, value) in cases {
             let err = Config::from_env(&Env::from_pairs([(variable, value)]), "0.0.0.0:1")
@@ -354,5 +405,69 @@ mod tests {
         assert_eq!(redact("redis://u:p@h:1/0"), "redis://u:***@h:1/0");
         assert_eq!(redact("rediss://p@h"), "rediss://***@h");
         assert_eq!(redact("redis://h:1"), "redis://h:1");
+    }
+
+    #[test]
+    fn the_dead_letter_cap_is_read_from_its_variable() {
+        let env = Env::from_pairs([("TICKFLOW_DLQ_MAX_LEN", "250")]);
+        let config = Config::from_env(&env, "0.0.0.0:1").unwrap();
+        assert_eq!(config.stage.dead_letter_max_len, 250);
+    }
+
+    #[test]
+    fn the_admin_token_is_trimmed() {
+        let env = Env::from_pairs([("ADMIN_TOKEN", "  s3cret-token\n")]);
+        let config = Config::from_env(&env, "0.0.0.0:1").unwrap();
+        assert_eq!(
+            config.admin_token.as_ref().map(Secret::expose_secret),
+            Some(&"s3cret-token".to_owned())
+        );
+        let blank = Env::from_pairs([("ADMIN_TOKEN", " \t\n")]);
+        assert!(
+            Config::from_env(&blank, "0.0.0.0:1")
+                .unwrap()
+                .admin_token
+                .is_none(),
+            "a blank token disables admin actions"
+        );
+    }
+
+    #[test]
+    fn a_secret_prints_stars_in_debug() {
+        let secret = Secret::new("hunter2".to_owned());
+        assert_eq!(format!("{secret:?}"), "***");
+        assert_eq!(format!("{secret:#?}"), "***");
+        assert_eq!(format!("{:?}", Some(secret.clone())), "Some(***)");
+        assert_eq!(secret.expose_secret(), "hunter2");
+    }
+
+    #[test]
+    fn debug_of_the_config_prints_neither_the_redis_password_nor_the_admin_token() {
+        let env = Env::from_pairs([
+            ("REDIS_URL", "redis://app:hunter2@redis.internal:6380/2"),
+            ("ADMIN_TOKEN", "tok-8c1f"),
+        ]);
+        let config = Config::from_env(&env, "0.0.0.0:1").unwrap();
+        for printed in [format!("{config:?}"), format!("{config:#?}")] {
+            assert!(!printed.contains("hunter2"), "{printed}");
+            assert!(!printed.contains("tok-8c1f"), "{printed}");
+            assert!(printed.contains("redis_url: ***"), "{printed}");
+        }
+    }
+
+    #[test]
+    fn a_bad_redis_url_is_reported_without_its_password() {
+        for url in [
+            "http://app:hunter2@redis.internal:6380",
+            "redis://app:hunter2@redis.internal:notaport",
+            "redis://app:hunter2@",
+        ] {
+            let err = Config::from_env(&Env::from_pairs([("REDIS_URL", url)]), "0.0.0.0:1")
+                .expect_err(url);
+            assert_eq!(err.variable, "REDIS_URL");
+            for printed in [err.to_string(), format!("{err:?}")] {
+                assert!(!printed.contains("hunter2"), "{printed}");
+            }
+        }
     }
 }

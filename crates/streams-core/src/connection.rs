@@ -184,7 +184,7 @@ impl Redis {
 
     /// The handle for a configuration.
     pub fn from_config(config: &Config) -> Result<Self> {
-        Self::new(&config.redis_url, config.pool_size)
+        Self::new(config.redis_url.expose_secret(), config.pool_size)
     }
 
     /// The URL with its password hidden.
@@ -271,6 +271,32 @@ mod tests {
             .find_map(|l| l.strip_prefix("cmdstat_ping:calls="))
             .and_then(|rest| rest.split(',').next())
             .map_or(0, |n| n.parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn neither_debug_nor_errors_print_the_redis_password() {
+        // Nothing listens on port 1: connecting fails.
+        let redis = Redis::new("redis://app:hunter2@127.0.0.1:1/0", 1).unwrap();
+        let refused = redis.ping(Duration::from_secs(5)).await.unwrap_err();
+        // A live server without that user: AUTH fails.
+        let server = RedisServer::start();
+        let url = format!("redis://app:hunter2@127.0.0.1:{}", server.port());
+        let wrong_user = Redis::new(&url, 1).unwrap();
+        let rejected = wrong_user.ping(Duration::from_secs(5)).await.unwrap_err();
+        let mut printed = vec![
+            format!("{redis:?}"),
+            format!("{:?}", redis.pool),
+            format!("{:?}", redis.pool.manager()),
+            redis.display_url().to_owned(),
+        ];
+        for error in [refused, rejected] {
+            printed.push(error.to_string());
+            printed.push(format!("{error:?}"));
+        }
+        for text in printed {
+            assert!(!text.contains("hunter2"), "{text}");
+        }
+        assert_eq!(redis.display_url(), "redis://app:***@127.0.0.1:1/0");
     }
 
     #[test]

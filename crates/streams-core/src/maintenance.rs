@@ -1,5 +1,6 @@
 //! The background duties of a stage: trimming its input streams below what every group has
-//! acknowledged, and deleting consumers that have been idle with nothing pending.
+//! acknowledged, capping its dead-letter streams, and deleting consumers that have been idle
+//! with nothing pending.
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -38,6 +39,7 @@ pub(crate) async fn run(
         }
         if !tuning.trim_interval.is_zero() && now >= next_trim {
             trim(&redis, &group, &sources, tuning.max_len, &stats).await;
+            trim_dead_letters(&redis, &group, &sources, tuning.dead_letter_max_len, &stats).await;
             next_trim = Instant::now() + tuning.trim_interval;
         }
         if now >= next_cleanup {
@@ -109,6 +111,34 @@ async fn trim(redis: &Redis, group: &str, sources: &[Source], max_len: u64, stat
                 }
             }
             Err(e) => tracing::debug!(%group, stream = %source.stream, error = %e, "trim failed"),
+        }
+    }
+}
+
+/// Caps every dead-letter stream of the stage at `max_len` entries, dropping the oldest.
+/// Nothing else bounds them: a flood of bad input would otherwise grow them, and Redis's
+/// memory, without end. The trim script serves as it is: a dead-letter stream has no
+/// consumer group, so everything it deletes is counted as forced by the cap.
+async fn trim_dead_letters(
+    redis: &Redis,
+    group: &str,
+    sources: &[Source],
+    max_len: u64,
+    stats: &StageStats,
+) {
+    for source in sources {
+        match trim_stream(redis, &source.dead_letter, max_len).await {
+            Ok(outcome) => stats.record_dead_letters_dropped(
+                source,
+                outcome.trimmed + outcome.trimmed_unacknowledged,
+                max_len,
+            ),
+            Err(e) => tracing::debug!(
+                %group,
+                dead_letter = %source.dead_letter,
+                error = %e,
+                "dead-letter trim failed"
+            ),
         }
     }
 }

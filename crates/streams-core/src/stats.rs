@@ -42,6 +42,9 @@ pub struct StageStats {
     pub trimmed: AtomicU64,
     /// Entries deleted by the hard cap before every group had acknowledged them.
     pub trimmed_unacknowledged: AtomicU64,
+    /// The oldest dead letters dropped because a dead-letter stream grew past its cap
+    /// (`TICKFLOW_DLQ_MAX_LEN`).
+    pub dead_letters_dropped: AtomicU64,
     /// Whether the consumer groups exist (created or verified).
     pub groups_ready: AtomicBool,
     /// Whether the last Redis call of the loop succeeded.
@@ -67,6 +70,8 @@ pub struct StageCounters {
     pub trimmed: u64,
     /// See [`StageStats::trimmed_unacknowledged`].
     pub trimmed_unacknowledged: u64,
+    /// See [`StageStats::dead_letters_dropped`].
+    pub dead_letters_dropped: u64,
 }
 
 impl Stats {
@@ -84,6 +89,7 @@ impl Stats {
             reconnects: AtomicU64::new(0),
             trimmed: AtomicU64::new(0),
             trimmed_unacknowledged: AtomicU64::new(0),
+            dead_letters_dropped: AtomicU64::new(0),
             groups_ready: AtomicBool::new(false),
             redis_ok: AtomicBool::new(false),
         });
@@ -122,6 +128,31 @@ impl StageStats {
             reconnects: load(&self.reconnects),
             trimmed: load(&self.trimmed),
             trimmed_unacknowledged: load(&self.trimmed_unacknowledged),
+            dead_letters_dropped: load(&self.dead_letters_dropped),
         }
+    }
+
+    /// Records that the cap `max_len` dropped `dropped` of the oldest entries of
+    /// `source`'s dead-letter stream: in the counter, the metric
+    /// `tickflow_dead_letters_dropped_total{stage,partition}` and the log, in one place.
+    pub(crate) fn record_dead_letters_dropped(&self, source: &Source, dropped: u64, max_len: u64) {
+        if dropped == 0 {
+            return;
+        }
+        self.dead_letters_dropped
+            .fetch_add(dropped, Ordering::Relaxed);
+        metrics::counter!(
+            "tickflow_dead_letters_dropped_total",
+            "stage" => self.group.clone(),
+            "partition" => source.partition.to_string()
+        )
+        .increment(dropped);
+        tracing::warn!(
+            group = %self.group,
+            dead_letter = %source.dead_letter,
+            dropped,
+            max_len,
+            "dead-letter stream over TICKFLOW_DLQ_MAX_LEN: its oldest entries were dropped"
+        );
     }
 }

@@ -69,12 +69,12 @@ const GROUP_PREFIX: &str = "tickflow-bench-";
 pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     let config = streams_core::Config::from_env(&streams_core::Env::process(), "127.0.0.1:0")?;
     let keys = config.keys.clone();
-    let mut conn = streams_core::testing::connect(&config.redis_url)
+    let mut conn = streams_core::testing::connect(config.redis_url.expose_secret())
         .await
         .with_context(|| {
             format!(
                 "connecting to {}",
-                streams_core::config::redact(&config.redis_url)
+                streams_core::config::redact(config.redis_url.expose_secret())
             )
         })?;
     for stale in check_partitions(&mut conn, &keys).await? {
@@ -83,7 +83,13 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
              (redis-cli XGROUP DESTROY <stream> <group>)"
         );
     }
-    let markets = markets(&mut conn, &config.redis_url, &keys, options.symbols).await?;
+    let markets = markets(
+        &mut conn,
+        config.redis_url.expose_secret(),
+        &keys,
+        options.symbols,
+    )
+    .await?;
     let target = match options.via {
         Via::Http => options
             .http

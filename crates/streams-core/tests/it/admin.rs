@@ -2,15 +2,20 @@
 //! readiness, status, dead-letter replay, consumer deletion, metrics; and the producer-side
 //! backlog measurement.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
 
 use redis::Value;
 use reqwest::StatusCode;
 use serde_json::{Value as Json, json};
 use streams_core::{
     ConsumeMode, Redis, Stage, Stats,
-    admin::{AdminState, router},
+    admin::{AdminState, STATUS_CACHE_TTL, router},
     backpressure::{Backlog, Overloaded},
+    config::Secret,
     telemetry::install_metrics,
 };
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -42,7 +47,7 @@ impl Admin {
         let app = router(AdminState {
             redis,
             stats,
-            admin_token: admin_token.map(str::to_owned),
+            admin_token: admin_token.map(|token| Secret::new(token.to_owned())),
             metrics,
             service: "it-service".into(),
         });
@@ -242,17 +247,16 @@ async fn livez_and_readyz_follow_the_process_redis_and_the_groups() {
     );
     drop(admin);
 
-    // Redis unreachable: live, not ready.
+    // Redis unreachable: live, not ready, and the reason says so without Redis's own
+    // error text (here "Connection refused (os error 111)"), which stays in the log.
     let nowhere = Redis::new("redis://127.0.0.1:1", 1).unwrap();
     let admin = Admin::serve(nowhere, Stats::default(), Some(TOKEN), None).await;
     assert_eq!(admin.get("/livez").await.0, StatusCode::OK);
     let (status, body) = admin.get_json("/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert!(
-        body["reason"]
-            .as_str()
-            .unwrap()
-            .starts_with("redis unreachable"),
+    assert_eq!(
+        body,
+        json!({ "ready": false, "reason": "redis unreachable" }),
         "{body}"
     );
     drop(admin);
@@ -323,6 +327,7 @@ async fn status_shows_the_stage_its_counters_and_every_partition() {
             "reconnects": 0,
             "trimmed": 0,
             "trimmed_unacknowledged": 0,
+            "dead_letters_dropped": 0,
         }),
         "{body}"
     );
@@ -747,5 +752,99 @@ async fn the_backlog_monitor_follows_a_running_stage() {
         .await
         .expect("the monitor stops on shutdown")
         .unwrap();
+    stage.stop().await;
+}
+
+/// Calls per command since the server started, from `INFO commandstats` (names as Redis
+/// gives them, e.g. `xinfo|consumers`).
+async fn command_calls(redis: &TestRedis) -> HashMap<String, u64> {
+    let mut conn = redis.conn().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats.strip_prefix("calls=")?.split(',').next()?;
+            Some((name.to_owned(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_status_costs_redis_a_bounded_number_of_commands_while_the_stage_runs() {
+    const PARTITIONS: u32 = 4;
+    const POLLERS: usize = 16;
+    const POLLS: usize = 400;
+    let redis = TestRedis::start(PARTITIONS);
+    let config = redis.config("c1");
+    let stage = spawn_stage(&config, spec(ConsumeMode::Shared), Forward::new(&config));
+    let admin = Admin::serve(redis.redis(), stage.stats.clone(), None, None).await;
+    eventually(Duration::from_secs(10), "/readyz answers 200", || async {
+        admin.get("/readyz").await.0 == StatusCode::OK
+    })
+    .await;
+
+    let before = command_calls(&redis).await;
+    let started = Instant::now();
+    // POLLERS clients poll /admin/status back to back, at least POLLS times in all, and
+    // until the stage has forwarded what is produced meanwhile.
+    let forwarded = AtomicBool::new(false);
+    let polls = AtomicUsize::new(0);
+    let poller = || async {
+        while !forwarded.load(Ordering::Relaxed) || polls.load(Ordering::Relaxed) < POLLS {
+            let (status, body) = admin.get_json("/admin/status").await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(
+                body["stages"][0]["partitions"].as_array().map(Vec::len),
+                Some(PARTITIONS as usize),
+                "{body}"
+            );
+            polls.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    let work = async {
+        for p in 0..PARTITIONS {
+            redis.produce(INPUT, p, &format!("p{p}"), 0..25).await;
+        }
+        eventually(
+            Duration::from_secs(30),
+            "100 forwarded while polled",
+            || async { redis.all_payloads(OUTPUT).await.len() == 100 },
+        )
+        .await;
+        forwarded.store(true, Ordering::Relaxed);
+    };
+    tokio::join!(
+        futures::future::join_all((0..POLLERS).map(|_| poller())),
+        work
+    );
+    let elapsed = started.elapsed();
+    let after = command_calls(&redis).await;
+    let delta = |name: &str| after.get(name).unwrap_or(&0) - before.get(name).unwrap_or(&0);
+    let polls = polls.into_inner();
+
+    // Only a status computation sends XINFO CONSUMERS here (the idle-consumer cleanup runs
+    // after a minute at the earliest), once per partition. Computations are at most one per
+    // cache lifetime, plus the one in flight at the start: uncached, every poll would
+    // compute, POLLS x PARTITIONS calls at least.
+    let computations_allowed = elapsed.as_millis() / STATUS_CACHE_TTL.as_millis() + 2;
+    let consumers_calls = delta("xinfo|consumers");
+    assert!(consumers_calls > 0, "status was computed at all");
+    assert!(
+        u128::from(consumers_calls) <= computations_allowed * u128::from(PARTITIONS),
+        "{consumers_calls} XINFO CONSUMERS calls for {polls} polls in {elapsed:?}"
+    );
+    let total: u64 = after.values().sum::<u64>() - before.values().sum::<u64>();
+    eprintln!(
+        "{polls} polls of /admin/status in {elapsed:?}: {consumers_calls} XINFO CONSUMERS, \
+         {total} Redis commands in all (stage included)"
+    );
+    assert_exactly_once(
+        &redis.all_payloads(OUTPUT).await,
+        (0..PARTITIONS).flat_map(|p| tags(&format!("p{p}"), 0..25).collect::<Vec<_>>()),
+    );
     stage.stop().await;
 }

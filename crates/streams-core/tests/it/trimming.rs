@@ -1,10 +1,11 @@
 //! Trimming: never below what every group has acknowledged, except by the hard cap, which
-//! says how many unacknowledged entries it deleted; and the stage's periodic trim.
+//! says how many unacknowledged entries it deleted; the stage's periodic trim; and the cap
+//! on dead-letter streams.
 
 use std::time::Duration;
 
 use redis::Value;
-use streams_core::{ConsumeMode, TrimOutcome, trim_stream};
+use streams_core::{ConsumeMode, StageSpec, TrimOutcome, telemetry::install_metrics, trim_stream};
 
 use crate::support::*;
 
@@ -414,4 +415,98 @@ async fn a_running_stage_trims_its_input_behind_itself() {
     assert_eq!(redis.all_payloads(OUTPUT).await.len(), 120);
     assert_eq!(stage.counters().trimmed_unacknowledged, 0);
     stage.stop().await;
+}
+
+/// The value of the Prometheus sample `name` whose labels include every one of `labels`.
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<u64> {
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .find(|line| labels.iter().all(|label| line.contains(label)))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_stage_caps_its_dead_letter_streams_and_counts_what_it_dropped() {
+    const CAP: u64 = 10;
+    let metrics = install_metrics();
+    let redis = TestRedis::start(2);
+    // Partition 0 gets 30 poison entries, three times the cap; partition 1 gets 4, within it.
+    redis.produce(INPUT, 0, "poison", 0..30).await;
+    redis.produce(INPUT, 1, "poison", 0..4).await;
+    let mut config = redis.config("c1");
+    config.stage.trim_interval = Duration::from_millis(200);
+    config.stage.dead_letter_max_len = CAP;
+    // A group of its own, so that the process-wide metric has this test's samples only.
+    let spec = StageSpec {
+        group: "dlq-cap".into(),
+        ..spec(ConsumeMode::Shared)
+    };
+    let stage = spawn_stage(&config, spec, Forward::new(&config));
+    let (dlq0, dlq1) = (redis.dlq_key(INPUT, 0), redis.dlq_key(INPUT, 1));
+    eventually(
+        Duration::from_secs(20),
+        "34 dead-lettered, partition 0's dead letters capped and the drop counted",
+        || async {
+            stage.counters().dead_lettered == 34
+                && redis.xlen(&dlq0).await == CAP
+                && stage.counters().dead_letters_dropped == 20
+        },
+    )
+    .await;
+    assert_eq!(redis.xlen(&dlq1).await, 4, "within the cap: untouched");
+    // The newest dead letters are the ones kept.
+    let kept: Vec<String> = redis
+        .entries(&dlq0)
+        .await
+        .iter()
+        .map(|fields| String::from_utf8(payload_of(&fields_without_dlq(fields))).unwrap())
+        .collect();
+    assert_eq!(kept, tags("poison", 20..30).collect::<Vec<_>>());
+    assert_eq!(
+        stage.counters().trimmed_unacknowledged,
+        0,
+        "the input is not capped"
+    );
+
+    let text = metrics.render();
+    let labels = ["stage=\"dlq-cap\"", "partition=\"0\""];
+    assert_eq!(
+        sample(&text, "tickflow_dead_letters_dropped_total", &labels),
+        Some(20),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "tickflow_dead_letters_dropped_total",
+            &["stage=\"dlq-cap\"", "partition=\"1\""]
+        ),
+        None,
+        "nothing dropped on partition 1"
+    );
+
+    // More dead letters: the cap holds, and the count goes on.
+    redis.produce(INPUT, 0, "poison-more", 0..5).await;
+    eventually(
+        Duration::from_secs(20),
+        "5 more dead-lettered, capped and counted",
+        || async {
+            stage.counters().dead_lettered == 39
+                && redis.xlen(&dlq0).await == CAP
+                && stage.counters().dead_letters_dropped == 25
+        },
+    )
+    .await;
+    stage.stop().await;
+}
+
+/// A dead letter's fields without the `dlq.*` ones the stage added: the original envelope.
+fn fields_without_dlq(
+    fields: &std::collections::HashMap<String, Vec<u8>>,
+) -> std::collections::HashMap<String, Vec<u8>> {
+    fields
+        .iter()
+        .filter(|(name, _)| !name.starts_with("dlq."))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect()
 }
