@@ -314,4 +314,26 @@ mod tests {
             .unwrap();
         assert!(!exists, "a failed append must not remember its key");
     }
+
+    /// Without an idempotency key too: a stream of another type anywhere in the request
+    /// refuses it whole (a MULTI/EXEC would have appended the entries before it).
+    #[tokio::test]
+    async fn an_append_without_a_key_is_all_or_nothing_too() {
+        let server = RedisServer::start();
+        let redis = Redis::new(&server.url(), 2).unwrap();
+        let mut conn = redis.pooled().await.unwrap();
+        let () = redis::cmd("SET")
+            .arg("t:{1}:in")
+            .arg("not a stream")
+            .query_async(&mut *conn)
+            .await
+            .unwrap();
+        drop(conn);
+        let err = append(&redis, &entries(4), None).await.unwrap_err();
+        assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+        assert_eq!(len(&redis, "t:{0}:in").await, 0);
+        let appended = append(&redis, &entries(1), None).await.unwrap();
+        assert_eq!(appended.ids.len(), 1);
+        assert!(append(&redis, &[], None).await.unwrap().ids.is_empty());
+    }
 }

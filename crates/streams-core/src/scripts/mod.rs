@@ -278,3 +278,171 @@ pub(crate) fn as_int(value: &Value) -> Result<i64> {
 pub(crate) fn protocol(expected: &str, got: &Value) -> StreamsError {
     StreamsError::Protocol(format!("expected {expected}, got {got:?}"))
 }
+
+#[cfg(test)]
+mod tests {
+    //! The scripts other than ACK_FORWARD (tested with its builder in `stage/commit.rs`):
+    //! input past every size a script handles in one command, and refusals before the first
+    //! write.
+
+    use redis::aio::MultiplexedConnection;
+
+    use super::*;
+    use crate::testing::RedisServer;
+
+    async fn query<T: redis::FromRedisValue>(conn: &mut MultiplexedConnection, cmd: &mut Cmd) -> T {
+        cmd.query_async(conn).await.unwrap()
+    }
+
+    async fn xadd(
+        conn: &mut MultiplexedConnection,
+        key: &str,
+        fields: &[(String, String)],
+    ) -> String {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(key).arg("*");
+        for (name, value) in fields {
+            cmd.arg(name).arg(value);
+        }
+        query(conn, &mut cmd).await
+    }
+
+    fn fields(n: usize) -> Vec<(String, String)> {
+        (0..n).map(|k| (format!("f{k}"), "v".to_owned())).collect()
+    }
+
+    /// A consumer restarted with 9,000 of its own entries pending (more than Lua's unpack
+    /// takes at once) claims them all in one call.
+    #[tokio::test]
+    async fn claiming_more_own_entries_than_unpack_takes_claims_them_all() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        let pending = 9_000;
+        let mut pipe = redis::pipe();
+        for k in 0..pending {
+            pipe.cmd("XADD").arg("in").arg("*").arg("n").arg(k).ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.unwrap();
+        let () = query(
+            &mut conn,
+            redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg("in")
+                .arg("g")
+                .arg("0"),
+        )
+        .await;
+        let _: Value = query(
+            &mut conn,
+            redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("g")
+                .arg("c")
+                .arg("STREAMS")
+                .arg("in")
+                .arg(">"),
+        )
+        .await;
+        let reply = scripts()
+            .claim
+            .run(
+                &mut conn,
+                &["in", "in"],
+                &["g", "c", "0", "-", "10000", "", "own"],
+            )
+            .await
+            .unwrap();
+        let Value::Array(parts) = reply else {
+            panic!("{reply:?}")
+        };
+        let entries = parse_entries(parts[1].clone()).unwrap();
+        assert_eq!(entries.len(), pending);
+        assert_eq!(as_string(parts[0].clone()).unwrap(), "0-0");
+    }
+
+    /// A dead letter too large to append in one XADD stays in the dead-letter stream; the
+    /// others are replayed. A target of another type refuses the replay before any write.
+    #[tokio::test]
+    async fn a_replay_moves_what_fits_and_keeps_what_does_not() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        let mut small = fields(2);
+        small.push(("dlq.reason".into(), "bad".into()));
+        let mut huge = fields(MAX_ENTRY_FIELDS + 100);
+        huge.push(("dlq.reason".into(), "too big".into()));
+        xadd(&mut conn, "dlq", &small).await;
+        let huge_id = xadd(&mut conn, "dlq", &huge).await;
+        xadd(&mut conn, "dlq", &small).await;
+
+        let () = query(&mut conn, redis::cmd("SET").arg("wrong").arg("x")).await;
+        let err = scripts()
+            .replay_dead_letters
+            .run(&mut conn, &["dlq", "wrong"], &[100])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+        assert_eq!(
+            query::<u64>(&mut conn, redis::cmd("XLEN").arg("dlq")).await,
+            3
+        );
+
+        let reply = scripts()
+            .replay_dead_letters
+            .run(&mut conn, &["dlq", "in"], &[100])
+            .await
+            .unwrap();
+        let Value::Array(counts) = reply else {
+            panic!("{reply:?}")
+        };
+        assert_eq!(
+            (as_int(&counts[0]).unwrap(), as_int(&counts[1]).unwrap()),
+            (2, 1)
+        );
+        let replayed: Value =
+            query(&mut conn, redis::cmd("XRANGE").arg("in").arg("-").arg("+")).await;
+        let replayed = parse_entries(replayed).unwrap();
+        assert_eq!(replayed.len(), 2);
+        assert!(
+            replayed.iter().all(|e| e.fields.len() == 2),
+            "no dlq.* field comes back"
+        );
+        let left: Value = query(&mut conn, redis::cmd("XRANGE").arg("dlq").arg("-").arg("+")).await;
+        let left = parse_entries(left).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].id, huge_id);
+    }
+
+    /// Trim and membership refuse a key of another type before writing anything.
+    #[tokio::test]
+    async fn trim_and_membership_refuse_a_key_of_another_type() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        let () = query(&mut conn, redis::cmd("HSET").arg("h").arg("f").arg("v")).await;
+        let err = scripts()
+            .trim
+            .run(&mut conn, &["h"], &[1])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+        let err = scripts()
+            .membership
+            .run(&mut conn, &["h"], &["me", "1000", "join"])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+        let hash: Vec<String> = query(&mut conn, redis::cmd("HGETALL").arg("h")).await;
+        assert_eq!(hash, ["f", "v"]);
+        // Arguments that would fail after a write are refused before it.
+        let () = query(&mut conn, redis::cmd("ZADD").arg("m").arg(1).arg("old")).await;
+        let err = scripts()
+            .membership
+            .run(&mut conn, &["m"], &["me", "soon", "join"])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("TICKFLOW_INVALID"), "{err}");
+        assert_eq!(
+            query::<u64>(&mut conn, redis::cmd("ZCARD").arg("m")).await,
+            1
+        );
+    }
+}

@@ -28,8 +28,9 @@ local function invalid(why)
   return redis.error_reply('TICKFLOW_INVALID ' .. why)
 end
 
--- What an effect command may be: the type of key it needs ('*': any), the shape of its
--- arguments ('pairs', 'list', 'range', 'none') and whether scores come first in pairs.
+-- What an effect command may be (handler.rs's EFFECT_COMMANDS): the type of key it needs
+-- ('*': any) and the shape of its arguments: 'pairs' (field value ...), 'scored' (score
+-- member ...), 'list' (one or more), 'one' (exactly one), 'range' (min max), 'none'.
 local COMMANDS = {
   X = {'stream', 'pairs'},
   HSET = {'hash', 'pairs'},
@@ -39,6 +40,7 @@ local COMMANDS = {
   ZADD = {'zset', 'scored'},
   ZREM = {'zset', 'list'},
   ZREMRANGEBYSCORE = {'zset', 'range'},
+  SET = {'string', 'one'},
   DEL = {'*', 'none'},
 }
 
@@ -84,6 +86,8 @@ local function read_ops(count)
         if n ~= 0 then return kind .. ' takes no arguments' end
       elseif shape == 'list' then
         if n < 1 then return kind .. ' needs arguments' end
+      elseif shape == 'one' then
+        if n ~= 1 then return kind .. ' takes one argument' end
       elseif shape == 'range' then
         if n ~= 2 or not is_bound(ARGV[first]) or not is_bound(ARGV[first + 1]) then
           return kind .. ' needs a valid score range'

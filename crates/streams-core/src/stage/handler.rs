@@ -44,6 +44,20 @@ pub enum HandlerError {
     Permanent(String),
 }
 
+/// The commands an effect may run ([`Outputs::command`]); the commit script knows each one's
+/// key type and argument shape, which it checks before its first write.
+pub const EFFECT_COMMANDS: &[&str] = &[
+    "HSET",
+    "HDEL",
+    "SADD",
+    "SREM",
+    "ZADD",
+    "ZREM",
+    "ZREMRANGEBYSCORE",
+    "SET",
+    "DEL",
+];
+
 /// What handling one entry produces; applied atomically with the entry's acknowledgement.
 #[derive(Debug, Default)]
 pub struct Outputs {
@@ -95,9 +109,15 @@ impl Outputs {
         });
     }
 
-    /// Run `name key args...` (e.g. `HINCRBY`) if and only if the entry is acknowledged now.
-    /// The key should share the input partition's hash tag.
+    /// Run `name key args...` if and only if the entry is acknowledged now. `name` is one of
+    /// [`EFFECT_COMMANDS`] (the commit refuses any other before writing anything); the
+    /// arguments may be as many as needed (they are sent in chunks). The key should share
+    /// the input partition's hash tag.
     pub fn command(&mut self, name: &'static str, key: impl Into<String>, args: Vec<Vec<u8>>) {
+        debug_assert!(
+            EFFECT_COMMANDS.contains(&name),
+            "{name} is not an effect command"
+        );
         self.ops.push(Op::Command {
             name,
             key: key.into(),
@@ -141,4 +161,20 @@ pub trait Handler: Send + Sync + 'static {
     /// effects pushed here (e.g. a snapshot of the partition's state) are applied in the
     /// same script call, if any entry of the batch is acknowledged by it.
     fn batch_effects(&mut self, _partition: Partition, _out: &mut Outputs) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EFFECT_COMMANDS;
+
+    #[test]
+    fn the_commit_script_knows_every_effect_command() {
+        let script = include_str!("ack_forward.lua");
+        for name in EFFECT_COMMANDS {
+            assert!(
+                script.contains(&format!("\n  {name} = {{")),
+                "{name} missing from ack_forward.lua's COMMANDS"
+            );
+        }
+    }
 }

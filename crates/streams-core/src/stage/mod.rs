@@ -37,7 +37,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use self::{commit::Commit, handler::Op, spec::Source};
 pub use self::{
-    handler::{Delivery, Handler, HandlerError, Outputs},
+    handler::{Delivery, EFFECT_COMMANDS, Handler, HandlerError, Outputs},
     spec::{ConsumeMode, InputFormat, Inputs, StageSpec},
 };
 use crate::{
