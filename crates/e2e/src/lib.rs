@@ -614,39 +614,9 @@ impl Pipeline {
 
     /// Every event of the market stream, decoded, in stream order, an `order.events` entry
     /// read as its events in their order: `(event type, message)`, the type being
-    /// `execution`, `trade` or `tick.validated`.
+    /// `execution`, `trade` or `tick.validated` ([`market_events`]).
     pub async fn market_events(&self) -> Vec<(String, MarketEvent)> {
-        let mut events = Vec::new();
-        for entry in self.stream_entries(topology::MARKET).await {
-            let payload = entry.envelope.payload.as_ref();
-            match entry.envelope.event_type.as_str() {
-                event_type::ORDER_EVENTS => {
-                    let order_events: v1::OrderEvents = decode(payload, &entry);
-                    for event in order_events.events {
-                        events.push(match event.kind {
-                            Some(v1::market_event::Kind::Execution(report)) => (
-                                event_type::EXECUTION.to_owned(),
-                                MarketEvent::Execution(report),
-                            ),
-                            Some(v1::market_event::Kind::Trade(trade)) => {
-                                (event_type::TRADE.to_owned(), MarketEvent::Trade(trade))
-                            }
-                            None => panic!("an order event without a kind in {entry:?}"),
-                        });
-                    }
-                }
-                event_type::EXECUTION => events.push((
-                    event_type::EXECUTION.to_owned(),
-                    MarketEvent::Execution(decode(payload, &entry)),
-                )),
-                event_type::VALIDATED_TICK => events.push((
-                    event_type::VALIDATED_TICK.to_owned(),
-                    MarketEvent::Tick(decode(payload, &entry)),
-                )),
-                other => panic!("unexpected type {other:?} on the market stream: {entry:?}"),
-            }
-        }
-        events
+        market_events(self.stream_entries(topology::MARKET).await)
     }
 
     /// Every trade, ordered by symbol, then book sequence.
@@ -900,6 +870,43 @@ impl Drop for Pipeline {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+}
+
+/// The events of market stream `entries` (of either harness), decoded, in their order, an
+/// `order.events` entry read as its events in their order: `(event type, message)`, the
+/// type being `execution`, `trade` or `tick.validated`.
+pub fn market_events(entries: Vec<StreamEntry>) -> Vec<(String, MarketEvent)> {
+    let mut events = Vec::new();
+    for entry in entries {
+        let payload = entry.envelope.payload.as_ref();
+        match entry.envelope.event_type.as_str() {
+            event_type::ORDER_EVENTS => {
+                let order_events: v1::OrderEvents = decode(payload, &entry);
+                for event in order_events.events {
+                    events.push(match event.kind {
+                        Some(v1::market_event::Kind::Execution(report)) => (
+                            event_type::EXECUTION.to_owned(),
+                            MarketEvent::Execution(report),
+                        ),
+                        Some(v1::market_event::Kind::Trade(trade)) => {
+                            (event_type::TRADE.to_owned(), MarketEvent::Trade(trade))
+                        }
+                        None => panic!("an order event without a kind in {entry:?}"),
+                    });
+                }
+            }
+            event_type::EXECUTION => events.push((
+                event_type::EXECUTION.to_owned(),
+                MarketEvent::Execution(decode(payload, &entry)),
+            )),
+            event_type::VALIDATED_TICK => events.push((
+                event_type::VALIDATED_TICK.to_owned(),
+                MarketEvent::Tick(decode(payload, &entry)),
+            )),
+            other => panic!("unexpected type {other:?} on the market stream: {entry:?}"),
+        }
+    }
+    events
 }
 
 /// `(ms, seq)` of a stream id, for ordering.

@@ -27,6 +27,43 @@ pub mod v1 {
             })
         }
     }
+
+    impl RejectCode {
+        /// Whether the code says the reference data does not know the symbol (it has no
+        /// instrument of it, or only an invalid one): nothing may be kept per symbol for such
+        /// a report, or any client could create state by inventing symbols.
+        pub fn symbol_unknown(self) -> bool {
+            matches!(self, Self::UnknownSymbol | Self::InstrumentUnavailable)
+        }
+
+        /// Its name in metric labels and counters: `unknown_symbol`, `instrument_rule`, ….
+        pub fn label(self) -> &'static str {
+            match self {
+                Self::Unspecified => "unspecified",
+                Self::UnknownSymbol => "unknown_symbol",
+                Self::InstrumentUnavailable => "instrument_unavailable",
+                Self::InstrumentRule => "instrument_rule",
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::RejectCode;
+
+        #[test]
+        fn reject_code_labels_are_their_proto_names_in_lower_case() {
+            for code in [
+                RejectCode::Unspecified,
+                RejectCode::UnknownSymbol,
+                RejectCode::InstrumentUnavailable,
+                RejectCode::InstrumentRule,
+            ] {
+                let name = code.as_str_name().trim_start_matches("REJECT_CODE_");
+                assert_eq!(code.label(), name.to_ascii_lowercase());
+            }
+        }
+    }
 }
 
 /// The envelope `type` of each payload message.

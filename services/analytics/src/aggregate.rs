@@ -12,7 +12,15 @@
 //!   `last_price_e6`, `ticks`, `last_tick_price_e6`, `exec_<status>` counts;
 //! - `…:state:analytics:bars:{1s|1m}:{SYMBOL}` sorted set: score = bucket start (ms),
 //!   member = the bar's JSON;
-//! - `…:state:analytics:latency_us` hash: latency bucket floor (µs) → count (see [`latency`]).
+//! - `…:state:analytics:latency_us` hash: latency bucket floor (µs) → count (see [`latency`]);
+//! - `…:state:analytics:unknown_symbols` hash: reject code (`unknown_symbol`,
+//!   `instrument_unavailable`) → how many of transform's rejections named a symbol the
+//!   reference data does not know.
+//!
+//! Nothing is kept per symbol, in Redis or in memory, for a rejection whose code says the
+//! reference data does not know its symbol ([`v1::RejectCode::symbol_unknown`]): such
+//! symbols are whatever clients invent, so they are counted per partition instead. Every
+//! other event's symbol was validated by transform against the reference data.
 
 use std::collections::HashMap;
 
@@ -121,6 +129,34 @@ impl AnalyticsKeys {
         )
     }
 
+    /// The counts of `partition`'s rejections of symbols the reference data does not know,
+    /// by reject code.
+    pub fn unknown_symbols(&self, partition: Partition) -> String {
+        self.keys.partition_state(
+            tickflow_proto::topology::ANALYTICS_GROUP,
+            "unknown_symbols",
+            partition,
+        )
+    }
+
+    /// Every partition's rejections of unknown symbols, summed by reject code (the query
+    /// API's reader).
+    pub async fn unknown_symbol_rejections(
+        &self,
+        conn: &mut impl redis::aio::ConnectionLike,
+    ) -> redis::RedisResult<std::collections::BTreeMap<String, u64>> {
+        let mut pipe = redis::pipe();
+        for partition in self.partitions() {
+            pipe.cmd("HGETALL").arg(self.unknown_symbols(partition));
+        }
+        let hashes: Vec<HashMap<String, u64>> = pipe.query_async(conn).await?;
+        let mut summed = std::collections::BTreeMap::new();
+        for (code, count) in hashes.into_iter().flatten() {
+            *summed.entry(code).or_default() += count;
+        }
+        Ok(summed)
+    }
+
     /// The latency histogram of `partition`.
     pub fn latency(&self, partition: Partition) -> String {
         self.keys.partition_state(
@@ -176,6 +212,8 @@ pub struct Aggregator {
     stats: HashMap<Partition, HashMap<String, SymbolStats>>,
     /// Each partition's latency histogram, likewise.
     latency: HashMap<Partition, HashMap<u64, u64>>,
+    /// Each partition's rejections of unknown symbols by reject code, likewise.
+    unknown_symbols: HashMap<Partition, HashMap<String, u64>>,
     /// What the batch in hand changed, per partition, written by `batch_effects`.
     batch: HashMap<Partition, BatchDelta>,
 }
@@ -189,6 +227,8 @@ struct BatchDelta {
     /// older one out of the retention, so only these trim.
     opened: std::collections::BTreeSet<(String, Interval, u64)>,
     latency: std::collections::BTreeSet<u64>,
+    /// Whether the partition's rejections of unknown symbols changed.
+    unknown_symbols: bool,
 }
 
 /// One symbol's statistics hash (`…:stats:{SYMBOL}`).
@@ -263,8 +303,21 @@ impl Aggregator {
             bars: HashMap::new(),
             stats: HashMap::new(),
             latency: HashMap::new(),
+            unknown_symbols: HashMap::new(),
             batch: HashMap::new(),
         }
+    }
+
+    /// How many symbols' statistics this replica holds in memory, over all its partitions
+    /// (also the `tickflow_analytics_symbols_in_memory` gauge): bounded by the reference
+    /// data, whatever symbols clients send.
+    pub fn symbols_in_memory(&self) -> usize {
+        self.stats.values().map(HashMap::len).sum()
+    }
+
+    fn report_symbols_in_memory(&self) {
+        metrics::gauge!("tickflow_analytics_symbols_in_memory")
+            .set(self.symbols_in_memory() as f64);
     }
 
     /// Loads `symbol`'s statistics into memory if they are not there yet.
@@ -281,7 +334,64 @@ impl Aggregator {
             .entry(partition)
             .or_default()
             .insert(symbol.to_owned(), SymbolStats::from_hash(&hash));
+        self.report_symbols_in_memory();
         Ok(())
+    }
+
+    /// Loads the partition's rejections of unknown symbols into memory if they are not
+    /// there yet.
+    async fn load_unknown_symbols(&mut self, partition: Partition) -> Result<(), HandlerError> {
+        if self.unknown_symbols.contains_key(&partition) {
+            return Ok(());
+        }
+        let hash: HashMap<String, u64> = self.hash(&self.keys.unknown_symbols(partition)).await?;
+        self.unknown_symbols.insert(partition, hash);
+        Ok(())
+    }
+
+    /// Loads what counting `reports` needs ([`Self::count_executions`]).
+    async fn load_executions(
+        &mut self,
+        partition: Partition,
+        reports: &[(v1::ExecutionReport, String)],
+    ) -> Result<(), HandlerError> {
+        for (report, _) in reports {
+            if unknown_symbol(report).is_some() {
+                self.load_unknown_symbols(partition).await?;
+            } else {
+                self.load_stats(partition, &report.symbol).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts execution reports, loaded before ([`Self::load_executions`]): per symbol,
+    /// except rejections of symbols the reference data does not know, which are counted
+    /// per partition by code.
+    fn count_executions(
+        &mut self,
+        partition: Partition,
+        reports: Vec<(v1::ExecutionReport, String)>,
+    ) {
+        for (report, status) in reports {
+            match unknown_symbol(&report) {
+                Some(code) => {
+                    metrics::counter!(
+                        "tickflow_analytics_unknown_symbol_rejections_total",
+                        "code" => code.label()
+                    )
+                    .increment(1);
+                    *self
+                        .unknown_symbols
+                        .get_mut(&partition)
+                        .expect("loaded above")
+                        .entry(code.label().to_owned())
+                        .or_default() += 1;
+                    self.batch.entry(partition).or_default().unknown_symbols = true;
+                }
+                None => self.execution(partition, &report.symbol, status),
+            }
+        }
     }
 
     /// Loads the partition's latency histogram into memory if it is not there yet.
@@ -503,6 +613,14 @@ pub fn tick_problem(
     }
 }
 
+/// The code of a rejection whose symbol the reference data does not know, if `report` is
+/// one: then nothing may be kept per symbol for it.
+fn unknown_symbol(report: &v1::ExecutionReport) -> Option<v1::RejectCode> {
+    v1::RejectCode::try_from(report.reject_code)
+        .ok()
+        .filter(|code| code.symbol_unknown())
+}
+
 /// The lower-case name of an execution report's status (`filled`), or what makes the report
 /// impossible to count.
 pub fn execution_status(
@@ -558,8 +676,9 @@ impl Handler for Aggregator {
                 let report: v1::ExecutionReport = decode(envelope)?;
                 let status = execution_status(&self.keys, &report, partition)
                     .map_err(HandlerError::Permanent)?;
-                self.load_stats(partition, &report.symbol).await?;
-                self.execution(partition, &report.symbol, status);
+                let reports = vec![(report, status)];
+                self.load_executions(partition, &reports).await?;
+                self.count_executions(partition, reports);
             }
             types::ORDER_EVENTS => {
                 let events: v1::OrderEvents = decode(envelope)?;
@@ -580,7 +699,7 @@ impl Handler for Aggregator {
                         Some(v1::market_event::Kind::Execution(report)) => {
                             let status = execution_status(&self.keys, &report, partition)
                                 .map_err(HandlerError::Permanent)?;
-                            executions.push((report.symbol, status));
+                            executions.push((report, status));
                         }
                         None => {
                             return Err(HandlerError::Permanent(
@@ -590,13 +709,9 @@ impl Handler for Aggregator {
                         }
                     }
                 }
-                for (symbol, _) in &executions {
-                    self.load_stats(partition, symbol).await?;
-                }
+                self.load_executions(partition, &executions).await?;
                 self.trades(partition, envelope, &trades).await?;
-                for (symbol, status) in executions {
-                    self.execution(partition, &symbol, status);
-                }
+                self.count_executions(partition, executions);
             }
             other => {
                 return Err(HandlerError::Permanent(format!(
@@ -627,7 +742,9 @@ impl Handler for Aggregator {
         self.bars.retain(|(p, _, _, _), _| *p != partition);
         self.stats.remove(&partition);
         self.latency.remove(&partition);
+        self.unknown_symbols.remove(&partition);
         self.batch.remove(&partition);
+        self.report_symbols_in_memory();
     }
 
     /// The batch's changes, applied with its acknowledgement (so each event counts once):
@@ -690,11 +807,22 @@ impl Handler for Aggregator {
             }
             out.command("HSET", self.keys.latency(partition), args);
         }
+        if delta.unknown_symbols
+            && let Some(counts) = self.unknown_symbols.get(&partition)
+        {
+            let args = counts
+                .iter()
+                .flat_map(|(code, count)| [code.clone().into_bytes(), int(*count)])
+                .collect();
+            out.command("HSET", self.keys.unknown_symbols(partition), args);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use streams_core::Handler as _;
+
     use super::*;
 
     fn keys() -> AnalyticsKeys {
@@ -775,5 +903,84 @@ mod tests {
                 .unwrap_err()
                 .contains("symbol is empty")
         );
+    }
+
+    /// An `execution` entry of `partition` holding a rejection of `symbol` with `code`.
+    fn rejection(
+        keys: &AnalyticsKeys,
+        symbol: &str,
+        code: v1::RejectCode,
+    ) -> streams_core::Delivery {
+        let report = v1::ExecutionReport {
+            symbol: symbol.into(),
+            client_order_id: "o1".into(),
+            status: v1::ExecStatus::Rejected as i32,
+            reason: "unknown symbol".into(),
+            reject_code: code as i32,
+            ..Default::default()
+        };
+        streams_core::Delivery {
+            partition: keys.partition(symbol),
+            stream: "market".into(),
+            id: "1-0".into(),
+            deliveries: 1,
+            fields: Vec::new(),
+            envelope: Some(Envelope::new(
+                types::EXECUTION,
+                symbol,
+                report.encode_to_vec(),
+            )),
+        }
+    }
+
+    #[tokio::test]
+    async fn rejections_of_unknown_symbols_are_counted_per_partition_not_kept_per_symbol() {
+        let server = streams_core::testing::RedisServer::start();
+        let redis = Redis::new(&server.url(), 2).unwrap();
+        let space = KeySpace::new(streams_core::testing::unique_namespace("agg"), 4);
+        let keys = AnalyticsKeys::new(space.clone());
+        let retention = Retention {
+            second_bars_ms: 60_000,
+            minute_bars_ms: 600_000,
+        };
+        let mut aggregator = Aggregator::new(space, redis, retention);
+        let codes = [
+            v1::RejectCode::UnknownSymbol,
+            v1::RejectCode::InstrumentUnavailable,
+        ];
+        for i in 0..500 {
+            let delivery = rejection(&keys, &format!("U{i}"), codes[i % 2]);
+            aggregator
+                .handle(&delivery, &mut Outputs::default())
+                .await
+                .unwrap();
+        }
+        assert_eq!(aggregator.symbols_in_memory(), 0);
+        let mut counted = std::collections::BTreeMap::<String, u64>::new();
+        for partition in keys.partitions() {
+            let mut out = Outputs::default();
+            aggregator.batch_effects(partition, &mut out);
+            // The latency histogram and the partition's count: nothing per symbol.
+            assert_eq!(out.len(), 2, "partition {partition}: {out:?}");
+            for (code, count) in &aggregator.unknown_symbols[&partition] {
+                *counted.entry(code.clone()).or_default() += count;
+            }
+        }
+        assert_eq!(
+            counted,
+            [
+                ("instrument_unavailable".to_owned(), 250),
+                ("unknown_symbol".to_owned(), 250)
+            ]
+            .into()
+        );
+
+        // A rejection by the instrument's rules is the symbol's own statistic.
+        let delivery = rejection(&keys, "AAPL", v1::RejectCode::InstrumentRule);
+        aggregator
+            .handle(&delivery, &mut Outputs::default())
+            .await
+            .unwrap();
+        assert_eq!(aggregator.symbols_in_memory(), 1);
     }
 }

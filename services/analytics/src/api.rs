@@ -5,6 +5,10 @@
 //! - `GET /v1/symbols/{symbol}/bars?interval=1s|1m&from=MS&to=MS`: bars, oldest first
 //!   (`from`/`to` in ms since the epoch; default: the last hour).
 //! - `GET /v1/latency`: end-to-end latency percentiles in µs over every partition.
+//! - `GET /v1/unknown-symbols`: how many orders and cancels transform rejected because the
+//!   reference data does not know their symbol (`rejections`, and `by_code`:
+//!   `unknown_symbol`, `instrument_unavailable`), over every partition. They are counted
+//!   here, not per symbol: `/v1/symbols/{symbol}/stats` of such a symbol stays empty.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -36,6 +40,7 @@ pub fn router(redis: Redis, keys: AnalyticsKeys) -> Router {
         .route("/v1/symbols/{symbol}/stats", get(stats))
         .route("/v1/symbols/{symbol}/bars", get(bars))
         .route("/v1/latency", get(latency_percentiles))
+        .route("/v1/unknown-symbols", get(unknown_symbols))
         .with_state(ApiState { redis, keys })
 }
 
@@ -176,4 +181,17 @@ async fn latency_percentiles(
         .map_err(unavailable)?;
     let list: Vec<(u64, u64)> = merged.into_iter().collect();
     Ok(Json(latency::percentiles(&list)))
+}
+
+async fn unknown_symbols(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let mut conn = state.redis.pooled().await.map_err(unavailable)?;
+    let by_code = state
+        .keys
+        .unknown_symbol_rejections(&mut *conn)
+        .await
+        .map_err(unavailable)?;
+    let rejections: u64 = by_code.values().sum();
+    Ok(Json(
+        json!({ "rejections": rejections, "by_code": by_code }),
+    ))
 }

@@ -6,10 +6,10 @@ use prost::Message;
 use streams_core::{Delivery, Envelope, Handler, HandlerError, KeySpace, Outputs, Partition};
 use tickflow_proto::{
     event_type as types, rules, topology,
-    v1::{self, ExecStatus},
+    v1::{self, ExecStatus, RejectCode},
 };
 
-use crate::refdata::{Instrument, RefData};
+use crate::refdata::{Instrument, RefData, Snapshot};
 
 /// The transform handler.
 #[derive(Debug, Clone)]
@@ -21,7 +21,43 @@ pub struct Transform {
 
 /// A business rejection: reported downstream, not dead-lettered.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Rejection(pub String);
+pub struct Rejection {
+    /// What kind of rejection, for programs: analytics keeps nothing per symbol for one
+    /// whose symbol the reference data does not know.
+    pub code: RejectCode,
+    /// Why, for people.
+    pub reason: String,
+}
+
+impl Rejection {
+    /// The order breaks a rule of its instrument.
+    fn rule(reason: String) -> Self {
+        Self {
+            code: RejectCode::InstrumentRule,
+            reason,
+        }
+    }
+}
+
+/// The usable instrument of `symbol` (normalized), or why there is none: the reference data
+/// does not know the symbol, or skipped its instrument as invalid.
+fn instrument<'a>(refdata: &'a Snapshot, symbol: &str) -> Result<&'a Instrument, Rejection> {
+    if let Some(instrument) = refdata.instruments.get(symbol) {
+        return Ok(instrument);
+    }
+    Err(match refdata.invalid.get(symbol) {
+        Some(problem) => Rejection {
+            code: RejectCode::InstrumentUnavailable,
+            reason: format!(
+                "instrument {symbol} is unavailable: its reference data is invalid ({problem})"
+            ),
+        },
+        None => Rejection {
+            code: RejectCode::UnknownSymbol,
+            reason: format!("unknown symbol {symbol}"),
+        },
+    })
+}
 
 impl Transform {
     /// `tick_tolerance` is the fraction of a tick a price may be off and still be rounded
@@ -38,10 +74,7 @@ impl Transform {
     pub fn order(&self, order: &v1::NewOrder) -> Result<v1::ValidatedOrder, Rejection> {
         let symbol = order.symbol.trim().to_ascii_uppercase();
         let refdata = self.refdata.snapshot();
-        let instrument = refdata
-            .instruments
-            .get(&symbol)
-            .ok_or_else(|| Rejection(format!("unknown symbol {symbol}")))?;
+        let instrument = instrument(&refdata, &symbol)?;
         let market = order.r#type == v1::OrderType::Market as i32;
         let price_e6 = if market {
             0
@@ -50,7 +83,7 @@ impl Transform {
         };
         let qty = lots(order.qty, instrument)?;
         if let Some(max) = instrument.max_qty.filter(|max| qty > *max) {
-            return Err(Rejection(format!(
+            return Err(Rejection::rule(format!(
                 "quantity {qty} above the maximum {max} for {symbol}"
             )));
         }
@@ -78,34 +111,36 @@ impl Transform {
 
     fn price(&self, price: f64, instrument: &Instrument) -> Result<i64, Rejection> {
         if !(price.is_finite() && price > 0.0) {
-            return Err(Rejection(format!("price {price} is not a positive number")));
+            return Err(Rejection::rule(format!(
+                "price {price} is not a positive number"
+            )));
         }
         let tick = instrument.tick_e6() as f64;
         let ticks = price * 1e6 / tick;
         if !(ticks.is_finite() && ticks < MAX_TICKS) {
-            return Err(Rejection(format!(
+            return Err(Rejection::rule(format!(
                 "price {price} is too large for the tick size {} of {}",
                 instrument.tick_size, instrument.symbol
             )));
         }
         let rounded = ticks.round();
         if (ticks - rounded).abs() > self.tick_tolerance + 1e-9 {
-            return Err(Rejection(format!(
+            return Err(Rejection::rule(format!(
                 "price {price} is off the tick size {} of {}",
                 instrument.tick_size, instrument.symbol
             )));
         }
         if rounded < 1.0 {
-            return Err(Rejection(format!("price {price} is below one tick")));
+            return Err(Rejection::rule(format!("price {price} is below one tick")));
         }
         let price_e6 = (rounded as i64)
             .checked_mul(instrument.tick_e6())
-            .ok_or_else(|| Rejection(format!("price {price} is too large")))?;
+            .ok_or_else(|| Rejection::rule(format!("price {price} is too large")))?;
         let as_decimal = price_e6 as f64 / 1e6;
         if instrument.min_price.is_some_and(|min| as_decimal < min)
             || instrument.max_price.is_some_and(|max| as_decimal > max)
         {
-            return Err(Rejection(format!(
+            return Err(Rejection::rule(format!(
                 "price {price} outside the static band [{}, {}] of {}",
                 instrument.min_price.unwrap_or(0.0),
                 instrument.max_price.unwrap_or(f64::INFINITY),
@@ -119,14 +154,11 @@ impl Transform {
     pub fn tick(&self, tick: &v1::MarketTick) -> Result<v1::ValidatedTick, Rejection> {
         let symbol = tick.symbol.trim().to_ascii_uppercase();
         let refdata = self.refdata.snapshot();
-        let instrument = refdata
-            .instruments
-            .get(&symbol)
-            .ok_or_else(|| Rejection(format!("unknown symbol {symbol}")))?;
+        let instrument = instrument(&refdata, &symbol)?;
         // Outside prints are rounded to our tick whatever their precision.
         let tick_e6 = instrument.tick_e6();
         if !(tick.price.is_finite() && tick.price > 0.0 && tick.qty.is_finite() && tick.qty > 0.0) {
-            return Err(Rejection(
+            return Err(Rejection::rule(
                 "tick price and qty must be positive numbers".into(),
             ));
         }
@@ -134,9 +166,12 @@ impl Transform {
         let price_e6 = Some(ticks)
             .filter(|t| *t < MAX_TICKS)
             .and_then(|t| (t as i64).max(1).checked_mul(tick_e6))
-            .ok_or_else(|| Rejection(format!("tick price {} is too large", tick.price)))?;
+            .ok_or_else(|| Rejection::rule(format!("tick price {} is too large", tick.price)))?;
         if tick.qty > MAX_QTY {
-            return Err(Rejection(format!("tick qty {} is too large", tick.qty)));
+            return Err(Rejection::rule(format!(
+                "tick qty {} is too large",
+                tick.qty
+            )));
         }
         Ok(v1::ValidatedTick {
             symbol,
@@ -146,8 +181,8 @@ impl Transform {
     }
 }
 
-/// The largest quantity taken (orders and ticks).
-const MAX_QTY: f64 = 1e15;
+/// The largest quantity taken (orders and ticks), and the largest lot an instrument may have.
+pub(crate) const MAX_QTY: f64 = 1e15;
 
 /// Tick counts from here on do not fit a price in millionths (`i64`).
 const MAX_TICKS: f64 = i64::MAX as f64;
@@ -155,16 +190,20 @@ const MAX_TICKS: f64 = i64::MAX as f64;
 /// Rounds a quantity down to whole lots (never more than asked).
 fn lots(qty: f64, instrument: &Instrument) -> Result<u64, Rejection> {
     if !(qty.is_finite() && qty > 0.0) {
-        return Err(Rejection(format!(
+        return Err(Rejection::rule(format!(
             "quantity {qty} is not a positive number"
         )));
     }
     if qty > MAX_QTY {
-        return Err(Rejection(format!("quantity {qty} is too large")));
+        return Err(Rejection::rule(format!("quantity {qty} is too large")));
     }
-    let lots = (qty + 1e-9).floor() as u64 / instrument.lot_size;
+    // A lot of 0 never passes the reference data's checks; should one get here anyway, the
+    // order is rejected instead of the stage dividing by zero.
+    let lots = ((qty + 1e-9).floor() as u64)
+        .checked_div(instrument.lot_size)
+        .unwrap_or(0);
     if lots == 0 {
-        return Err(Rejection(format!(
+        return Err(Rejection::rule(format!(
             "quantity {qty} is below one lot of {} for {}",
             instrument.lot_size, instrument.symbol
         )));
@@ -293,27 +332,27 @@ impl Handler for Transform {
                         validated,
                         &envelope.derive(types::VALIDATED_ORDER, valid.encode_to_vec()),
                     ),
-                    Err(Rejection(reason)) => {
-                        metrics::counter!("tickflow_transform_rejections_total").increment(1);
-                        let report = v1::ExecutionReport {
-                            symbol: order.symbol.trim().to_ascii_uppercase(),
-                            client_order_id: order.client_order_id.clone(),
-                            status: ExecStatus::Rejected as i32,
-                            reason,
-                            ..Default::default()
-                        };
-                        out.append(
-                            market,
-                            &envelope.derive(types::EXECUTION, report.encode_to_vec()),
-                        );
-                    }
+                    Err(rejection) => reject(
+                        out,
+                        market,
+                        envelope,
+                        order.symbol.trim().to_ascii_uppercase(),
+                        order.client_order_id,
+                        rejection,
+                    ),
                 }
             }
             types::CANCEL_ORDER => {
                 let cancel: v1::CancelOrder = decode(delivery, envelope, cancel_problems)?;
                 routed(&cancel.symbol)?;
                 let symbol = cancel.symbol.trim().to_ascii_uppercase();
-                if self.refdata.snapshot().instruments.contains_key(&symbol) {
+                let refdata = self.refdata.snapshot();
+                // A cancel needs no trading rules, so one of a symbol whose instrument was
+                // skipped as invalid still reaches the book: its resting orders can be taken
+                // off while the reference data is being fixed.
+                if refdata.instruments.contains_key(&symbol)
+                    || refdata.invalid.contains_key(&symbol)
+                {
                     let valid = v1::ValidatedCancel {
                         symbol,
                         client_order_id: cancel.client_order_id,
@@ -323,16 +362,17 @@ impl Handler for Transform {
                         &envelope.derive(types::VALIDATED_CANCEL, valid.encode_to_vec()),
                     );
                 } else {
-                    let report = v1::ExecutionReport {
-                        symbol: symbol.clone(),
-                        client_order_id: cancel.client_order_id,
-                        status: ExecStatus::Rejected as i32,
+                    let rejection = Rejection {
+                        code: RejectCode::UnknownSymbol,
                         reason: format!("cancel: unknown symbol {symbol}"),
-                        ..Default::default()
                     };
-                    out.append(
+                    reject(
+                        out,
                         market,
-                        &envelope.derive(types::EXECUTION, report.encode_to_vec()),
+                        envelope,
+                        symbol,
+                        cancel.client_order_id,
+                        rejection,
                     );
                 }
             }
@@ -342,7 +382,7 @@ impl Handler for Transform {
                 // A tick has no sender to answer: an unusable one is dead-lettered with the reason.
                 let valid = self
                     .tick(&tick)
-                    .map_err(|Rejection(reason)| HandlerError::Permanent(reason))?;
+                    .map_err(|rejection| HandlerError::Permanent(rejection.reason))?;
                 out.append(
                     validated,
                     &envelope.derive(types::VALIDATED_TICK, valid.encode_to_vec()),
@@ -358,12 +398,40 @@ impl Handler for Transform {
     }
 }
 
+/// Reports `rejection` of the order or cancel `client_order_id` of `symbol` on the market
+/// stream `market`, and counts it by code.
+fn reject(
+    out: &mut Outputs,
+    market: String,
+    envelope: &Envelope,
+    symbol: String,
+    client_order_id: String,
+    rejection: Rejection,
+) {
+    metrics::counter!("tickflow_transform_rejections_total", "code" => rejection.code.label())
+        .increment(1);
+    let report = v1::ExecutionReport {
+        symbol,
+        client_order_id,
+        status: ExecStatus::Rejected as i32,
+        reason: rejection.reason,
+        reject_code: rejection.code as i32,
+        ..Default::default()
+    };
+    out.append(
+        market,
+        &envelope.derive(types::EXECUTION, report.encode_to_vec()),
+    );
+}
+
 #[cfg(test)]
 mod tests {
-    use std::{collections::HashMap, sync::Arc};
+    use std::{
+        collections::{BTreeMap, HashMap},
+        sync::Arc,
+    };
 
     use super::*;
-    use crate::refdata::Snapshot;
 
     fn transform() -> Transform {
         let instrument = Instrument {
@@ -381,6 +449,10 @@ mod tests {
         refdata.replace(Arc::new(Snapshot {
             version: 1,
             instruments: HashMap::from([("AAPL".to_owned(), instrument)]),
+            invalid: BTreeMap::from([(
+                "MSFT".to_owned(),
+                "MSFT: lot_size 0 must be between 1 and 1000000000000000".to_owned(),
+            )]),
         }));
         Transform::new(KeySpace::new("t", 4), refdata, 0.1)
     }
@@ -411,31 +483,38 @@ mod tests {
     fn business_rules_reject_with_a_reason() {
         let t = transform();
         assert_eq!(
-            t.order(&order("MSFT", 1.0, 10.0)).unwrap_err().0,
-            "unknown symbol MSFT"
+            t.order(&order("GOOG", 1.0, 10.0)).unwrap_err(),
+            Rejection {
+                code: RejectCode::UnknownSymbol,
+                reason: "unknown symbol GOOG".into()
+            }
+        );
+        assert_eq!(
+            t.order(&order("AAPL", 172.505, 10.0)).unwrap_err().code,
+            RejectCode::InstrumentRule
         );
         assert!(
             t.order(&order("AAPL", 172.505, 10.0))
                 .unwrap_err()
-                .0
+                .reason
                 .contains("off the tick")
         );
         assert!(
             t.order(&order("AAPL", 10.0, 5.0))
                 .unwrap_err()
-                .0
+                .reason
                 .contains("below one lot")
         );
         assert!(
             t.order(&order("AAPL", 5000.0, 10.0))
                 .unwrap_err()
-                .0
+                .reason
                 .contains("static band")
         );
         assert!(
             t.order(&order("AAPL", 10.0, 1e7))
                 .unwrap_err()
-                .0
+                .reason
                 .contains("maximum")
         );
     }
@@ -444,14 +523,14 @@ mod tests {
     fn prices_beyond_what_a_tick_count_holds_are_rejected_not_overflowed() {
         let t = transform();
         for price in [1e300, f64::MAX, 1e15] {
-            let reason = t.order(&order("AAPL", price, 10.0)).unwrap_err().0;
+            let reason = t.order(&order("AAPL", price, 10.0)).unwrap_err().reason;
             assert!(reason.contains("too large"), "{price}: {reason}");
             let tick = v1::MarketTick {
                 symbol: "AAPL".into(),
                 price,
                 qty: 1.0,
             };
-            let reason = t.tick(&tick).unwrap_err().0;
+            let reason = t.tick(&tick).unwrap_err().reason;
             assert!(reason.contains("too large"), "{price}: {reason}");
         }
         let tick = v1::MarketTick {
@@ -459,7 +538,7 @@ mod tests {
             price: 1.0,
             qty: 1e300,
         };
-        assert!(t.tick(&tick).unwrap_err().0.contains("qty"));
+        assert!(t.tick(&tick).unwrap_err().reason.contains("qty"));
     }
 
     #[test]
@@ -534,5 +613,68 @@ mod tests {
                 })
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_symbol_whose_instrument_was_skipped_is_rejected_as_unavailable_naming_why() {
+        let t = transform();
+        let rejection = t.order(&order("msft", 1.0, 10.0)).unwrap_err();
+        assert_eq!(rejection.code, RejectCode::InstrumentUnavailable);
+        assert!(
+            rejection
+                .reason
+                .starts_with("instrument MSFT is unavailable")
+                && rejection.reason.contains("lot_size 0"),
+            "{}",
+            rejection.reason
+        );
+        let tick = v1::MarketTick {
+            symbol: "MSFT".into(),
+            price: 1.0,
+            qty: 1.0,
+        };
+        assert_eq!(
+            t.tick(&tick).unwrap_err().code,
+            RejectCode::InstrumentUnavailable
+        );
+    }
+
+    #[test]
+    fn an_instrument_that_escaped_the_checks_rejects_orders_instead_of_panicking() {
+        // Snapshots are built from checked instruments only; this one is built by hand to
+        // show the arithmetic itself cannot fail on it.
+        let broken = Instrument {
+            symbol: "ZERO".into(),
+            tick_size: 0.0,
+            lot_size: 0,
+            band_bps: 0,
+            min_price: None,
+            max_price: None,
+            max_qty: None,
+            name: String::new(),
+            currency: String::new(),
+        };
+        let refdata = RefData::default();
+        refdata.replace(Arc::new(Snapshot {
+            version: 1,
+            instruments: HashMap::from([("ZERO".to_owned(), broken)]),
+            invalid: BTreeMap::new(),
+        }));
+        let t = Transform::new(KeySpace::new("t", 4), refdata, 0.1);
+        assert!(t.order(&order("ZERO", 1.0, 10.0)).is_err());
+        let mut market = order("ZERO", 0.0, 10.0);
+        market.r#type = v1::OrderType::Market as i32;
+        assert!(
+            t.order(&market)
+                .unwrap_err()
+                .reason
+                .contains("below one lot")
+        );
+        let tick = v1::MarketTick {
+            symbol: "ZERO".into(),
+            price: 1.0,
+            qty: 1.0,
+        };
+        assert!(t.tick(&tick).is_err());
     }
 }

@@ -12,4 +12,5 @@ mod process_metrics;
 mod replicas;
 mod scripted;
 mod support;
+mod symbols;
 mod traces;
