@@ -244,6 +244,23 @@ fn install_tls_provider() {
     });
 }
 
+// Placeholder until the cluster connection layer lands: standalone only.
+impl Redis {
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        false
+    }
+
+    /// A dedicated connection to the node serving `key`.
+    pub async fn dedicated_for(
+        &self,
+        _key: &str,
+        block: Duration,
+    ) -> Result<MultiplexedConnection> {
+        self.dedicated(block).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

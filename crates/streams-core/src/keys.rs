@@ -10,7 +10,13 @@
 //! tickflow:{3}:dlq:orders          its dead-letter stream
 //! tickflow:{3}:lease:engine        the lease on partition 3 for the `engine` group
 //! tickflow:members:engine          live consumers of the `engine` group (sorted set)
+//! tickflow:{g}:instruments         global data: reference tables, with the tag `{g}`
 //! ```
+//!
+//! Keys used together in one script or transaction share a tag, so that no call crosses
+//! slots on a Redis Cluster: a partition's keys share `{p}`; global data (a table and its
+//! version counter, written in one transaction) shares `{g}`; a key used alone (a group's
+//! membership set) needs none.
 
 use std::fmt;
 
@@ -81,7 +87,7 @@ impl KeySpace {
 
     /// A key outside any partition, for stage data such as reference tables.
     pub fn global(&self, name: &str) -> String {
-        format!("{}:g:{name}", self.namespace)
+        format!("{}:{{g}}:{name}", self.namespace)
     }
 }
 
@@ -115,6 +121,16 @@ mod tests {
         ] {
             assert!(key.starts_with("tf:{3}:"), "{key}");
         }
+    }
+
+    #[test]
+    fn global_keys_used_together_share_one_hash_tag() {
+        let keys = KeySpace::new("tf", 16);
+        assert_eq!(keys.global("instruments"), "tf:{g}:instruments");
+        assert_eq!(
+            keys.global("instruments:version"),
+            "tf:{g}:instruments:version"
+        );
     }
 
     #[test]

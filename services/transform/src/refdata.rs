@@ -1,8 +1,8 @@
 //! Instrument reference data: kept in Redis, loaded from a JSON file, cached in memory and
 //! refreshed while the service runs, so it can change without a restart.
 //!
-//! Redis layout: the hash `{ns}:g:instruments` (field: symbol, value: the instrument's JSON)
-//! and the counter `{ns}:g:instruments:version`, bumped on every load. The file format is
+//! Redis layout: the hash `{ns}:{g}:instruments` (field: symbol, value: the instrument's JSON)
+//! and the counter `{ns}:{g}:instruments:version`, bumped on every load. The file format is
 //! a JSON array of instruments:
 //!
 //! ```json

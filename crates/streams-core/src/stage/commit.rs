@@ -70,7 +70,7 @@ impl<H: Handler> Stage<H> {
         let mut delay = Duration::from_millis(50);
         let mut grace_deadline: Option<Instant> = None;
         while !remaining.is_empty() {
-            let calls = calls_of(&remaining);
+            let calls = calls_of(&remaining, self.redis.is_cluster());
             let results: Vec<Result<Vec<SourceReply>>> = match reader.take() {
                 // The script only by its SHA: a NOSCRIPT is retried through the pool, not
                 // behind the blocking read queued on this connection.
@@ -264,8 +264,12 @@ impl<H: Handler> Stage<H> {
 const MAX_ENTRIES_PER_CALL: usize = 512;
 
 /// The ranges of `commits` that go in one call each: whole sources, up to
-/// [`MAX_ENTRIES_PER_CALL`] entries (a larger source alone).
-fn calls_of(commits: &[(usize, Commit)]) -> Vec<std::ops::Range<usize>> {
+/// [`MAX_ENTRIES_PER_CALL`] entries (a larger source alone); on a cluster, one source per
+/// call, since each partition is a slot of its own.
+fn calls_of(commits: &[(usize, Commit)], one_source_per_call: bool) -> Vec<std::ops::Range<usize>> {
+    if one_source_per_call {
+        return (0..commits.len()).map(|i| i..i + 1).collect();
+    }
     let mut calls = Vec::new();
     let (mut start, mut entries) = (0, 0);
     for (i, (_, commit)) in commits.iter().enumerate() {

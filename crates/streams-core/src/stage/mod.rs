@@ -20,6 +20,7 @@
 mod commit;
 mod handler;
 mod owned;
+mod readers;
 pub(crate) mod spec;
 
 use std::{
@@ -35,7 +36,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use self::{commit::Commit, handler::Op, spec::Source};
+use self::{
+    commit::Commit,
+    handler::Op,
+    readers::{PartitionReaders, ReadSettings},
+    spec::Source,
+};
 pub use self::{
     handler::{Delivery, EFFECT_COMMANDS, Handler, HandlerError, Outputs},
     spec::{ConsumeMode, InputFormat, Inputs, StageSpec},
@@ -65,6 +71,8 @@ pub struct Stage<H> {
     sources: Vec<Source>,
     source_by_key: HashMap<Arc<str>, usize>,
     metrics: StageMetrics,
+    /// On a cluster, the partitions' blocking readers (started on the first read).
+    readers: tokio::sync::Mutex<Option<PartitionReaders>>,
 }
 
 /// The metrics a stage records for every batch, registered once (not looked up, labels
@@ -142,6 +150,7 @@ impl<H: Handler> Stage<H> {
             sources,
             source_by_key,
             metrics,
+            readers: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -169,6 +178,8 @@ impl<H: Handler> Stage<H> {
             ConsumeMode::Shared => self.run_shared().await,
             ConsumeMode::Owned => self.run_owned().await,
         };
+        // Readers stopped now read nothing more that would wait, pending, for a claim.
+        self.readers.lock().await.take();
         let _ = maintenance.await;
         tracing::info!(group = %self.spec.group, consumer = %self.consumer, "stage stopped");
         result
@@ -234,12 +245,14 @@ impl<H: Handler> Stage<H> {
         if self.shutdown.is_cancelled() {
             return (self.commit_handled(handled, tokens, None).await, None);
         }
-        if reader.is_none() {
+        if reader.is_none() && !self.redis.is_cluster() {
             // An error here is the read's to report; the commit goes through the pool.
             *reader = self.redis.dedicated(self.tuning.block).await.ok();
         }
         // The commit goes out on the reading connection just ahead of the read, so one
-        // write carries both and Redis reads one socket; its reply comes first.
+        // write carries both and Redis reads one socket; its reply comes first. (On a
+        // cluster the partitions' readers have connections of their own, and the commit
+        // goes through the cluster connection, which routes each call to its slot.)
         let on_reader = reader.clone();
         let (outcome, read) = tokio::join!(
             self.commit_handled(handled, tokens, on_reader),
@@ -248,12 +261,16 @@ impl<H: Handler> Stage<H> {
         (outcome, Some(read))
     }
 
-    /// `XREADGROUP … BLOCK` over `sources` on the loop's dedicated connection.
+    /// `XREADGROUP … BLOCK` over `sources` on the loop's dedicated connection (on a
+    /// cluster, from the partitions' readers).
     async fn read_group(
         &self,
         reader: &mut Option<MultiplexedConnection>,
         sources: &[usize],
     ) -> Result<Vec<Pending>> {
+        if self.redis.is_cluster() {
+            return self.read_partitions(sources).await;
+        }
         if reader.is_none() {
             *reader = Some(self.redis.dedicated(self.tuning.block).await?);
         }
@@ -324,6 +341,69 @@ impl<H: Handler> Stage<H> {
                 deliveries: 1,
                 merged: false,
             }));
+        }
+        Ok(batch)
+    }
+
+    /// A read on a cluster: the first batch any of `sources`' readers brings within the
+    /// block time, and every batch already waiting.
+    async fn read_partitions(&self, sources: &[usize]) -> Result<Vec<Pending>> {
+        let mut readers = self.readers.lock().await;
+        let readers = readers.get_or_insert_with(|| {
+            PartitionReaders::new(
+                self.redis.clone(),
+                ReadSettings {
+                    group: self.spec.group.clone(),
+                    consumer: self.consumer.clone(),
+                    count: self.tuning.batch_size,
+                    block: self.tuning.block,
+                },
+                self.sources.len(),
+            )
+        });
+        let wanted: Vec<(usize, Arc<str>)> = sources
+            .iter()
+            .map(|&s| (s, self.sources[s].stream.clone()))
+            .collect();
+        readers.read_only(&wanted);
+        let mut batch = Vec::new();
+        let mut error = None;
+        let mut seen = BTreeSet::new();
+        let mut twice = BTreeSet::new();
+        for (source, read) in readers.next(self.tuning.block).await {
+            match read {
+                Ok(entries) => {
+                    if !seen.insert(source) {
+                        twice.insert(source);
+                    }
+                    batch.extend(entries.into_iter().map(|entry| Pending {
+                        source,
+                        entry,
+                        deliveries: 1,
+                        merged: false,
+                    }));
+                }
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        match error {
+            // The loop recreates a vanished group and counts a reconnect; the partitions
+            // that did read are handled next time round (their entries are pending to
+            // this consumer).
+            Some(e) if batch.is_empty() || e.is_no_group() => return Err(e),
+            Some(e) => {
+                tracing::warn!(group = %self.spec.group, error = %e, "a partition's read failed; its reader reconnects");
+            }
+            None => self.stats.mark_ready(true),
+        }
+        if !twice.is_empty() {
+            // A partition read twice may have a gap between the reads, which its commit
+            // checks for.
+            for pending in &mut batch {
+                pending.merged = twice.contains(&pending.source);
+            }
         }
         Ok(batch)
     }
