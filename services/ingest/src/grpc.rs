@@ -188,19 +188,16 @@ fn to_status(error: PublishError) -> Status {
     }
 }
 
+/// The caller's `traceparent` and `tracestate` metadata, as sent: the publisher checks them
+/// (and drops an oversize `tracestate`) for every source alike.
 fn trace_context(metadata: &tonic::metadata::MetadataMap) -> (Option<String>, Option<String>) {
-    let traceparent = metadata
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .filter(|t| streams_core::envelope::is_valid_traceparent(t))
-        .map(str::to_owned);
-    let tracestate = traceparent.as_ref().and(
+    let text = |name| {
         metadata
-            .get("tracestate")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
-    );
-    (traceparent, tracestate)
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+    };
+    (text("traceparent"), text("tracestate"))
 }
 
 /// A gRPC service whose answers to malformed requests carry the status gRPC prescribes, not

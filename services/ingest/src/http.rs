@@ -187,9 +187,9 @@ async fn publish(
     route: &str,
     events: Vec<v1::Event>,
 ) -> Result<Response, ApiError> {
-    let traceparent = header_text(headers, "traceparent")
-        .filter(|t| streams_core::envelope::is_valid_traceparent(t));
-    let tracestate = traceparent.and(header_text(headers, "tracestate"));
+    // Checked (and an oversize tracestate dropped) by the publisher, for every source.
+    let traceparent = header_text(headers, "traceparent");
+    let tracestate = header_text(headers, "tracestate");
     let idempotency_key = match headers.get(IDEMPOTENCY_KEY) {
         None => None,
         Some(value) => {
