@@ -69,9 +69,9 @@ pub fn is_valid_tracestate(value: &str) -> bool {
             .bytes()
             .next()
             .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-            && key.bytes().all(|b| {
-                b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-*/@".contains(&b)
-            });
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-*/@".contains(&b));
         let state_ok = !state.is_empty()
             && !state.ends_with(' ')
             && state
@@ -232,7 +232,10 @@ mod tests {
             &at_the_length_limit,
         ] {
             assert!(is_valid_tracestate(state), "{state:?}");
-            assert_eq!(from_input(Some(VALID), Some(state)), (Some(VALID), Some(state)));
+            assert_eq!(
+                from_input(Some(VALID), Some(state)),
+                (Some(VALID), Some(state))
+            );
         }
     }
 

@@ -51,7 +51,10 @@ fn trace_context(delivery: &Delivery) -> (Option<String>, Option<String>) {
     };
     let (traceparent, tracestate) =
         streams_core::trace_context::from_input(text("traceparent"), text("tracestate"));
-    (traceparent.map(str::to_owned), tracestate.map(str::to_owned))
+    (
+        traceparent.map(str::to_owned),
+        tracestate.map(str::to_owned),
+    )
 }
 
 #[cfg(test)]

@@ -225,7 +225,9 @@ impl IngestService for Ingest {
             let failure = match next {
                 None => break,
                 Some(Err(status)) => status,
-                Some(Ok(_)) if progress.accepted + chunk.len() as u64 >= self.limits.max_stream_events => {
+                Some(Ok(_))
+                    if progress.accepted + chunk.len() as u64 >= self.limits.max_stream_events =>
+                {
                     Status::resource_exhausted(format!(
                         "more than {} events in one PublishStream (INGEST_MAX_STREAM_EVENTS); \
                          send the rest in a new stream",
