@@ -178,16 +178,26 @@ impl HttpServerLimits {
     /// Reads the `TICKFLOW_HTTP_*` variables.
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         let defaults = Self::default();
-        let millis = |name: &str, default: Duration| {
-            env.millis_or(name, default.as_millis() as u64, 10, 3_600_000)
-        };
+        let ms = |duration: Duration| duration.as_millis() as u64;
         Ok(Self {
-            header_read_timeout: millis(
+            header_read_timeout: env.millis_or(
                 "TICKFLOW_HTTP_HEADER_READ_TIMEOUT_MS",
-                defaults.header_read_timeout,
+                ms(defaults.header_read_timeout),
+                10,
+                3_600_000,
             )?,
-            request_timeout: millis("TICKFLOW_HTTP_REQUEST_TIMEOUT_MS", defaults.request_timeout)?,
-            idle_timeout: millis("TICKFLOW_HTTP_IDLE_TIMEOUT_MS", defaults.idle_timeout)?,
+            request_timeout: env.millis_or(
+                "TICKFLOW_HTTP_REQUEST_TIMEOUT_MS",
+                ms(defaults.request_timeout),
+                10,
+                3_600_000,
+            )?,
+            idle_timeout: env.millis_or(
+                "TICKFLOW_HTTP_IDLE_TIMEOUT_MS",
+                ms(defaults.idle_timeout),
+                10,
+                3_600_000,
+            )?,
             max_connections: env.ranged_or(
                 "TICKFLOW_HTTP_MAX_CONNECTIONS",
                 defaults.max_connections as u64,

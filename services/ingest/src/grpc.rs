@@ -61,9 +61,7 @@ impl GrpcLimits {
     /// Reads the variables.
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         let defaults = Self::default();
-        let millis = |name: &str, default: Duration| {
-            env.millis_or(name, default.as_millis() as u64, 10, 3_600_000)
-        };
+        let ms = |duration: Duration| duration.as_millis() as u64;
         Ok(Self {
             max_message_bytes: env.ranged_or(
                 "INGEST_GRPC_MAX_MESSAGE_BYTES",
@@ -83,15 +81,24 @@ impl GrpcLimits {
                 1,
                 10_000,
             )? as usize,
-            keepalive_interval: millis(
+            keepalive_interval: env.millis_or(
                 "INGEST_GRPC_KEEPALIVE_INTERVAL_MS",
-                defaults.keepalive_interval,
+                ms(defaults.keepalive_interval),
+                10,
+                3_600_000,
             )?,
-            keepalive_timeout: millis(
+            keepalive_timeout: env.millis_or(
                 "INGEST_GRPC_KEEPALIVE_TIMEOUT_MS",
-                defaults.keepalive_timeout,
+                ms(defaults.keepalive_timeout),
+                10,
+                3_600_000,
             )?,
-            request_timeout: millis("INGEST_GRPC_REQUEST_TIMEOUT_MS", defaults.request_timeout)?,
+            request_timeout: env.millis_or(
+                "INGEST_GRPC_REQUEST_TIMEOUT_MS",
+                ms(defaults.request_timeout),
+                10,
+                3_600_000,
+            )?,
             max_stream_events: env.ranged_or(
                 "INGEST_MAX_STREAM_EVENTS",
                 defaults.max_stream_events,

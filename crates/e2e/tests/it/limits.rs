@@ -60,11 +60,14 @@ async fn used_memory(p: &Pipeline) -> u64 {
         .expect("used_memory in INFO")
 }
 
+/// A stream entry's fields as `XRANGE` gives them: names as text, values as bytes.
+type RawFields = Vec<(String, Vec<u8>)>;
+
 /// The `h` field of every entry of every partition of the logical `stream`, as stored.
 async fn raw_headers(p: &Pipeline, stream: &str) -> Vec<String> {
     let mut headers = Vec::new();
     for partition in p.keys().all_partitions() {
-        let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+        let entries: Vec<(String, RawFields)> = redis::cmd("XRANGE")
             .arg(p.keys().stream(stream, partition))
             .arg("-")
             .arg("+")
