@@ -78,7 +78,7 @@ cat <<INFO
 
 tickflow is running (Redis: $REDIS_URL, namespace: $TICKFLOW_NAMESPACE), with a demo load.
 
-  send an order    curl -s -XPOST localhost:$ingest_http/v1/orders -d '{"symbol":"AAPL","side":"buy","type":"market","qty":5}'
+  send an order    curl -s -XPOST localhost:$ingest_http/v1/orders -H 'content-type: application/json' -d '{"symbol":"AAPL","side":"buy","type":"market","qty":5}'
   stats            curl -s localhost:${ANALYTICS_HTTP:-8083}/v1/symbols/AAPL/stats
   1 s bars         curl -s 'localhost:${ANALYTICS_HTTP:-8083}/v1/symbols/AAPL/bars?interval=1s'
   latency          curl -s localhost:${ANALYTICS_HTTP:-8083}/v1/latency

@@ -98,8 +98,9 @@ impl App {
             .map_err(|e| anyhow::anyhow!("cannot listen on HTTP_ADDR={addr}: {e}"))
     }
 
-    /// Serves `routes` (merged with the admin router) on `listener` while `work` runs; on
-    /// shutdown, stops accepting, waits for `work` to finish its batch, and returns.
+    /// Serves `routes` (merged with the admin router) on `listener` while `work` runs, within
+    /// the configured bounds ([`crate::http_server`]); on shutdown, stops accepting, waits
+    /// for `work` to finish its batch, and returns.
     ///
     /// If `work` fails or panics first, the process must not go on answering `/livez`
     /// without it: serving stops and the failure is returned, so the process exits non-zero
@@ -130,9 +131,7 @@ impl App {
             }
             result
         });
-        let server = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await });
-        let served = server.await;
+        crate::http_server::serve(listener, router, &self.config.http, shutdown).await;
         // The server returns once shutdown began; the stages finish their batches.
         self.shutdown.cancel();
         let worked = work
@@ -141,7 +140,6 @@ impl App {
         // Flushing spans blocks; do it off the async threads.
         let telemetry = self.telemetry.clone();
         let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
-        served?;
         worked?;
         tracing::info!(service = %self.name, "stopped");
         Ok(())

@@ -172,6 +172,73 @@ pub struct Config {
     pub pool_size: usize,
     /// Stage loop tuning.
     pub stage: StageTuning,
+    /// What a client can hold of the HTTP server (every service's).
+    pub http: HttpServerLimits,
+}
+
+/// The bounds of every service's HTTP server, so that no client holds a connection, a
+/// slot or a task forever (see [`crate::http_server`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpServerLimits {
+    /// `TICKFLOW_HTTP_HEADER_READ_TIMEOUT_MS`: a request's headers must have arrived this
+    /// long after the server began waiting for them (the connection opened, or the
+    /// previous response on it was sent); else the connection is closed.
+    pub header_read_timeout: Duration,
+    /// `TICKFLOW_HTTP_REQUEST_TIMEOUT_MS`: reading a request's body and answering it must
+    /// take no longer, else the answer is 408; also how long a closing connection gets to
+    /// finish before it is dropped.
+    pub request_timeout: Duration,
+    /// `TICKFLOW_HTTP_IDLE_TIMEOUT_MS`: a connection with no request in progress for this
+    /// long is closed (whatever its protocol, before it even named one).
+    pub idle_timeout: Duration,
+    /// `TICKFLOW_HTTP_MAX_CONNECTIONS`: connections served at once; more wait to be
+    /// accepted until one closes.
+    pub max_connections: usize,
+}
+
+impl Default for HttpServerLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_millis(10_000),
+            request_timeout: Duration::from_millis(30_000),
+            idle_timeout: Duration::from_millis(10_000),
+            max_connections: 1024,
+        }
+    }
+}
+
+impl HttpServerLimits {
+    /// Reads the `TICKFLOW_HTTP_*` variables.
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let defaults = Self::default();
+        let ms = |duration: Duration| duration.as_millis() as u64;
+        Ok(Self {
+            header_read_timeout: env.millis_or(
+                "TICKFLOW_HTTP_HEADER_READ_TIMEOUT_MS",
+                ms(defaults.header_read_timeout),
+                10,
+                3_600_000,
+            )?,
+            request_timeout: env.millis_or(
+                "TICKFLOW_HTTP_REQUEST_TIMEOUT_MS",
+                ms(defaults.request_timeout),
+                10,
+                3_600_000,
+            )?,
+            idle_timeout: env.millis_or(
+                "TICKFLOW_HTTP_IDLE_TIMEOUT_MS",
+                ms(defaults.idle_timeout),
+                10,
+                3_600_000,
+            )?,
+            max_connections: env.ranged_or(
+                "TICKFLOW_HTTP_MAX_CONNECTIONS",
+                defaults.max_connections as u64,
+                1,
+                1_000_000,
+            )? as usize,
+        })
+    }
 }
 
 /// How a stage loop reads, recovers, dead-letters and trims.
@@ -280,6 +347,7 @@ impl Config {
                 .map(|token| Secret::new(token.trim().to_owned())),
             pool_size: env.ranged_or("TICKFLOW_POOL_SIZE", 16, 1, 1024)? as usize,
             stage,
+            http: HttpServerLimits::from_env(env)?,
         })
     }
 
@@ -305,6 +373,7 @@ impl Config {
                 consumer_idle_delete: Duration::from_secs(3600),
                 shutdown_grace: Duration::from_secs(5),
             },
+            http: HttpServerLimits::default(),
         }
     }
 }
@@ -388,6 +457,8 @@ mod tests {
             ("TICKFLOW_NAMESPACE", "a{b}"),
             ("TICKFLOW_DLQ_MAX_LEN", "0"),
             ("TICKFLOW_DLQ_MAX_LEN", "many"),
+            ("TICKFLOW_HTTP_HEADER_READ_TIMEOUT_MS", "0"),
+            ("TICKFLOW_HTTP_MAX_CONNECTIONS", "0"),
         ];
         for (variable, value) in cases {
             let err = Config::from_env(&Env::from_pairs([(variable, value)]), "0.0.0.0:1")
@@ -398,6 +469,29 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn http_server_limits_have_bounded_defaults_and_can_be_set() {
+        let config = Config::from_env(&Env::from_pairs::<&str, &str>([]), "0.0.0.0:1").unwrap();
+        assert_eq!(config.http, HttpServerLimits::default());
+        assert!(config.http.header_read_timeout <= Duration::from_secs(10));
+        let env = Env::from_pairs([
+            ("TICKFLOW_HTTP_HEADER_READ_TIMEOUT_MS", "250"),
+            ("TICKFLOW_HTTP_REQUEST_TIMEOUT_MS", "1000"),
+            ("TICKFLOW_HTTP_IDLE_TIMEOUT_MS", "2000"),
+            ("TICKFLOW_HTTP_MAX_CONNECTIONS", "8"),
+        ]);
+        let limits = Config::from_env(&env, "0.0.0.0:1").unwrap().http;
+        assert_eq!(
+            limits,
+            HttpServerLimits {
+                header_read_timeout: Duration::from_millis(250),
+                request_timeout: Duration::from_millis(1000),
+                idle_timeout: Duration::from_millis(2000),
+                max_connections: 8,
+            }
+        );
     }
 
     #[test]

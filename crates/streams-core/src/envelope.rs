@@ -20,16 +20,16 @@
 //! trace context (or not UTF-8), and the `tracestate` that goes with it, are read as absent
 //! (W3C: a receiver ignores an invalid `traceparent`), so they are neither a reason to
 //! dead-letter an event nor carried on to the next stage. So is a `tracestate` longer than
-//! [`MAX_TRACESTATE_LEN`].
+//! [`MAX_TRACESTATE_LEN`] or not a W3C list ([`crate::trace_context::is_valid_tracestate`]).
 
 use bytes::Bytes;
 
 /// The envelope format version this build writes (it reads 1 as well).
 pub const FORMAT_VERSION: &str = "2";
 
-/// The longest `tracestate` read (W3C: 32 members of at most 256 characters each would be
-/// more; 512 is what every receiver must keep). A longer one is dropped.
-pub const MAX_TRACESTATE_LEN: usize = 512;
+/// The longest `tracestate` read; a longer one (or one that is not a W3C list, see
+/// [`crate::trace_context::is_valid_tracestate`]) is dropped.
+pub use crate::trace_context::MAX_TRACESTATE_LEN;
 
 /// One event as it travels between stages.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -220,7 +220,7 @@ impl Envelope {
             .next()
             .filter(|_| traceparent.is_some())
             .and_then(|t| std::str::from_utf8(t).ok())
-            .filter(|t| !t.is_empty() && t.len() <= MAX_TRACESTATE_LEN)
+            .filter(|t| crate::trace_context::is_valid_tracestate(t))
             .map(str::to_owned);
         Ok(Self {
             event_type,
@@ -259,7 +259,7 @@ impl Envelope {
                 b"tracestate" => {
                     tracestate = std::str::from_utf8(value)
                         .ok()
-                        .filter(|t| t.len() <= MAX_TRACESTATE_LEN)
+                        .filter(|t| crate::trace_context::is_valid_tracestate(t))
                         .map(str::to_owned);
                 }
                 b"payload" => payload = Some(Bytes::copy_from_slice(value)),
@@ -305,6 +305,10 @@ impl Envelope {
 /// Whether `value` is a W3C `traceparent`: `<2 hex>-<32 hex>-<16 hex>-<2 hex>`, version not
 /// `ff`, neither id all zeros.
 pub fn is_valid_traceparent(value: &str) -> bool {
+    // Version 00 is exactly 55 characters: refuse anything else before looking further.
+    if value.len() != 55 {
+        return false;
+    }
     let parts: Vec<&str> = value.split('-').collect();
     let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|c| c.is_ascii_hexdigit());
     let nonzero = |s: &str| s.bytes().any(|c| c != b'0');

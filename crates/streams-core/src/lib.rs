@@ -18,6 +18,7 @@
 //! - `scripts`: the Lua scripts that make each step atomic.
 //! - [`backpressure`]: downstream backlog checks for producers.
 //! - [`admin`]: `/livez`, `/readyz`, `/metrics`, `/admin/*`.
+//! - [`http_server`]: the HTTP server of every service, with its bounds.
 //! - [`telemetry`], [`shutdown`]: logs, metrics and signals.
 //! - [`healthcheck`]: the `healthcheck` subcommand of every service binary.
 //! - [`app`]: the bootstrap every service's `main.rs` uses.
@@ -38,6 +39,7 @@ pub mod connection;
 pub mod envelope;
 pub mod error;
 pub mod healthcheck;
+pub mod http_server;
 pub mod keys;
 mod maintenance;
 mod ownership;

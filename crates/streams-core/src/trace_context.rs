@@ -4,6 +4,13 @@
 //! A stage handles each entry inside a span whose parent is the context extracted from the
 //! entry; whatever it appends carries that span's context ([`Envelope::derive`] copies the
 //! input's, and the stage loop overwrites it with the handling span's before writing).
+//!
+//! A trace context comes from outside (an HTTP header, gRPC metadata, an external producer's
+//! entry fields) and would otherwise be copied into every event it arrives with, so it is
+//! checked here, once, for every path: [`from_input`] keeps a `traceparent` only if it is
+//! one, and a `tracestate` only with it and within W3C's bounds ([`is_valid_tracestate`]);
+//! [`extract`] applies the same rule, so a span's context (which the stage loop writes into
+//! what it appends) never carries more either.
 
 use std::collections::HashMap;
 
@@ -13,9 +20,74 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::envelope::Envelope;
 
-/// The OpenTelemetry context an entry was written in (empty when it carries none).
+/// The longest `tracestate` kept, bytes. W3C: a vendor must propagate at least 512
+/// characters and may drop a longer one; every event carries it, so tickflow keeps no more.
+pub const MAX_TRACESTATE_LEN: usize = 512;
+
+/// The most list members a `tracestate` may have (W3C: 32).
+pub const MAX_TRACESTATE_MEMBERS: usize = 32;
+
+/// What is valid of a trace context received from outside: the `traceparent` if it is a W3C
+/// one (see [`crate::envelope::is_valid_traceparent`]), and the `tracestate` only with it
+/// and only if [`is_valid_tracestate`]. An invalid `tracestate` is dropped whole (W3C allows
+/// a receiver to discard it); the `traceparent` is kept.
+pub fn from_input<'a>(
+    traceparent: Option<&'a str>,
+    tracestate: Option<&'a str>,
+) -> (Option<&'a str>, Option<&'a str>) {
+    let traceparent = traceparent.filter(|t| crate::envelope::is_valid_traceparent(t));
+    let tracestate = traceparent
+        .and(tracestate)
+        .filter(|state| is_valid_tracestate(state));
+    (traceparent, tracestate)
+}
+
+/// Whether `value` is a W3C `tracestate` tickflow carries: non-empty, at most
+/// [`MAX_TRACESTATE_LEN`] bytes and [`MAX_TRACESTATE_MEMBERS`] members, each `key=value`
+/// with a key of lower-case letters, digits and `_-*/@` (starting with a letter or digit)
+/// and a value of printable ASCII without `,` or `=` that does not end in a space. Empty
+/// members between commas are allowed, as W3C allows them. The check is a little looser
+/// than the grammar (it does not limit where `@` goes, or key lengths within the total).
+pub fn is_valid_tracestate(value: &str) -> bool {
+    if value.is_empty() || value.len() > MAX_TRACESTATE_LEN {
+        return false;
+    }
+    let mut members = 0;
+    for member in value.split(',') {
+        let member = member.trim_matches([' ', '\t']);
+        if member.is_empty() {
+            continue;
+        }
+        members += 1;
+        if members > MAX_TRACESTATE_MEMBERS {
+            return false;
+        }
+        let Some((key, state)) = member.split_once('=') else {
+            return false;
+        };
+        let key_ok = key
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-*/@".contains(&b));
+        let state_ok = !state.is_empty()
+            && !state.ends_with(' ')
+            && state
+                .bytes()
+                .all(|b| (0x20..=0x7e).contains(&b) && b != b',' && b != b'=');
+        if !key_ok || !state_ok {
+            return false;
+        }
+    }
+    members > 0
+}
+
+/// The OpenTelemetry context an entry was written in (empty when it carries none). The
+/// values are checked as [`from_input`] checks them, so whatever is invalid is left out.
 pub fn extract(traceparent: Option<&str>, tracestate: Option<&str>) -> opentelemetry::Context {
-    let Some(traceparent) = traceparent else {
+    let (Some(traceparent), tracestate) = from_input(traceparent, tracestate) else {
         return opentelemetry::Context::new();
     };
     let mut carrier = HashMap::with_capacity(2);
@@ -139,5 +211,68 @@ mod tests {
                 .is_valid()
         );
         assert!(!extract(None, None).span().span_context().is_valid());
+    }
+
+    const VALID: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    #[test]
+    fn a_tracestate_within_w3c_bounds_is_kept() {
+        let full_members: Vec<String> = (0..MAX_TRACESTATE_MEMBERS)
+            .map(|i| format!("k{i}=v"))
+            .collect();
+        let at_the_length_limit = "k=".to_owned() + &"v".repeat(MAX_TRACESTATE_LEN - 2);
+        for state in [
+            "congo=t61rcWkgMzE",
+            "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE",
+            "a=1, b=2",
+            "a=1 ,\tb=2,,",
+            "tenant@vendor=x y",
+            "k_-*/=!\"#$%&'()*+-./:;<>?@[]^_`{|}~",
+            &full_members.join(","),
+            &at_the_length_limit,
+        ] {
+            assert!(is_valid_tracestate(state), "{state:?}");
+            assert_eq!(
+                from_input(Some(VALID), Some(state)),
+                (Some(VALID), Some(state))
+            );
+        }
+    }
+
+    #[test]
+    fn an_oversize_or_malformed_tracestate_is_dropped_and_the_traceparent_kept() {
+        let too_many = (0..=MAX_TRACESTATE_MEMBERS)
+            .map(|i| format!("k{i}=v"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let too_long = "k=".to_owned() + &"v".repeat(MAX_TRACESTATE_LEN - 1);
+        let huge = "k=v,".repeat(50_000);
+        for state in [
+            "",
+            " , ",
+            "novalue",
+            "=v",
+            "Upper=v",
+            "_k=v",
+            "k=",
+            "k=\u{7f}",
+            "k=a=b",
+            "k=caf\u{e9}",
+            "k=tab\there",
+            &too_many,
+            &too_long,
+            &huge,
+        ] {
+            assert!(!is_valid_tracestate(state), "{state:?}");
+            assert_eq!(from_input(Some(VALID), Some(state)), (Some(VALID), None));
+            let cx = extract(Some(VALID), Some(state));
+            assert!(cx.span().span_context().is_valid(), "{state:?}");
+            assert_eq!(cx.span().span_context().trace_state().header(), "");
+        }
+        // No state without a trace to go with it; no trace from a broken traceparent.
+        assert_eq!(from_input(None, Some("k=v")), (None, None));
+        assert_eq!(from_input(Some("00-garbage"), Some("k=v")), (None, None));
+        let long_parent = VALID.to_owned() + &"0".repeat(200_000);
+        assert_eq!(from_input(Some(&long_parent), Some("k=v")), (None, None));
     }
 }

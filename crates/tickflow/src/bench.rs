@@ -518,7 +518,12 @@ pub(crate) fn print_result(options: &BenchOptions, r: &Json) {
     }
 }
 
-/// Sends events through one gRPC `PublishStream`, paced at `rate` per second (0 = max).
+/// Events sent per gRPC `PublishStream`: below ingest's default `INGEST_MAX_STREAM_EVENTS`
+/// (1,000,000), past which a stream is refused.
+const EVENTS_PER_STREAM: usize = 500_000;
+
+/// Sends events through gRPC `PublishStream`s (one per [`EVENTS_PER_STREAM`] events, one
+/// after the other), paced at `rate` per second (0 = max).
 pub(crate) async fn publish_grpc(
     url: &str,
     events: Vec<v1::Event>,
@@ -527,6 +532,20 @@ pub(crate) async fn publish_grpc(
     let mut client = IngestServiceClient::connect(url.to_owned())
         .await
         .with_context(|| format!("connecting to ingest's gRPC API at {url}"))?;
+    let mut accepted = 0;
+    let mut events = events.into_iter().peekable();
+    while events.peek().is_some() {
+        let part: Vec<v1::Event> = events.by_ref().take(EVENTS_PER_STREAM).collect();
+        accepted += publish_one_stream(&mut client, part, rate).await?;
+    }
+    Ok(accepted)
+}
+
+async fn publish_one_stream(
+    client: &mut IngestServiceClient<tonic::transport::Channel>,
+    events: Vec<v1::Event>,
+    rate: u64,
+) -> anyhow::Result<u64> {
     let (tx, rx) = futures::channel::mpsc::channel::<v1::Event>(4096);
     let sender = tokio::spawn(async move {
         let mut tx = tx;

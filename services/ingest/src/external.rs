@@ -41,21 +41,20 @@ impl Handler for ExternalEvents {
 }
 
 /// The producer's W3C trace context in an entry's `traceparent` and `tracestate` fields,
-/// what is valid of it: no `traceparent` unless it is one, no `tracestate` without it or
-/// longer than [`streams_core::envelope::MAX_TRACESTATE_LEN`].
+/// what is valid of it ([`streams_core::trace_context::from_input`]): no `traceparent`
+/// unless it is one, no `tracestate` without it, over W3C's bounds or malformed.
 fn trace_context(delivery: &Delivery) -> (Option<String>, Option<String>) {
-    let traceparent = delivery
-        .field("traceparent")
-        .and_then(|t| std::str::from_utf8(t).ok())
-        .filter(|t| streams_core::envelope::is_valid_traceparent(t))
-        .map(str::to_owned);
-    let tracestate = traceparent
-        .as_ref()
-        .and(delivery.field("tracestate"))
-        .and_then(|t| std::str::from_utf8(t).ok())
-        .filter(|t| t.len() <= streams_core::envelope::MAX_TRACESTATE_LEN)
-        .map(str::to_owned);
-    (traceparent, tracestate)
+    let text = |name| {
+        delivery
+            .field(name)
+            .and_then(|value| std::str::from_utf8(value).ok())
+    };
+    let (traceparent, tracestate) =
+        streams_core::trace_context::from_input(text("traceparent"), text("tracestate"));
+    (
+        traceparent.map(str::to_owned),
+        tracestate.map(str::to_owned),
+    )
 }
 
 #[cfg(test)]

@@ -8,8 +8,10 @@
 //! | `DELETE /v1/orders/{symbol}/{client_order_id}` | — | 202, same shape |
 //!
 //! 400 names every bad field (`{"error", "details": [{"index", "field", "message"}]}`) and
-//! appends nothing; 413 for a body over the limit; 429 with `Retry-After` when the
-//! pipeline is too far behind; 503 when Redis cannot take the events.
+//! appends nothing; 413 for a body over the limit; 415 for a POST whose `content-type` is
+//! not JSON (so that a browser form, which cannot send JSON without the server's consent,
+//! cannot place or cancel orders); 429 with `Retry-After` when the pipeline is too far
+//! behind; 503 when Redis cannot take the events.
 
 use axum::{
     Json, Router,
@@ -59,6 +61,7 @@ pub fn router(publisher: Publisher, limits: HttpLimits) -> Router {
 enum ApiError {
     Invalid(Vec<FieldError>),
     TooLarge(usize),
+    NotJson(String),
     Publish(PublishError),
 }
 
@@ -75,6 +78,16 @@ impl IntoResponse for ApiError {
             ApiError::TooLarge(limit) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 Json(json!({ "error": format!("body larger than {limit} bytes") })),
+            )
+                .into_response(),
+            ApiError::NotJson(content_type) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                Json(json!({
+                    "error": format!(
+                        "content-type must be application/json, not {content_type:?}; \
+                         nothing was accepted"
+                    )
+                })),
             )
                 .into_response(),
             ApiError::Publish(PublishError::Overloaded(e)) => {
@@ -160,6 +173,7 @@ async fn accept(
     kind: JsonKind,
     route: &str,
 ) -> Result<Response, ApiError> {
+    check_json_content_type(headers)?;
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge(state.limits.max_body_bytes)
@@ -187,9 +201,9 @@ async fn publish(
     route: &str,
     events: Vec<v1::Event>,
 ) -> Result<Response, ApiError> {
-    let traceparent = header_text(headers, "traceparent")
-        .filter(|t| streams_core::envelope::is_valid_traceparent(t));
-    let tracestate = traceparent.and(header_text(headers, "tracestate"));
+    // Checked (and an oversize tracestate dropped) by the publisher, for every source.
+    let traceparent = header_text(headers, "traceparent");
+    let tracestate = header_text(headers, "tracestate");
     let idempotency_key = match headers.get(IDEMPOTENCY_KEY) {
         None => None,
         Some(value) => {
@@ -222,6 +236,32 @@ async fn publish(
         .into_response())
 }
 
+/// Refuses a body not declared as JSON: `application/json` or `application/<x>+json`, with
+/// any parameters. A browser sends a cross-origin form (url-encoded, multipart or
+/// `text/plain`) without asking first; JSON it sends only after a CORS preflight, which this
+/// API never grants.
+fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let declared = headers
+        .get(header::CONTENT_TYPE)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
+    let is_json = declared.as_deref().is_some_and(|value| {
+        let media_type = value.split(';').next().unwrap_or_default().trim();
+        let media_type = media_type.to_ascii_lowercase();
+        media_type == "application/json"
+            || (media_type.starts_with("application/") && media_type.ends_with("+json"))
+    });
+    if is_json {
+        Ok(())
+    } else {
+        let shown: String = declared
+            .unwrap_or_else(|| "none".into())
+            .chars()
+            .take(100)
+            .collect();
+        Err(ApiError::NotJson(shown))
+    }
+}
+
 /// The header carrying a client's idempotency key: a retry with the same key is not
 /// appended twice.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -239,4 +279,37 @@ fn to_field_errors(problems: Vec<(&'static str, String)>) -> Vec<FieldError> {
             message,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_bodies_declared_as_json_are_taken() {
+        let with = |content_type: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(value) = content_type {
+                headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(value).unwrap());
+            }
+            check_json_content_type(&headers).is_ok()
+        };
+        for json in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/vnd.tickflow+json",
+        ] {
+            assert!(with(Some(json)), "{json}");
+        }
+        for form in [
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "text/plain",
+            "text/json",
+            "application/jsonx",
+        ] {
+            assert!(!with(Some(form)), "{form}");
+        }
+        assert!(!with(None));
+    }
 }

@@ -35,6 +35,8 @@ pub struct IngestConfig {
     pub max_events: usize,
     /// `INGEST_IDEMPOTENCY_TTL_MS`: how long an `Idempotency-Key` is remembered.
     pub idempotency_ttl_ms: u64,
+    /// The gRPC server's limits (`INGEST_GRPC_*`, `INGEST_MAX_STREAM_EVENTS`).
+    pub grpc: grpc::GrpcLimits,
 }
 
 impl IngestConfig {
@@ -63,6 +65,7 @@ impl IngestConfig {
                 1_000,
                 7 * 24 * 3_600_000,
             )?,
+            grpc: grpc::GrpcLimits::from_env(env)?,
         })
     }
 }
@@ -102,10 +105,11 @@ pub async fn run(
         )
     });
     let grpc_shutdown = app.shutdown.clone();
-    let grpc_service = grpc::service(publisher, settings.max_events);
+    let grpc_service = grpc::service(publisher, settings.max_events, &settings.grpc);
+    let mut grpc_server = settings.grpc.server();
     tracing::info!(addr = %grpc.local_addr()?, "grpc listening");
     let work = async move {
-        let grpc_server = tonic::transport::Server::builder()
+        let grpc_server = grpc_server
             .add_service(grpc_service)
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(grpc),

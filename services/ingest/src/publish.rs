@@ -100,9 +100,11 @@ impl Publisher {
     }
 
     /// Appends `events` (already validated) atomically; returns their stream ids in order.
-    /// `traceparent`/`tracestate` are the caller's W3C trace context: the append happens in
-    /// a server span continuing it (or starting a trace), whose context each entry carries;
-    /// with tracing off, the caller's context is carried unchanged. With an
+    /// `traceparent`/`tracestate` are the caller's W3C trace context, as received: what is
+    /// invalid of it is dropped here ([`streams_core::trace_context::from_input`]: an
+    /// oversize `tracestate` would otherwise be copied into every event), then the append
+    /// happens in a server span continuing it (or starting a trace), whose context each entry
+    /// carries; with tracing off, the caller's checked context is carried. With an
     /// `idempotency_key` (checked by [`check_idempotency_key`]), a request already appended
     /// under that key is not appended again: the first append's ids come back, marked
     /// `replayed`.
@@ -123,6 +125,8 @@ impl Publisher {
             messaging.destination.name = topology::INBOUND,
             messaging.batch.message_count = events.len(),
         );
+        let (traceparent, tracestate) =
+            streams_core::trace_context::from_input(traceparent, tracestate);
         let parent = streams_core::trace_context::extract(traceparent, tracestate);
         {
             use opentelemetry::trace::TraceContextExt;

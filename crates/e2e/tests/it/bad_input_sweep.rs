@@ -11,8 +11,8 @@
 //! A bad `traceparent` is not a reason to lose an event: like every ingest path, the stages
 //! handle the event and drop the bad context (it is not forwarded).
 //!
-//! What the HTTP API accepts on purpose, and is not swept: any `content-type` (so that
-//! `curl -d` works; the body must be JSON whatever it says), and unknown fields (ignored).
+//! What the HTTP API accepts on purpose, and is not swept: unknown fields (ignored). A
+//! `content-type` other than JSON is refused (415), so that a browser form cannot post.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -1695,11 +1695,23 @@ async fn http_api_refuses_every_malformed_request_and_stays_up() {
         refusal("more events than INGEST_MAX_EVENTS", too_many, "body", "at most 10000"),
         Refusal {
             content_type: "application/x-www-form-urlencoded",
-            ..refusal("a form-encoded body", "symbol=AAPL&side=buy&price=1&qty=1", "body", not_json)
+            status: 415,
+            ..refusal(
+                "a form-encoded body",
+                "symbol=AAPL&side=buy&price=1&qty=1",
+                "",
+                "content-type must be application/json",
+            )
         },
         Refusal {
             content_type: "text/plain; charset=utf-16",
-            ..refusal("a UTF-16 body", [0xff, 0xfe, b'{', 0, b'}', 0], "body", not_json)
+            status: 415,
+            ..refusal(
+                "a UTF-16 body",
+                [0xff, 0xfe, b'{', 0, b'}', 0],
+                "",
+                "content-type must be application/json",
+            )
         },
         Refusal {
             path: "/v1/ticks".into(),

@@ -3,6 +3,7 @@
 
 mod admin;
 mod forwarding;
+mod http_server;
 mod outages;
 mod owned;
 mod support;
