@@ -157,47 +157,70 @@ struct StageStatus {
     partitions: Vec<PartitionStatus>,
 }
 
-/// The last computed status (or failure) and when it was computed.
+/// The partitions' state last read from Redis (or the failure), and when it was read. The
+/// in-process counters are not cached: they cost nothing and must not lag.
 #[derive(Debug, Default)]
 struct StatusCache {
-    /// Held while a status is computed, so that concurrent requests wait for that one
-    /// computation and share its result instead of each starting their own.
-    last: tokio::sync::Mutex<Option<(Instant, Result<Status, ApiError>)>>,
+    /// Held while the partitions are read, so that concurrent requests wait for that one
+    /// read and share its result instead of each starting their own.
+    last: tokio::sync::Mutex<Option<(Instant, Result<Vec<Vec<PartitionStatus>>, ApiError>)>>,
 }
 
 async fn status(state: &AdminState, cache: &StatusCache) -> Result<Json<Status>, ApiError> {
-    let mut last = cache.last.lock().await;
-    if let Some((computed_at, outcome)) = last.as_ref()
-        && computed_at.elapsed() < STATUS_CACHE_TTL
-    {
-        return outcome.clone().map(Json);
-    }
-    // A failure is cached too: while Redis is down, polling must not retry it per request.
-    let outcome = compute_status(state).await;
-    *last = Some((Instant::now(), outcome.clone()));
-    outcome.map(Json)
+    let stats = state.stats.stages();
+    let partitions = {
+        let mut last = cache.last.lock().await;
+        match last.as_ref() {
+            Some((read_at, outcome))
+                if read_at.elapsed() < STATUS_CACHE_TTL
+                    && outcome.as_ref().map_or(true, |p| p.len() == stats.len()) =>
+            {
+                outcome.clone()
+            }
+            _ => {
+                // A failure is cached too: while Redis is down, polling must not retry it
+                // per request.
+                let outcome = read_partitions(state, &stats).await;
+                *last = Some((Instant::now(), outcome.clone()));
+                outcome
+            }
+        }
+    }?;
+    let stages = stats
+        .iter()
+        .zip(partitions)
+        .map(|(stage, partitions)| StageStatus {
+            group: stage.group.clone(),
+            mode: if stage.mode == ConsumeMode::Owned {
+                "owned"
+            } else {
+                "shared"
+            },
+            counters: stage.counters(),
+            partitions,
+        })
+        .collect();
+    Ok(Json(Status {
+        service: state.service.clone(),
+        stages,
+    }))
 }
 
 /// One round trip to Redis per stage (see [`admin_ops::partition_statuses`]).
-async fn compute_status(state: &AdminState) -> Result<Status, ApiError> {
-    let mut stages = Vec::new();
-    for stage in state.stats.stages() {
+async fn read_partitions(
+    state: &AdminState,
+    stages: &[Arc<crate::stats::StageStats>],
+) -> Result<Vec<Vec<PartitionStatus>>, ApiError> {
+    let mut all = Vec::with_capacity(stages.len());
+    for stage in stages {
         let owned = stage.mode == ConsumeMode::Owned;
-        let partitions =
+        all.push(
             admin_ops::partition_statuses(&state.redis, &stage.sources, &stage.group, owned)
                 .await
-                .map_err(|e| ApiError::redis("admin status", &e))?;
-        stages.push(StageStatus {
-            group: stage.group.clone(),
-            mode: if owned { "owned" } else { "shared" },
-            counters: stage.counters(),
-            partitions,
-        });
+                .map_err(|e| ApiError::redis("admin status", &e))?,
+        );
     }
-    Ok(Status {
-        service: state.service.clone(),
-        stages,
-    })
+    Ok(all)
 }
 
 fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {

@@ -257,6 +257,10 @@ pub struct StageTuning {
     /// `TICKFLOW_MAX_LEN`: hard cap on a partition's length (0: none). Can delete entries
     /// that a group has not acknowledged; that is logged and counted.
     pub max_len: u64,
+    /// `TICKFLOW_DEDUPE_WINDOW_MS` (default 3600000): on Redis Cluster, how long the ids
+    /// of entries whose effects went to another slot than their stream are remembered
+    /// there, so that a retry does not apply them twice (see `stage/commit.rs`).
+    pub dedupe_window: Duration,
     /// `TICKFLOW_DLQ_MAX_LEN`: cap on each dead-letter stream's length, applied by the same
     /// periodic trim as the inputs (every `TICKFLOW_TRIM_INTERVAL_MS`); the oldest dead
     /// letters beyond it are dropped, logged and counted.
@@ -280,6 +284,7 @@ impl Default for StageTuning {
             max_deliveries: 5,
             trim_interval: Duration::from_millis(10_000),
             max_len: 0,
+            dedupe_window: Duration::from_secs(3600),
             dead_letter_max_len: 100_000,
             lease_ttl: Duration::from_millis(5_000),
             consumer_idle_delete: Duration::from_millis(3_600_000),
@@ -322,6 +327,12 @@ impl Config {
             max_deliveries: env.ranged_or("TICKFLOW_MAX_DELIVERIES", 5, 1, 1000)? as u32,
             trim_interval: env.millis_or("TICKFLOW_TRIM_INTERVAL_MS", 10_000, 0, 86_400_000)?,
             max_len: env.parse_or("TICKFLOW_MAX_LEN", 0)?,
+            dedupe_window: env.millis_or(
+                "TICKFLOW_DEDUPE_WINDOW_MS",
+                3_600_000,
+                1_000,
+                7 * 86_400_000,
+            )?,
             dead_letter_max_len: env.ranged_or(
                 "TICKFLOW_DLQ_MAX_LEN",
                 defaults.dead_letter_max_len,
@@ -368,6 +379,7 @@ impl Config {
                 max_deliveries: 3,
                 trim_interval: Duration::ZERO,
                 max_len: 0,
+                dedupe_window: Duration::from_secs(3600),
                 dead_letter_max_len: 100_000,
                 lease_ttl: Duration::from_millis(600),
                 consumer_idle_delete: Duration::from_secs(3600),

@@ -91,6 +91,24 @@ impl KeySpace {
     }
 }
 
+/// The part of `key` Redis Cluster hashes to pick its slot: the first `{…}` with something
+/// inside, or else the whole key. Keys with the same tag share a slot.
+pub fn slot_tag(key: &str) -> &str {
+    if let Some(open) = key.find('{')
+        && let Some(len) = key[open + 1..].find('}')
+        && len > 0
+    {
+        return &key[open + 1..open + 1 + len];
+    }
+    key
+}
+
+/// The sorted set, in the slot of `tag`, of the ids of `source`'s entries whose effects
+/// on that slot were applied (the commit's dedupe gate on Redis Cluster).
+pub fn dedupe_set(tag: &str, group: &str, source: &str) -> String {
+    format!("{{{tag}}}:dedupe:{group}:{source}")
+}
+
 impl fmt::Display for KeySpace {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({} partitions)", self.namespace, self.partitions)
@@ -121,6 +139,20 @@ mod tests {
         ] {
             assert!(key.starts_with("tf:{3}:"), "{key}");
         }
+    }
+
+    #[test]
+    fn the_slot_tag_is_what_redis_cluster_hashes() {
+        assert_eq!(slot_tag("tf:{3}:s:inbound"), "3");
+        assert_eq!(slot_tag("ingest_stream"), "ingest_stream");
+        assert_eq!(
+            slot_tag("a{}b{c}"),
+            "a{}b{c}",
+            "an empty first tag: the whole key"
+        );
+        assert_eq!(slot_tag("x{y"), "x{y");
+        let dedupe = dedupe_set(slot_tag("ingest_stream:dlq"), "ingest", "ingest_stream");
+        assert_eq!(slot_tag(&dedupe), "ingest_stream:dlq");
     }
 
     #[test]

@@ -6,11 +6,19 @@
 -- KEYS[2s-1], KEYS[2s]: source s's input stream and its lease key (the stream again when
 -- unfenced); the keys after those are the keys effects write.
 -- ARGV: group, source count S, the envelope's header and payload field names, S fencing
--- tokens ('' = unfenced), S gap flags ('1' = the source's entries came from two reads),
+-- tokens ('' = unfenced), S gates: '0', or '1' when the source's entries came from two
+-- reads (the gap check), or 'D<window ms>' for a dedupe gate (below),
 -- then per source: its entry count, per entry its id, op count and ops, then the source's
 -- batch op count and batch ops (applied if any of its entries was acknowledged now).
 -- An op is either 'E', key index, header, payload (XADD of an envelope) or a command
 -- name, key index, argument count and the arguments ('X' = XADD key * arguments).
+--
+-- An entry's effects are applied only if this call "claims" it: for a stream source, its
+-- XACK removed it from the pending list; for a dedupe gate (Redis Cluster: effects of an
+-- entry whose source stream is in another slot, applied before the entry is acknowledged
+-- there), KEYS[2s-1] is a sorted set of entry ids in the effects' slot and ZADD NX added
+-- the id now (ids older than the window are trimmed first). Either way an entry's effects
+-- are applied once, however often the call is repeated.
 --
 -- Returns, per source, one 0/1 per entry (1: acknowledged by this call, effects applied)
 -- or a status: TICKFLOW_FENCED, TICKFLOW_OUT_OF_ORDER or 'TICKFLOW_FAILED <why>', each of
@@ -125,6 +133,15 @@ for s = 1, sources do
   if not n or n < 0 then return invalid('bad entry count') end
   i = i + 1
   local src = {ids = {}, first_op = {}, op_count = {}, ops_from = #op_kind + 1}
+  local gate = ARGV[flag_at + s]
+  if string.sub(gate, 1, 1) == 'D' then
+    src.window = tonumber(string.sub(gate, 2))
+    if not src.window or src.window < 1 or ARGV[token_at + s] ~= '' then
+      return invalid('bad dedupe gate')
+    end
+  elseif gate ~= '0' and gate ~= '1' then
+    return invalid('bad gate')
+  end
   for e = 1, n do
     local id, count = ARGV[i], tonumber(ARGV[i + 1])
     if not id then return invalid('truncated entry') end
@@ -175,9 +192,10 @@ end
 for s = 1, sources do
   local src, stream = plan[s], KEYS[2 * s - 1]
   if not status[s] then
-    local t = redis.call('TYPE', stream).ok
-    if t ~= 'none' and t ~= 'stream' then
-      status[s] = 'TICKFLOW_FAILED WRONGTYPE ' .. stream .. ' is a ' .. t .. ', not a stream'
+    local t, wanted = redis.call('TYPE', stream).ok, 'stream'
+    if src.window then wanted = 'zset' end
+    if t ~= 'none' and t ~= wanted then
+      status[s] = 'TICKFLOW_FAILED WRONGTYPE ' .. stream .. ' is a ' .. t .. ', not a ' .. wanted
     end
   end
   if not status[s] then
@@ -189,7 +207,7 @@ for s = 1, sources do
     end
   end
   local n = #src.ids
-  if not status[s] and ARGV[token_at + s] ~= '' and n > 0 then
+  if not status[s] and not src.window and ARGV[token_at + s] ~= '' and n > 0 then
     -- Owned partitions keep order. A batch read twice may also have a gap; but the
     -- partition's pending entries are normally the batch's own (or none, on a retry of a
     -- call that went through), and then there is neither a gap nor anything older.
@@ -248,10 +266,20 @@ for s = 1, sources do
     result[s] = status[s]
   else
     local acks, any_acked, failed = {}, false, nil
+    local now = nil
+    if src.window then
+      local t = redis.call('TIME')
+      now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+      redis.call('ZREMRANGEBYSCORE', stream, '-inf', '(' .. (now - src.window))
+    end
     for e = 1, #src.ids do
       local acked = 0
       if not failed then
-        acked = redis.call('XACK', stream, group, src.ids[e])
+        if now then
+          acked = redis.call('ZADD', stream, 'NX', now, src.ids[e])
+        else
+          acked = redis.call('XACK', stream, group, src.ids[e])
+        end
         if acked == 1 then
           any_acked = true
           local first = src.first_op[e]

@@ -29,6 +29,7 @@ use super::{Handler, Stage, handler::Op};
 use crate::{
     envelope::Envelope,
     error::{Result, StreamsError},
+    keys::{dedupe_set, slot_tag},
     scripts::{FAILED, FENCED, LuaScript, OUT_OF_ORDER, as_int, as_string, protocol},
 };
 
@@ -67,6 +68,9 @@ impl<H: Handler> Stage<H> {
     ) -> CommitOutcome {
         let mut outcome = CommitOutcome::default();
         let mut remaining: Vec<(usize, Commit)> = commits.into_iter().collect();
+        if self.redis.is_cluster() {
+            remaining = self.apply_foreign_effects(remaining, &mut outcome).await;
+        }
         let mut delay = Duration::from_millis(50);
         let mut grace_deadline: Option<Instant> = None;
         while !remaining.is_empty() {
@@ -143,6 +147,162 @@ impl<H: Handler> Stage<H> {
         outcome
     }
 
+    /// On a cluster, the effects of a source's entries on keys outside the source's slot
+    /// (an external stream forwarding into partitions, its dead letters) cannot go in the
+    /// call that acknowledges the entries. They are applied first, one call per slot, each
+    /// gated by a dedupe set in that slot ([`Gate::Dedupe`]: an entry's id is added with its
+    /// effects, so a repeated call, after a lost reply, a crash before the acknowledgement
+    /// or a claim by another consumer, applies them once); then the acknowledging call
+    /// carries what is left. An entry no longer pending (another consumer committed it) is
+    /// left out first. A source whose foreign effects could not be applied is not
+    /// acknowledged: its entries stay pending and come back. Exactly once holds while an
+    /// entry is handled again within `TICKFLOW_DEDUPE_WINDOW_MS` of its first commit.
+    async fn apply_foreign_effects(
+        &self,
+        commits: Vec<(usize, Commit)>,
+        outcome: &mut CommitOutcome,
+    ) -> Vec<(usize, Commit)> {
+        let mut kept = Vec::with_capacity(commits.len());
+        for (source, mut commit) in commits {
+            let stream = &*self.sources[source].stream;
+            let home = slot_tag(stream);
+            let foreign = |op: &Op| slot_tag(op.key()) != home;
+            if !commit.entries.iter().flat_map(|(_, ops)| ops).any(foreign) {
+                kept.push((source, commit));
+                continue;
+            }
+            if commit.batch_ops.iter().any(foreign) {
+                tracing::error!(group = %self.spec.group, stream, "batch effects outside the partition's slot are not supported on a cluster");
+                outcome.stale.push(source);
+                continue;
+            }
+            match self.foreign_calls(stream, &mut commit).await {
+                Ok(()) => kept.push((source, commit)),
+                Err(e) => {
+                    tracing::warn!(group = %self.spec.group, stream, error = %e, "effects in other slots failed; the entries stay pending");
+                    self.stats
+                        .failed
+                        .fetch_add(commit.entries.len() as u64, Ordering::Relaxed);
+                    outcome.stale.push(source);
+                }
+            }
+        }
+        kept
+    }
+
+    /// Takes `commit`'s effects outside `stream`'s slot out of it and applies them, one
+    /// gated call per slot, retrying through outages within the shutdown grace.
+    async fn foreign_calls(&self, stream: &str, commit: &mut Commit) -> Result<()> {
+        let home = slot_tag(stream).to_owned();
+        // An entry not seen pending is left out of this commit whole: committed already by
+        // another consumer (nothing to do), or, if the look-up missed it, left pending to
+        // come back, rather than acknowledged without its effects.
+        let still_pending = self.pending_ids(stream, &commit.entries).await?;
+        let before = commit.entries.len();
+        commit
+            .entries
+            .retain(|(id, _)| still_pending.contains(id.as_str()));
+        commit.processed = commit
+            .processed
+            .saturating_sub((before - commit.entries.len()) as u64);
+        // Per slot, in entry order: (id, effects).
+        let mut by_slot: BTreeMap<String, Vec<(String, Vec<Op>)>> = BTreeMap::new();
+        for (id, ops) in &mut commit.entries {
+            let (foreign, own): (Vec<Op>, Vec<Op>) = std::mem::take(ops)
+                .into_iter()
+                .partition(|op| slot_tag(op.key()) != home);
+            *ops = own;
+            for op in foreign {
+                let entries = by_slot.entry(slot_tag(op.key()).to_owned()).or_default();
+                match entries.last_mut() {
+                    Some((last, ops)) if last == id => ops.push(op),
+                    _ => entries.push((id.clone(), vec![op])),
+                }
+            }
+        }
+        let window_ms = self.tuning.dedupe_window.as_millis() as u64;
+        let mut delay = Duration::from_millis(50);
+        let mut deadline: Option<Instant> = None;
+        for (tag, entries) in by_slot {
+            let dedupe = dedupe_set(&tag, &self.spec.group, stream);
+            let call = AckForward::new(
+                &self.spec.group,
+                vec![SourceCommit {
+                    stream: &dedupe,
+                    fence: None,
+                    gate: Gate::Dedupe { window_ms },
+                    entries: &entries,
+                    batch_ops: &[],
+                }],
+            );
+            loop {
+                let attempt = match self.redis.pooled().await {
+                    Ok(conn) => {
+                        let mut conn: crate::connection::Connection = conn.clone();
+                        call.run(&mut conn, true).await
+                    }
+                    Err(e) => Err(StreamsError::Pool(e.to_string())),
+                };
+                match attempt {
+                    Ok(replies) => match replies.into_iter().next() {
+                        Some(SourceReply::Acked(_)) => break,
+                        Some(SourceReply::Failed(why)) => return Err(StreamsError::Protocol(why)),
+                        other => {
+                            return Err(StreamsError::Protocol(format!(
+                                "unexpected dedupe reply {other:?}"
+                            )));
+                        }
+                    },
+                    Err(e) if e.is_transient() || e.is_no_script() => {
+                        if self.shutdown.is_cancelled()
+                            && Instant::now()
+                                >= *deadline.get_or_insert_with(|| {
+                                    Instant::now() + self.tuning.shutdown_grace
+                                })
+                        {
+                            return Err(e);
+                        }
+                        tracing::warn!(group = %self.spec.group, error = %e, retry_in = ?delay, "effects in another slot failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(1));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The ids among `entries` still pending in `stream`'s group (one XPENDING over their
+    /// range): an entry no longer pending was committed by another consumer.
+    async fn pending_ids(
+        &self,
+        stream: &str,
+        entries: &[(String, Vec<Op>)],
+    ) -> Result<std::collections::HashSet<String>> {
+        let (Some((first, _)), Some((last, _))) = (entries.first(), entries.last()) else {
+            return Ok(Default::default());
+        };
+        let mut conn = self.redis.pooled().await?;
+        let reply: Value = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(&self.spec.group)
+            .arg(first)
+            .arg(last)
+            .arg(entries.len() * 2 + 16)
+            .query_async(&mut *conn)
+            .await?;
+        let Value::Array(rows) = reply else {
+            return Err(protocol("XPENDING rows", &reply));
+        };
+        rows.into_iter()
+            .map(|row| match row {
+                Value::Array(mut fields) if !fields.is_empty() => as_string(fields.swap_remove(0)),
+                other => Err(protocol("XPENDING row", &other)),
+            })
+            .collect()
+    }
+
     /// The calls of one commit attempt on `conn`, sent together.
     async fn commit_calls<C>(
         &self,
@@ -206,7 +366,9 @@ impl<H: Handler> Stage<H> {
                         fence: tokens
                             .get(source)
                             .map(|token| (src.lease.as_str(), token.as_str())),
-                        merged: commit.merged,
+                        gate: Gate::Pending {
+                            merged: commit.merged,
+                        },
                         entries: &commit.entries,
                         batch_ops: &commit.batch_ops,
                     }
@@ -293,12 +455,24 @@ pub(crate) struct SourceCommit<'a> {
     pub(crate) stream: &'a str,
     /// The lease key and the fencing token the caller holds (owned partitions).
     pub(crate) fence: Option<(&'a str, &'a str)>,
-    /// The entries came from two reads of the stream: the script checks for a gap.
-    pub(crate) merged: bool,
+    /// What decides that an entry's effects are applied now.
+    pub(crate) gate: Gate,
     /// Each entry's id and effects.
     pub(crate) entries: &'a [(String, Vec<Op>)],
     /// Effects applied if any entry is acknowledged by the call.
     pub(crate) batch_ops: &'a [Op],
+}
+
+/// What makes an entry's effects apply exactly once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gate {
+    /// The entry's XACK on its stream removed it from the pending list. `merged`: the
+    /// entries came from two reads of the stream, and the script checks for a gap.
+    Pending { merged: bool },
+    /// The entry's id was not yet in the sorted set `stream` names (ids older than the
+    /// window are forgotten): effects in another slot than the entry's stream (Redis
+    /// Cluster), applied before the entry is acknowledged there.
+    Dedupe { window_ms: u64 },
 }
 
 /// One ACK_FORWARD call: the only code that lays out the script's keys and arguments
@@ -372,7 +546,11 @@ impl<'a> AckForward<'a> {
             cmd.arg(source.fence.map_or("", |(_, token)| token));
         }
         for source in &self.sources {
-            cmd.arg(if source.merged { "1" } else { "0" });
+            match source.gate {
+                Gate::Pending { merged: false } => cmd.arg("0"),
+                Gate::Pending { merged: true } => cmd.arg("1"),
+                Gate::Dedupe { window_ms } => cmd.arg(format!("D{window_ms}")),
+            };
         }
         for source in &self.sources {
             cmd.arg(source.entries.len());
@@ -519,7 +697,7 @@ mod tests {
         SourceCommit {
             stream,
             fence,
-            merged: false,
+            gate: Gate::Pending { merged: false },
             entries,
             batch_ops,
         }
@@ -818,6 +996,44 @@ mod tests {
         assert_eq!(len(&mut conn, "out").await, 1);
     }
 
+    /// The dedupe gate (effects in another slot than the entries' stream, on a cluster):
+    /// a call repeated, whole or in part, applies each entry's effects once; a refused
+    /// gate key of another type writes nothing.
+    #[tokio::test]
+    async fn a_dedupe_gate_applies_each_entry_once_however_often_it_is_called() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        let ids: Vec<String> = (1..=3).map(|k| format!("{k}-0")).collect();
+        let entries = forwarded(&ids, "out");
+        let gated = |entries| SourceCommit {
+            stream: "dedupe",
+            fence: None,
+            gate: Gate::Dedupe { window_ms: 60_000 },
+            entries,
+            batch_ops: &[],
+        };
+        assert_eq!(
+            commit(&mut conn, vec![gated(&entries)]).await.unwrap(),
+            [acked(3)]
+        );
+        let again = forwarded(&ids[1..], "out");
+        assert_eq!(
+            commit(&mut conn, vec![gated(&again)]).await.unwrap(),
+            [SourceReply::Acked(vec![false, false])]
+        );
+        assert_eq!(len(&mut conn, "out").await, 3);
+        set(&mut conn, "not-a-zset", "x").await;
+        let wrong = SourceCommit {
+            stream: "not-a-zset",
+            ..gated(&entries)
+        };
+        let SourceReply::Failed(why) = &commit(&mut conn, vec![wrong]).await.unwrap()[0] else {
+            panic!("refused")
+        };
+        assert!(why.contains("WRONGTYPE"), "{why}");
+        assert_eq!(len(&mut conn, "out").await, 3);
+    }
+
     /// A batch of one partition read in two reads is refused when another consumer holds an
     /// entry between its first and last (a gap), and accepted without one.
     #[tokio::test]
@@ -834,7 +1050,7 @@ mod tests {
         let merged = |entries| SourceCommit {
             stream: "in",
             fence: Some(("lease", "me#1")),
-            merged: true,
+            gate: Gate::Pending { merged: true },
             entries,
             batch_ops: &[],
         };
