@@ -8,6 +8,7 @@ mod bad_inputs;
 mod bars;
 mod chaos;
 mod idempotency;
+mod large_inputs;
 mod process_metrics;
 mod replicas;
 mod scripted;
