@@ -28,10 +28,12 @@ local function invalid(why)
   return redis.error_reply('TICKFLOW_INVALID ' .. why)
 end
 
--- What an effect command may be: the type of key it needs ('*': any), the shape of its
--- arguments ('pairs', 'list', 'range', 'none') and whether scores come first in pairs.
+-- What an effect command may be: the type of key it needs ('*': any) and the shape of its
+-- arguments ('pairs', 'scored' pairs with the score first, 'list', 'range', 'one',
+-- 'none').
 local COMMANDS = {
   X = {'stream', 'pairs'},
+  SET = {'string', 'one'},
   HSET = {'hash', 'pairs'},
   HDEL = {'hash', 'list'},
   SADD = {'set', 'list'},
@@ -82,6 +84,9 @@ local function read_ops(count)
       wanted = spec[1]
       if shape == 'none' then
         if n ~= 0 then return kind .. ' takes no arguments' end
+      elseif shape == 'one' then
+        -- SET's value alone: an option (NX, GET, ...) could make it write nothing.
+        if n ~= 1 then return kind .. ' takes one argument' end
       elseif shape == 'list' then
         if n < 1 then return kind .. ' needs arguments' end
       elseif shape == 'range' then

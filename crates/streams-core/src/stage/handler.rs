@@ -95,8 +95,11 @@ impl Outputs {
         });
     }
 
-    /// Run `name key args...` (e.g. `HINCRBY`) if and only if the entry is acknowledged now.
-    /// The key should share the input partition's hash tag.
+    /// Run `name key args...` if and only if the entry is acknowledged now. `name` is one of
+    /// the commands whose failure ACK_FORWARD can rule out before its first write (see
+    /// `COMMANDS` in `ack_forward.lua`: `SET` of one value, `HSET`, `HDEL`, `SADD`, `SREM`,
+    /// `ZADD`, `ZREM`, `ZREMRANGEBYSCORE`, `DEL`); any other refuses the whole commit. The
+    /// key should share the input partition's hash tag.
     pub fn command(&mut self, name: &'static str, key: impl Into<String>, args: Vec<Vec<u8>>) {
         self.ops.push(Op::Command {
             name,
