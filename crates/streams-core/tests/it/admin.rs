@@ -866,7 +866,7 @@ async fn a_replay_keeps_dead_letters_it_cannot_put_back_whole() {
     // writes one for an entry of more fields than an XADD may carry), one whose own fields
     // are more than an XADD may carry (2,048), and one that can go back as it is.
     let mut conn = redis.conn().await;
-    let mut xadd = |fields: Vec<(String, String)>| {
+    let xadd = |fields: Vec<(String, String)>| {
         let mut cmd = redis::cmd("XADD");
         cmd.arg(&dlq).arg("*");
         for (name, value) in fields {
