@@ -17,10 +17,11 @@
 //! The helpers send events through each ingest path ([`Pipeline::post_json`],
 //! [`Pipeline::grpc_client`], [`Pipeline::xadd_external`]), read what came out of each
 //! stage ([`Pipeline::validated_entries`], [`Pipeline::market_events`],
-//! [`Pipeline::trades`], [`Pipeline::execution_reports`], [`Pipeline::stats`]) and wait
-//! for asynchronous effects ([`Pipeline::wait_until`], [`Pipeline::wait_for`],
-//! [`Pipeline::wait_settled`]). [`Pipeline::shutdown`] stops every service gracefully and
-//! fails if one of them failed.
+//! [`Pipeline::trades`], [`Pipeline::execution_reports`], [`Pipeline::stats`], any stream
+//! as it is with [`Pipeline::xrange`]), call a replica's admin router
+//! ([`Pipeline::admin_status`], [`Pipeline::admin_post`]) and wait for asynchronous
+//! effects ([`Pipeline::wait_until`], [`Pipeline::wait_for`], [`Pipeline::wait_settled`]).
+//! [`Pipeline::shutdown`] stops every service gracefully and fails if one of them failed.
 //!
 //! [`processes::ProcessPipeline`] runs the four services as separate processes instead
 //! (the package's `e2e-*` binaries), for what is process-global: `service.name` of traces,
@@ -711,6 +712,26 @@ impl Pipeline {
         body
     }
 
+    /// `POST <path>` on a replica's admin router with `Authorization: Bearer <token>`;
+    /// returns the status and the JSON answer.
+    pub async fn admin_post(
+        &self,
+        role: Role,
+        index: usize,
+        path: &str,
+        token: &str,
+    ) -> (u16, Json) {
+        let url = format!("http://{}{path}", self.service(role, index).http);
+        let response = self
+            .http
+            .post(&url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+        read_response(response).await
+    }
+
     /// The partitions a replica's `/admin/status` shows it owning (owned stages).
     pub async fn owned_partitions(&self, role: Role, index: usize) -> Vec<Partition> {
         let consumer = self.service(role, index).consumer.clone();
@@ -853,7 +874,8 @@ impl Pipeline {
         group_backlog(&mut self.conn(), stream, group).await
     }
 
-    async fn xrange(&self, key: &str) -> Vec<(String, Fields)> {
+    /// Every entry of the stream `key` with its id, fields as raw bytes in their order.
+    pub async fn xrange(&self, key: &str) -> Vec<(String, Fields)> {
         xrange(&mut self.conn(), key).await
     }
 }
@@ -994,7 +1016,7 @@ pub(crate) async fn stream_entries(
 }
 
 /// A stream entry's fields as `XRANGE` returns them.
-pub(crate) type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+pub type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Every entry of `key`, read in pages (one reply with a long stream would take longer
 /// than a response may).

@@ -8,6 +8,7 @@ mod bad_inputs;
 mod bars;
 mod chaos;
 mod idempotency;
+mod large_inputs;
 mod limits;
 mod process_metrics;
 mod replicas;

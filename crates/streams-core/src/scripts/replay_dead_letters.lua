@@ -3,8 +3,9 @@
 -- (those not starting with 'dlq.') back to the stream and deletes it from the dead-letter
 -- stream. Both keys' types are checked and every entry's size is looked at before the
 -- first write: an entry with more than MAX_XADD_ARGS / 2 original fields cannot be one
--- XADD (Lua's unpack stops at ~8,000 values) and is kept where it is. Returns {replayed,
--- kept}.
+-- XADD (Lua's unpack stops at ~8,000 values) and is kept where it is, and so is a dead
+-- letter that kept only the first fields of its entry (`dlq.fields_dropped`): appending
+-- those would replay a different, truncated entry. Returns {replayed, kept}.
 local MAX_XADD_ARGS = 4096
 local count = tonumber(ARGV[1])
 if not count or count < 1 then return redis.error_reply('TICKFLOW_INVALID replay count') end
@@ -18,15 +19,17 @@ local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', count)
 local plan = {}
 local kept = 0
 for _, entry in ipairs(entries) do
-  local fields = {}
+  local fields, truncated = {}, false
   local f = entry[2]
   for k = 1, #f, 2 do
     if string.sub(f[k], 1, 4) ~= 'dlq.' then
       fields[#fields + 1] = f[k]
       fields[#fields + 1] = f[k + 1]
+    elseif f[k] == 'dlq.fields_dropped' then
+      truncated = true
     end
   end
-  if #fields > MAX_XADD_ARGS then
+  if truncated or #fields > MAX_XADD_ARGS then
     kept = kept + 1
   else
     plan[#plan + 1] = {entry[1], fields}

@@ -92,10 +92,11 @@ local function read_ops(count)
       wanted = spec[1]
       if shape == 'none' then
         if n ~= 0 then return kind .. ' takes no arguments' end
+      elseif shape == 'one' then
+        -- SET's value alone: an option (NX, GET, ...) could make it write nothing.
+        if n ~= 1 then return kind .. ' takes one argument' end
       elseif shape == 'list' then
         if n < 1 then return kind .. ' needs arguments' end
-      elseif shape == 'one' then
-        if n ~= 1 then return kind .. ' takes one argument' end
       elseif shape == 'range' then
         if n ~= 2 or not is_bound(ARGV[first]) or not is_bound(ARGV[first + 1]) then
           return kind .. ' needs a valid score range'

@@ -966,6 +966,7 @@ mod tests {
             command("FLUSHALL", "out", vec![]),
             command("ZADD", "z", vec![b"nan".to_vec(), b"m".to_vec()]),
             command("HSET", "h", vec![b"odd".to_vec()]),
+            command("SET", "s", vec![b"v".to_vec(), b"NX".to_vec()]),
         ];
         for bad in bad_ops {
             let entries = vec![

@@ -848,3 +848,68 @@ async fn polling_status_costs_redis_a_bounded_number_of_commands_while_the_stage
     );
     stage.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_keeps_dead_letters_it_cannot_put_back_whole() {
+    let redis = TestRedis::start(1);
+    let input = redis.key(INPUT, 0);
+    let dlq = redis.dlq_key(INPUT, 0);
+    let config = redis.config("c1");
+    // The stage only registers `fwd` with the admin router; it is stopped so that what the
+    // replay appends stays where it put it.
+    let stage = spawn_stage(&config, spec(ConsumeMode::Shared), Forward::new(&config));
+    let admin = Admin::serve(redis.redis(), stage.stats.clone(), Some(TOKEN), None).await;
+    stage.stop().await;
+    let input_before = entries_with_ids(&redis, &input).await;
+
+    // Three dead letters: one that kept only the first fields of its entry (as a stage
+    // writes one for an entry of more fields than an XADD may carry), one whose own fields
+    // are more than an XADD may carry (2,048), and one that can go back as it is.
+    let mut conn = redis.conn().await;
+    let xadd = |fields: Vec<(String, String)>| {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&dlq).arg("*");
+        for (name, value) in fields {
+            cmd.arg(name).arg(value);
+        }
+        cmd
+    };
+    let field = |i: usize| (format!("f{i}"), format!("v{i}"));
+    let dlq_reason = || ("dlq.reason".to_owned(), "refused".to_owned());
+    let mut truncated: Vec<_> = (0..10).map(field).collect();
+    truncated.extend([
+        dlq_reason(),
+        ("dlq.fields_dropped".to_owned(), "5".to_owned()),
+    ]);
+    let mut too_wide: Vec<_> = (0..2_049).map(field).collect();
+    too_wide.push(dlq_reason());
+    let whole: Vec<_> = (0..3).map(field).collect();
+    let mut replayable = whole.clone();
+    replayable.push(dlq_reason());
+    for fields in [truncated, too_wide, replayable] {
+        let _: String = xadd(fields).query_async(&mut conn).await.unwrap();
+    }
+    let dead_before = entries_with_ids(&redis, &dlq).await;
+
+    let (status, body) = admin
+        .post("/admin/dlq/replay?stage=fwd", Some(&bearer(TOKEN)))
+        .await;
+    assert_eq!((status, body), (StatusCode::OK, json!({ "replayed": 1 })));
+    assert_eq!(
+        entries_with_ids(&redis, &dlq).await,
+        dead_before[..2],
+        "the two it cannot put back whole stay, untouched"
+    );
+    let input_after = entries_with_ids(&redis, &input).await;
+    assert_eq!(input_after[..input_before.len()], input_before[..]);
+    let appended: Vec<Vec<(String, String)>> = input_after[input_before.len()..]
+        .iter()
+        .map(|(_, fields)| {
+            fields
+                .iter()
+                .map(|(n, v)| (n.clone(), String::from_utf8(v.clone()).unwrap()))
+                .collect()
+        })
+        .collect();
+    assert_eq!(appended, vec![whole], "only the whole one, as it was");
+}

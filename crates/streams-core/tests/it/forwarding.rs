@@ -244,3 +244,106 @@ async fn poison_entries_are_dead_lettered_with_their_reason_while_others_flow() 
     assert_eq!(stage.counters().dead_lettered, 3);
     stage.stop().await;
 }
+
+// ----- more pending entries than Lua's unpack takes (issue 17) ------------------------------
+
+/// Entries left pending: more than the ~8,000 values Lua's `unpack` takes, so a claim or a
+/// commit that put them in one argument list failed.
+const MANY_PENDING: u64 = 9_000;
+
+/// `TICKFLOW_BATCH_SIZE`'s largest value: a stage claims up to this many entries at once.
+const LARGEST_BATCH: usize = 10_000;
+
+/// A claim time no test waits for: the periodic claim of idle entries (which would also
+/// finish them) stays out of the way of the recovery path under test.
+const NEVER_IDLE: Duration = Duration::from_secs(3600);
+
+/// Leaves [`MANY_PENDING`] entries of partition 0 pending to `consumer`, as a consumer that
+/// read them and died would.
+async fn leave_many_pending(redis: &TestRedis, consumer: &str) {
+    redis.produce(INPUT, 0, "many", 0..MANY_PENDING).await;
+    let mut conn = redis.conn().await;
+    let _: Value = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(redis.key(INPUT, 0))
+        .arg(GROUP)
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(MANY_PENDING)
+        .arg("STREAMS")
+        .arg(redis.key(INPUT, 0))
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(redis.pending(INPUT, 0, GROUP).await, MANY_PENDING);
+}
+
+/// Starts consumer `consumer` in `mode` with the largest batch and claim time `claim_idle`
+/// over what [`leave_many_pending`] left, and checks that it forwards every entry exactly
+/// once and leaves nothing pending, with no failed commit. Returns the stage's counters.
+async fn recover_many_pending(
+    redis: &TestRedis,
+    mode: ConsumeMode,
+    consumer: &str,
+    claim_idle: Duration,
+) -> streams_core::stats::StageCounters {
+    let mut config = redis.config(consumer);
+    config.stage.batch_size = LARGEST_BATCH;
+    config.stage.claim_idle = claim_idle;
+    let stage = spawn_stage(&config, spec(mode), Forward::new(&config));
+    eventually(
+        Duration::from_secs(30),
+        "every pending entry forwarded",
+        || async { redis.payloads(OUTPUT, 0).await.len() as u64 >= MANY_PENDING },
+    )
+    .await;
+    eventually(Duration::from_secs(10), "nothing pending", || async {
+        redis.pending(INPUT, 0, GROUP).await == 0
+    })
+    .await;
+    assert_exactly_once(
+        &redis.payloads(OUTPUT, 0).await,
+        tags("many", 0..MANY_PENDING),
+    );
+    let counters = stage.counters();
+    assert_eq!(counters.failed, 0, "no commit failed");
+    assert_eq!(counters.processed, MANY_PENDING);
+    stage.stop().await;
+    counters
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_with_the_largest_batch_claims_9000_idle_entries_of_a_dead_consumer() {
+    // XAUTOCLAIM of entries idle longer than the claim time, from any consumer.
+    let redis = TestRedis::start(1);
+    leave_many_pending(&redis, "dead").await;
+    let claim_idle = redis.config("alive").stage.claim_idle;
+    let counters = recover_many_pending(&redis, ConsumeMode::Shared, "alive", claim_idle).await;
+    assert_eq!(counters.claimed, MANY_PENDING);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_with_the_largest_batch_restarted_with_9000_entries_of_its_own_pending_finishes_them()
+ {
+    // XPENDING and XCLAIM of the consumer's own entries, at start.
+    let redis = TestRedis::start(1);
+    leave_many_pending(&redis, "c1").await;
+    let counters = recover_many_pending(&redis, ConsumeMode::Shared, "c1", NEVER_IDLE).await;
+    assert_eq!(counters.claimed, 0, "none left for the idle claim");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owned_stage_with_the_largest_batch_takes_over_a_partition_with_9000_pending() {
+    // XAUTOCLAIM with no idle time, fenced by the lease, when the partition is acquired.
+    let redis = TestRedis::start(1);
+    leave_many_pending(&redis, "dead").await;
+    recover_many_pending(&redis, ConsumeMode::Owned, "alive", NEVER_IDLE).await;
+}
