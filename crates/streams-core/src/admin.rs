@@ -159,11 +159,14 @@ struct StageStatus {
 
 /// The partitions' state last read from Redis (or the failure), and when it was read. The
 /// in-process counters are not cached: they cost nothing and must not lag.
+/// Every stage's partitions as read, or why they could not be.
+type PartitionsRead = Result<Vec<Vec<PartitionStatus>>, ApiError>;
+
 #[derive(Debug, Default)]
 struct StatusCache {
     /// Held while the partitions are read, so that concurrent requests wait for that one
     /// read and share its result instead of each starting their own.
-    last: tokio::sync::Mutex<Option<(Instant, Result<Vec<Vec<PartitionStatus>>, ApiError>)>>,
+    last: tokio::sync::Mutex<Option<(Instant, PartitionsRead)>>,
 }
 
 async fn status(state: &AdminState, cache: &StatusCache) -> Result<Json<Status>, ApiError> {
@@ -210,7 +213,7 @@ async fn status(state: &AdminState, cache: &StatusCache) -> Result<Json<Status>,
 async fn read_partitions(
     state: &AdminState,
     stages: &[Arc<crate::stats::StageStats>],
-) -> Result<Vec<Vec<PartitionStatus>>, ApiError> {
+) -> PartitionsRead {
     let mut all = Vec::with_capacity(stages.len());
     for stage in stages {
         let owned = stage.mode == ConsumeMode::Owned;
