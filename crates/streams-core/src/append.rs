@@ -14,6 +14,7 @@ use redis::Value;
 
 use crate::{
     Envelope, Redis, StreamsError,
+    keys::slot_tag,
     scripts::{KEY_REUSED, scripts},
 };
 
@@ -48,7 +49,9 @@ pub struct Appended {
 /// An idempotency key and how long it is remembered.
 #[derive(Debug, Clone, Copy)]
 pub struct Once<'a> {
-    /// The Redis key that remembers the append (already namespaced by the caller).
+    /// The Redis key that remembers the append (already namespaced by the caller, from
+    /// [`crate::KeySpace::idempotency`]: without a hash tag, since on a cluster each slot's
+    /// part of the request is remembered under this key with that slot's tag).
     pub key: &'a str,
     /// How long it is remembered, in milliseconds.
     pub ttl_ms: u64,
@@ -68,6 +71,53 @@ pub async fn append(
             replayed: false,
         });
     }
+    if !redis.is_cluster() {
+        return append_in_one_slot(redis, entries, once).await;
+    }
+    // On a cluster one script cannot touch two slots: the request is appended slot by
+    // slot, each part all or nothing and at most once under its own key (the request's
+    // key with the slot's tag), in the slot of its streams. A retry with the key after a
+    // partial failure appends only the parts that did not go in; the ids come back in the
+    // request's order.
+    let mut parts: Vec<(String, Vec<usize>)> = Vec::new();
+    for (index, (stream, _)) in entries.iter().enumerate() {
+        let tag = slot_tag(stream);
+        match parts.iter_mut().find(|(t, _)| t == tag) {
+            Some((_, indexes)) => indexes.push(index),
+            None => parts.push((tag.to_owned(), vec![index])),
+        }
+    }
+    let mut ids = vec![String::new(); entries.len()];
+    let mut replayed = true;
+    for (tag, indexes) in parts {
+        let part: Vec<(String, Envelope)> = indexes.iter().map(|&i| entries[i].clone()).collect();
+        let key = once.map(|once| format!("{}:{{{tag}}}", once.key));
+        let part_once = once.zip(key.as_deref()).map(|(once, key)| Once {
+            key,
+            ttl_ms: once.ttl_ms,
+        });
+        let appended = append_in_one_slot(redis, &part, part_once)
+            .await
+            .map_err(|e| match e {
+                AppendError::KeyReused(_) => {
+                    AppendError::KeyReused(once.map_or_else(String::new, |o| o.key.to_owned()))
+                }
+                other => other,
+            })?;
+        replayed &= appended.replayed;
+        for (&index, id) in indexes.iter().zip(appended.ids) {
+            ids[index] = id;
+        }
+    }
+    Ok(Appended { ids, replayed })
+}
+
+/// One APPEND_ONCE call: every stream of `entries` (and the key) in one slot.
+async fn append_in_one_slot(
+    redis: &Redis,
+    entries: &[(String, Envelope)],
+    once: Option<Once<'_>>,
+) -> Result<Appended, AppendError> {
     let mut conn = redis.pooled().await?;
     // Without a key the script appends all or none too (a MULTI/EXEC would go on past a
     // failing XADD); KEYS[1] is then the first stream, never read, so the call stays in

@@ -85,6 +85,17 @@ impl KeySpace {
         format!("{}:members:{group}", self.namespace)
     }
 
+    /// The key that remembers a client's idempotency key `key` for `scope` (e.g. ingest's
+    /// requests). It has no hash tag (braces in `key` are escaped): an append adds the tag
+    /// of the slot it writes (see [`crate::append`]).
+    pub fn idempotency(&self, scope: &str, key: &str) -> String {
+        let escaped = key
+            .replace('%', "%25")
+            .replace('{', "%7B")
+            .replace('}', "%7D");
+        format!("{}:idem:{scope}:{escaped}", self.namespace)
+    }
+
     /// A key outside any partition, for stage data such as reference tables.
     pub fn global(&self, name: &str) -> String {
         format!("{}:{{g}}:{name}", self.namespace)
@@ -153,6 +164,14 @@ mod tests {
         assert_eq!(slot_tag("x{y"), "x{y");
         let dedupe = dedupe_set(slot_tag("ingest_stream:dlq"), "ingest", "ingest_stream");
         assert_eq!(slot_tag(&dedupe), "ingest_stream:dlq");
+    }
+
+    #[test]
+    fn idempotency_keys_carry_no_hash_tag_whatever_the_client_sends() {
+        let keys = KeySpace::new("tf", 16);
+        let key = keys.idempotency("ingest", "a{b}c%");
+        assert_eq!(key, "tf:idem:ingest:a%7Bb%7Dc%25");
+        assert_eq!(slot_tag(&key), key);
     }
 
     #[test]

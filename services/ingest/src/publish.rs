@@ -178,7 +178,7 @@ impl Publisher {
                 (self.keys.stream(topology::INBOUND, partition), envelope)
             })
             .collect();
-        let key = idempotency_key.map(|k| self.keys.global(&format!("ingest:idem:{k}")));
+        let key = idempotency_key.map(|k| self.keys.idempotency("ingest", k));
         let once = key.as_deref().map(|key| Once {
             key,
             ttl_ms: self.idempotency_ttl_ms,
