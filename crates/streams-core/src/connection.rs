@@ -278,6 +278,10 @@ pub struct Redis {
     display_url: String,
 }
 
+// The standalone variant stays inline, as the client and pool were before cluster mode:
+// boxing it would add a pointer chase to every checkout of the common case, for the sake of
+// an enum that is cloned a handful of times per process.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 enum Backend {
     Standalone { client: Client, pool: Pool<Manager> },
@@ -439,7 +443,7 @@ impl Redis {
     pub fn new_cluster(seeds: &str) -> Result<Self> {
         install_tls_provider();
         let display_url = redact_seeds(seeds);
-        let seeds = cluster_seeds(seeds).map_err(|e| StreamsError::Unsupported(e.to_string()))?;
+        let seeds = cluster_seeds(seeds)?;
         let seed = seeds[0].as_str().into_connection_info()?;
         let client = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
             .connection_timeout(CONNECT_TIMEOUT)
@@ -833,6 +837,17 @@ mod tests {
                 .await
                 .unwrap_err();
             assert_eq!(crossing.code(), Some("CROSSSLOT"), "{crossing}");
+            let same_master = (0..)
+                .map(|n| format!("neighbour-{n}"))
+                .find(|other| cluster.node_for_key(other) == cluster.node_for_key(&keys[0]))
+                .unwrap();
+            let crossing = redis::pipe()
+                .get(&keys[0])
+                .get(&same_master)
+                .query_async::<Value>(&mut *conn)
+                .await
+                .unwrap_err();
+            assert_eq!(crossing.code(), Some("CROSSSLOT"), "{crossing}");
             let (a, b): (i64, i64) = redis::pipe()
                 .atomic()
                 .incr("{tag}a", 1)
@@ -891,11 +906,17 @@ mod tests {
                     .query_async::<Value>(&mut reader)
                     .await
             });
+            // The XADD goes out once the read is blocked on the master, not before.
             let mut on_master = node(master).await;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             while !info(&mut on_master, "clients")
                 .await
                 .contains("blocked_clients:1")
             {
+                assert!(
+                    tokio::time::Instant::now() < deadline && !read.is_finished(),
+                    "the read did not block on the stream's master"
+                );
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             let id: String = redis::cmd("XADD")

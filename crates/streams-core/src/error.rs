@@ -18,6 +18,9 @@ pub enum StreamsError {
     /// Redis answered something this build does not understand.
     #[error("unexpected reply: {0}")]
     Protocol(String),
+    /// A configuration value is invalid (e.g. the seeds handed to `Redis::new_cluster`).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// A call this deployment cannot serve as asked (e.g. a blocking read on a Redis Cluster
     /// without the key that says which node to read from).
     #[error("unsupported: {0}")]
@@ -52,6 +55,7 @@ impl StreamsError {
             }
             StreamsError::Fenced { .. }
             | StreamsError::Protocol(_)
+            | StreamsError::Config(_)
             | StreamsError::Unsupported(_) => false,
         }
     }
