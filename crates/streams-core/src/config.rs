@@ -153,12 +153,46 @@ impl<T> fmt::Debug for Secret<T> {
     }
 }
 
+/// How tickflow talks to Redis: `TICKFLOW_REDIS_MODE`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RedisMode {
+    /// One Redis server (`standalone`, the default): `REDIS_URL` is its URL.
+    #[default]
+    Standalone,
+    /// A Redis Cluster (`cluster`): `REDIS_URL` is a comma-separated list of seed nodes, from
+    /// which the client learns the rest of the cluster (one reachable seed is enough).
+    Cluster,
+}
+
+impl FromStr for RedisMode {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value.to_ascii_lowercase().as_str() {
+            "standalone" => Ok(Self::Standalone),
+            "cluster" => Ok(Self::Cluster),
+            _ => Err("must be standalone or cluster".into()),
+        }
+    }
+}
+
 /// What every tickflow process shares. Each field names its variable; README lists them all.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// `REDIS_URL`: `redis://[user:pass@]host:port[/db]` or `rediss://` for TLS. It may hold
-    /// a password, so it is kept as a [`Secret`]; [`redact`] gives a form to log.
+    /// `REDIS_URL`: `redis://[user:pass@]host:port[/db]` or `rediss://` for TLS; in cluster
+    /// mode a comma-separated list of such URLs, the cluster's seed nodes (see
+    /// [`cluster_seeds`]). It may hold a password, so it is kept as a [`Secret`]; [`redact`]
+    /// gives a form to log.
     pub redis_url: Secret<String>,
+    /// `TICKFLOW_REDIS_MODE`: `standalone` (default) or `cluster`.
+    pub redis_mode: RedisMode,
+    /// `TICKFLOW_WAIT_REPLICAS`: how many replicas must acknowledge a write (Redis `WAIT`)
+    /// before tickflow counts it as done; 0 (default) does not wait.
+    pub wait_replicas: u32,
+    /// `TICKFLOW_WAIT_TIMEOUT_MS`: how long one `WAIT` may block for those acknowledgements,
+    /// at most [`crate::connection::MAX_WAIT_TIMEOUT`] (a blocked `WAIT` holds its
+    /// connection, and must answer within the pool's response timeout).
+    pub wait_timeout: Duration,
     /// `TICKFLOW_NAMESPACE` and `TICKFLOW_PARTITIONS`: key prefix and partition count.
     pub keys: KeySpace,
     /// `CONSUMER_NAME`: this process's consumer name in every group (default hostname-pid).
@@ -296,10 +330,16 @@ impl Default for StageTuning {
 impl Config {
     /// Reads the shared configuration; `default_http_addr` is the service's own default.
     pub fn from_env(env: &Env, default_http_addr: &str) -> Result<Self, ConfigError> {
+        let redis_mode: RedisMode = env.parse_or("TICKFLOW_REDIS_MODE", RedisMode::Standalone)?;
         let redis_url = env
             .get("REDIS_URL")
             .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
-        validate_redis_url(&redis_url)?;
+        match redis_mode {
+            RedisMode::Standalone => validate_redis_url(&redis_url)?,
+            RedisMode::Cluster => {
+                cluster_seeds(&redis_url)?;
+            }
+        }
         let namespace = env
             .get("TICKFLOW_NAMESPACE")
             .unwrap_or_else(|| "tickflow".into());
@@ -350,6 +390,14 @@ impl Config {
         };
         Ok(Self {
             redis_url: Secret::new(redis_url),
+            redis_mode,
+            wait_replicas: env.ranged_or("TICKFLOW_WAIT_REPLICAS", 0, 0, MAX_WAIT_REPLICAS)? as u32,
+            wait_timeout: env.millis_or(
+                "TICKFLOW_WAIT_TIMEOUT_MS",
+                1_000,
+                1,
+                crate::connection::MAX_WAIT_TIMEOUT.as_millis() as u64,
+            )?,
             keys: KeySpace::new(namespace, partitions),
             consumer_name,
             http_addr: env.addr_or("HTTP_ADDR", default_http_addr)?,
@@ -367,6 +415,9 @@ impl Config {
     pub fn for_tests(redis_url: &str, namespace: &str, partitions: u32) -> Self {
         Self {
             redis_url: Secret::new(redis_url.to_owned()),
+            redis_mode: RedisMode::Standalone,
+            wait_replicas: 0,
+            wait_timeout: Duration::from_secs(1),
             keys: KeySpace::new(namespace, partitions),
             consumer_name: default_consumer_name(),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -388,6 +439,67 @@ impl Config {
             http: HttpServerLimits::default(),
         }
     }
+}
+
+/// The most replicas `TICKFLOW_WAIT_REPLICAS` may ask for (a shard with more is unusual, and
+/// a larger number is more likely a typo than a deployment).
+pub const MAX_WAIT_REPLICAS: u64 = 16;
+
+/// The most seed nodes `REDIS_URL` may list in cluster mode.
+pub const MAX_CLUSTER_SEEDS: usize = 64;
+
+/// The seed nodes of a cluster-mode `REDIS_URL`: a comma-separated list of `redis://` or
+/// `rediss://` URLs (spaces around commas are ignored), at most [`MAX_CLUSTER_SEEDS`]. All
+/// seeds must use the same scheme, user and password (the client uses one set of
+/// credentials for every node), and no database other than 0 (Redis Cluster has only
+/// database 0). One reachable seed is enough; the client learns the other nodes from it.
+/// Errors name `REDIS_URL` and show the seeds with their passwords hidden.
+pub fn cluster_seeds(urls: &str) -> Result<Vec<String>, ConfigError> {
+    let error = |reason: String| ConfigError {
+        variable: "REDIS_URL".into(),
+        value: redact_seeds(urls),
+        reason,
+    };
+    let seeds: Vec<String> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|seed| !seed.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if seeds.is_empty() {
+        return Err(error(
+            "lists no seed node (expected redis://host:port[,redis://host:port…])".into(),
+        ));
+    }
+    if seeds.len() > MAX_CLUSTER_SEEDS {
+        return Err(error(format!(
+            "lists {} seed nodes, at most {MAX_CLUSTER_SEEDS} are read",
+            seeds.len()
+        )));
+    }
+    for seed in &seeds {
+        validate_redis_url(seed).map_err(|e| error(format!("seed {}: {}", e.value, e.reason)))?;
+        let info = redis::IntoConnectionInfo::into_connection_info(seed.as_str())
+            .map_err(|e| error(format!("seed {}: {e}", redact(seed))))?;
+        if info.redis_settings().db() != 0 {
+            return Err(error(format!(
+                "seed {}: Redis Cluster has only database 0",
+                redact(seed)
+            )));
+        }
+    }
+    // The cluster client checks that the seeds agree on scheme and credentials.
+    redis::cluster::ClusterClient::new(seeds.iter().map(String::as_str))
+        .map_err(|e| error(e.to_string()))?;
+    Ok(seeds)
+}
+
+/// A list of Redis URLs (cluster seeds) with every password hidden.
+pub fn redact_seeds(urls: &str) -> String {
+    urls.split(',')
+        .map(|seed| redact(seed.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn validate_redis_url(url: &str) -> Result<(), ConfigError> {
@@ -504,6 +616,115 @@ mod tests {
                 max_connections: 8,
             }
         );
+    }
+
+    #[test]
+    fn the_redis_mode_is_standalone_unless_cluster_is_asked_for() {
+        let config = Config::from_env(&Env::from_pairs::<&str, &str>([]), "0.0.0.0:1").unwrap();
+        assert_eq!(config.redis_mode, RedisMode::Standalone);
+        assert_eq!(config.wait_replicas, 0);
+        assert_eq!(config.wait_timeout, Duration::from_millis(1_000));
+        for (value, mode) in [
+            ("standalone", RedisMode::Standalone),
+            ("cluster", RedisMode::Cluster),
+            ("CLUSTER", RedisMode::Cluster),
+        ] {
+            let env = Env::from_pairs([("TICKFLOW_REDIS_MODE", value)]);
+            assert_eq!(
+                Config::from_env(&env, "0.0.0.0:1").unwrap().redis_mode,
+                mode
+            );
+        }
+        let err = Config::from_env(
+            &Env::from_pairs([("TICKFLOW_REDIS_MODE", "sentinel")]),
+            "0.0.0.0:1",
+        )
+        .unwrap_err();
+        assert_eq!(err.variable, "TICKFLOW_REDIS_MODE");
+        assert!(err.to_string().contains("standalone or cluster"), "{err}");
+    }
+
+    #[test]
+    fn in_cluster_mode_the_redis_url_is_a_list_of_seeds() {
+        for (urls, expected) in [
+            ("redis://10.0.0.1:7000", vec!["redis://10.0.0.1:7000"]),
+            (
+                "redis://10.0.0.1:7000, redis://10.0.0.2:7000,",
+                vec!["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"],
+            ),
+            (
+                "rediss://app:pw@a.example:6379,rediss://app:pw@b.example:6379",
+                vec![
+                    "rediss://app:pw@a.example:6379",
+                    "rediss://app:pw@b.example:6379",
+                ],
+            ),
+        ] {
+            let env = Env::from_pairs([("TICKFLOW_REDIS_MODE", "cluster"), ("REDIS_URL", urls)]);
+            let config = Config::from_env(&env, "0.0.0.0:1").unwrap();
+            assert_eq!(config.redis_url.expose_secret(), urls);
+            assert_eq!(cluster_seeds(urls).unwrap(), expected, "{urls}");
+        }
+    }
+
+    #[test]
+    fn bad_cluster_seeds_are_refused_naming_the_variable_without_the_password() {
+        let too_many = vec!["redis://h:1"; MAX_CLUSTER_SEEDS + 1].join(",");
+        for (urls, reason) in [
+            (" , ", "no seed"),
+            (
+                "redis://app:hunter2@a:7000,http://app:hunter2@b:7000",
+                "redis:// or rediss://",
+            ),
+            ("redis://app:hunter2@a:7000/3", "only database 0"),
+            ("redis://app:hunter2@a:notaport", "seed"),
+            (
+                "redis://app:hunter2@a:7000,redis://app:other@b:7000",
+                "password",
+            ),
+            (
+                "redis://app:hunter2@a:7000,rediss://app:hunter2@b:7000",
+                "TLS",
+            ),
+            (too_many.as_str(), "at most"),
+        ] {
+            let env = Env::from_pairs([("TICKFLOW_REDIS_MODE", "cluster"), ("REDIS_URL", urls)]);
+            let err = Config::from_env(&env, "0.0.0.0:1").expect_err(urls);
+            assert_eq!(err.variable, "REDIS_URL");
+            for printed in [err.to_string(), format!("{err:?}")] {
+                assert!(printed.contains(reason), "{urls}: {printed}");
+                assert!(!printed.contains("hunter2"), "{printed}");
+            }
+        }
+        // A list is not a standalone URL.
+        let env = Env::from_pairs([("REDIS_URL", "redis://a:7000,redis://b:7000")]);
+        assert_eq!(
+            Config::from_env(&env, "0.0.0.0:1").unwrap_err().variable,
+            "REDIS_URL"
+        );
+    }
+
+    #[test]
+    fn wait_settings_are_read_and_bounded() {
+        let env = Env::from_pairs([
+            ("TICKFLOW_WAIT_REPLICAS", "1"),
+            ("TICKFLOW_WAIT_TIMEOUT_MS", "250"),
+        ]);
+        let config = Config::from_env(&env, "0.0.0.0:1").unwrap();
+        assert_eq!(config.wait_replicas, 1);
+        assert_eq!(config.wait_timeout, Duration::from_millis(250));
+        let past_limit = (MAX_WAIT_REPLICAS + 1).to_string();
+        for (variable, value) in [
+            ("TICKFLOW_WAIT_REPLICAS", past_limit.as_str()),
+            ("TICKFLOW_WAIT_REPLICAS", "-1"),
+            // WAIT with timeout 0 blocks forever.
+            ("TICKFLOW_WAIT_TIMEOUT_MS", "0"),
+            ("TICKFLOW_WAIT_TIMEOUT_MS", "3001"),
+        ] {
+            let err = Config::from_env(&Env::from_pairs([(variable, value)]), "0.0.0.0:1")
+                .expect_err(value);
+            assert_eq!(err.variable, variable);
+        }
     }
 
     #[test]

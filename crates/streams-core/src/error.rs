@@ -18,11 +18,22 @@ pub enum StreamsError {
     /// Redis answered something this build does not understand.
     #[error("unexpected reply: {0}")]
     Protocol(String),
+    /// A configuration value is invalid (e.g. the seeds handed to `Redis::new_cluster`).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A call this deployment cannot serve as asked (e.g. a blocking read on a Redis Cluster
+    /// without the key that says which node to read from).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
 }
 
 impl StreamsError {
     /// Whether retrying later may succeed (connection trouble, timeouts, a restarting or
-    /// loading server), as opposed to a logic error.
+    /// loading server), as opposed to a logic error. On a Redis Cluster that includes a
+    /// cluster without a master for some slot (`CLUSTERDOWN`, until a replica is promoted) and
+    /// a redirection (`MOVED`, `ASK`) that reached the caller: a dedicated connection does not
+    /// follow one, and the shared cluster connection passes one on only after its own retries
+    /// ran out; either way the caller re-resolves the node (`Redis::dedicated_for`) and retries.
     pub fn is_transient(&self) -> bool {
         match self {
             StreamsError::Pool(_) => true,
@@ -30,10 +41,22 @@ impl StreamsError {
                 is_connection_lost(e)
                     || matches!(
                         e.code(),
-                        Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "READONLY")
+                        Some(
+                            "LOADING"
+                                | "BUSY"
+                                | "TRYAGAIN"
+                                | "MASTERDOWN"
+                                | "READONLY"
+                                | "CLUSTERDOWN"
+                                | "MOVED"
+                                | "ASK"
+                        )
                     )
             }
-            StreamsError::Fenced { .. } | StreamsError::Protocol(_) => false,
+            StreamsError::Fenced { .. }
+            | StreamsError::Protocol(_)
+            | StreamsError::Config(_)
+            | StreamsError::Unsupported(_) => false,
         }
     }
 
@@ -58,6 +81,12 @@ pub(crate) fn is_connection_lost(error: &redis::RedisError) -> bool {
         || error.is_connection_refusal()
 }
 
+impl From<redis::ParsingError> for StreamsError {
+    fn from(error: redis::ParsingError) -> Self {
+        StreamsError::Protocol(error.to_string())
+    }
+}
+
 impl From<deadpool::managed::PoolError<redis::RedisError>> for StreamsError {
     fn from(error: deadpool::managed::PoolError<redis::RedisError>) -> Self {
         match error {
@@ -69,3 +98,30 @@ impl From<deadpool::managed::PoolError<redis::RedisError>> for StreamsError {
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = StreamsError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server_error(reply: &str) -> StreamsError {
+        let value = redis::parse_redis_value(reply.as_bytes()).unwrap();
+        StreamsError::Redis(value.extract_error().unwrap_err())
+    }
+
+    #[test]
+    fn cluster_redirections_and_a_cluster_without_a_master_are_transient() {
+        for reply in [
+            "-MOVED 3999 127.0.0.1:7001\r\n",
+            "-ASK 3999 127.0.0.1:7001\r\n",
+            "-CLUSTERDOWN The cluster is down\r\n",
+            "-TRYAGAIN Multiple keys request during rehashing of slot\r\n",
+        ] {
+            assert!(server_error(reply).is_transient(), "{reply}");
+        }
+        assert!(
+            !server_error("-CROSSSLOT Keys in request don't hash to the same slot\r\n")
+                .is_transient()
+        );
+        assert!(!StreamsError::Unsupported("x".into()).is_transient());
+    }
+}

@@ -120,7 +120,7 @@ impl RedisServer {
         let mut failures = Vec::new();
         for _ in 0..START_ATTEMPTS {
             let port = free_port();
-            let mut child = spawn(dir.path(), port, options);
+            let mut child = spawn(dir.path(), port, options, &[]);
             match wait_ready(&mut child, port) {
                 Ok(()) => {
                     return Self {
@@ -212,7 +212,7 @@ impl RedisServer {
         self.kill();
         let deadline = Instant::now() + REBIND_TIMEOUT;
         loop {
-            let mut child = spawn(self.dir.path(), self.port, self.options);
+            let mut child = spawn(self.dir.path(), self.port, self.options, &[]);
             match wait_ready(&mut child, self.port) {
                 Ok(()) => {
                     *self
@@ -299,6 +299,455 @@ impl Drop for RedisServer {
     }
 }
 
+/// A Redis Cluster node's bus port is its client port plus this (Redis's fixed offset).
+const CLUSTER_BUS_OFFSET: u16 = 10_000;
+/// Masters of a [`RedisCluster`]; each has one replica.
+pub const CLUSTER_MASTERS: usize = 3;
+/// `cluster-node-timeout` of a [`RedisCluster`]: a master unreachable this long is failed
+/// over (its replica is promoted about a second later).
+pub const CLUSTER_NODE_TIMEOUT: Duration = Duration::from_millis(2_000);
+/// How long a cluster gets to form, fail over or take a node back.
+const CLUSTER_STABLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Redis Cluster's slot count.
+const CLUSTER_SLOT_COUNT: usize = 16_384;
+/// The cluster tool looked up on `PATH` (Debian's `redis-tools`, installed with
+/// `redis-server`).
+const REDIS_CLI_BIN: &str = "redis-cli";
+
+/// A private Redis Cluster of [`CLUSTER_MASTERS`] masters with one replica each: real
+/// `redis-server --cluster-enabled yes` processes on free `127.0.0.1` ports below 55 536
+/// (each node's bus port, its port + 10 000, is free too), each in its own directory with
+/// an append-only file, joined by `redis-cli --cluster create`. All of them are killed when
+/// it is dropped.
+///
+/// [`Self::start`] returns once every node reports `cluster_state:ok` with all 16 384
+/// slots served, sees the same live nodes, and every replica's link to its master is up
+/// (about 2-3 s). [`Self::kill_master_serving`] crashes the master of a key's slot; its
+/// replica takes over after [`CLUSTER_NODE_TIMEOUT`] and a second or so, which
+/// [`Self::wait_until_stable`] waits for.
+///
+/// `redis-server` and `redis-cli` must be on `PATH` (`apt-get install redis-server`
+/// brings both); when one is missing, [`Self::start`] panics instead of skipping the test.
+///
+/// ```no_run
+/// use streams_core::testing::RedisCluster;
+///
+/// let mut cluster = RedisCluster::start();
+/// // ... `TICKFLOW_REDIS_MODE=cluster`, `REDIS_URL=cluster.seeds()` ...
+/// let old_master = cluster.kill_master_serving("{3}:s:inbound");
+/// cluster.wait_until_stable();
+/// assert_ne!(cluster.node_for_key("{3}:s:inbound"), old_master);
+/// ```
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<ClusterNode>,
+    dir: TempDir,
+}
+
+/// One node of a [`RedisCluster`].
+#[derive(Debug)]
+struct ClusterNode {
+    port: u16,
+    dir: PathBuf,
+    /// `None` once killed.
+    child: Option<Child>,
+}
+
+/// The arguments that make a `redis-server` a cluster node (its `nodes.conf` lands in its
+/// `--dir`). A master waits `repl-diskless-sync-delay` (5 s by default) for more replicas
+/// before it sends the first one its data; with one replica each that is 5 s of waiting in
+/// every cluster start, so it is 0.
+const CLUSTER_NODE_ARGS: &[&str] = &[
+    "--cluster-enabled",
+    "yes",
+    "--cluster-config-file",
+    "nodes.conf",
+    "--cluster-node-timeout",
+    "2000",
+    "--appendonly",
+    "yes",
+    "--repl-diskless-sync-delay",
+    "0",
+];
+
+impl RedisCluster {
+    /// Starts the nodes, creates the cluster and waits until it is stable (see the type's
+    /// docs).
+    ///
+    /// # Panics
+    ///
+    /// If `redis-server` or `redis-cli` is missing, or the cluster does not form within
+    /// 30 s (the message carries each node's view and log tail).
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("tickflow-cluster-")
+            .tempdir()
+            .expect("create a temporary directory for the cluster");
+        // Built first, so that a panic below still kills the nodes started so far.
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            dir,
+        };
+        for _ in 0..CLUSTER_MASTERS * 2 {
+            let node = cluster.start_node();
+            cluster.nodes.push(node);
+        }
+        cluster.create();
+        cluster.wait_until_stable();
+        cluster
+    }
+
+    /// `REDIS_URL` for cluster mode: every node's URL, comma-separated.
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|node| format!("redis://127.0.0.1:{}", node.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Every node's port, whether running or not.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|node| node.port).collect()
+    }
+
+    /// The port of the master serving `key`'s slot (hash tags honoured), as a running node
+    /// sees it now.
+    ///
+    /// # Panics
+    ///
+    /// If no running node answers, or none knows a live master for the slot (during a
+    /// failover: call [`Self::wait_until_stable`] first).
+    pub fn node_for_key(&self, key: &str) -> u16 {
+        let port = self.running_ports()[0];
+        let slot = match Conn::open(port)
+            .and_then(|mut c| c.command(&resp_command(&[b"CLUSTER", b"KEYSLOT", key.as_bytes()])))
+        {
+            Ok(Reply::Integer(slot)) => slot as usize,
+            other => panic!("CLUSTER KEYSLOT on port {port} answered {other:?}"),
+        };
+        let view = parse_cluster_nodes(&text_command(port, "CLUSTER NODES"));
+        view.iter()
+            .find(|node| node.is_live() && node.is_master() && node.serves(slot))
+            .map(|node| node.port)
+            .unwrap_or_else(|| panic!("no live master serves slot {slot} of {key:?}:\n{view:#?}"))
+    }
+
+    /// Crashes (`SIGKILL`) the master serving `key`'s slot and returns its port. Its replica
+    /// is promoted after [`CLUSTER_NODE_TIMEOUT`] and a second or so; until then that
+    /// slot's commands fail (`CLUSTERDOWN` once the cluster noticed). Writes the replica had
+    /// not received are lost, as in production.
+    pub fn kill_master_serving(&mut self, key: &str) -> u16 {
+        let port = self.node_for_key(key);
+        self.node_mut(port).kill();
+        port
+    }
+
+    /// Starts the node on `port` again (killing it first if it runs), with its data and its
+    /// `nodes.conf`: it rejoins the cluster, as a replica if it was failed over meanwhile.
+    /// Follow with [`Self::wait_until_stable`].
+    ///
+    /// # Panics
+    ///
+    /// If `port` is not a node's, or the node does not come back within 10 s.
+    pub fn restart_node(&mut self, port: u16) {
+        let node = self.node_mut(port);
+        node.kill();
+        let deadline = Instant::now() + REBIND_TIMEOUT;
+        loop {
+            let mut child = spawn(&node.dir, port, RedisOptions::default(), CLUSTER_NODE_ARGS);
+            match wait_ready(&mut child, port) {
+                Ok(()) => {
+                    node.child = Some(child);
+                    return;
+                }
+                Err(StartFailure::Exited(status)) if Instant::now() < deadline => {
+                    let _ = status;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(failure) => {
+                    reap(&mut child);
+                    panic!(
+                        "cluster node {port} did not come back ({failure:?})\n{}",
+                        log_tail(&node.dir)
+                    );
+                }
+            }
+        }
+    }
+
+    /// Whether the node on `port` runs.
+    pub fn is_running(&self, port: u16) -> bool {
+        self.nodes
+            .iter()
+            .any(|node| node.port == port && node.child.is_some())
+    }
+
+    /// Waits until the cluster is whole again with the nodes that run: every running node
+    /// reports `cluster_state:ok` with all 16 384 slots served and sees exactly the running
+    /// nodes as live, [`CLUSTER_MASTERS`] of them masters that serve every slot, the others
+    /// replicas whose link to their master is up. After [`Self::kill_master_serving`] that
+    /// is the failover done (its replica promoted); after [`Self::restart_node`], the node
+    /// back as a replica.
+    ///
+    /// # Panics
+    ///
+    /// After 30 s, with what the last check found and each running node's view.
+    pub fn wait_until_stable(&self) {
+        let deadline = Instant::now() + CLUSTER_STABLE_TIMEOUT;
+        loop {
+            let problem = match self.instability() {
+                None => return,
+                Some(problem) => problem,
+            };
+            if Instant::now() >= deadline {
+                let mut report = String::new();
+                for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                    report.push_str(&format!(
+                        "--- CLUSTER NODES on {} ---\n{}\n{}",
+                        node.port,
+                        text_command(node.port, "CLUSTER NODES"),
+                        log_tail(&node.dir)
+                    ));
+                }
+                panic!(
+                    "the cluster was not stable within {CLUSTER_STABLE_TIMEOUT:?}: {problem}\n{report}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What keeps the cluster from being stable, or `None` (see [`Self::wait_until_stable`]).
+    fn instability(&self) -> Option<String> {
+        self.running_ports()
+            .into_iter()
+            .find_map(|port| self.node_instability(port).err())
+    }
+
+    /// Why the node on `port` does not see a stable cluster yet.
+    fn node_instability(&self, port: u16) -> Result<(), String> {
+        let running: BTreeSet<u16> = self.running_ports().into_iter().collect();
+        let ask = |command: &str| {
+            try_text_command(port, command).map_err(|e| format!("node {port}: {command}: {e}"))
+        };
+        let info = ask("CLUSTER INFO")?;
+        if !info.contains("cluster_state:ok")
+            || !info.contains(&format!("cluster_slots_ok:{CLUSTER_SLOT_COUNT}"))
+        {
+            return Err(format!("node {port}: not ok or not every slot served"));
+        }
+        let view = parse_cluster_nodes(&ask("CLUSTER NODES")?);
+        let live: BTreeSet<u16> = view
+            .iter()
+            .filter(|n| n.is_live())
+            .map(|n| n.port)
+            .collect();
+        if live != running {
+            return Err(format!("node {port} sees {live:?} live, {running:?} run"));
+        }
+        let masters: Vec<&ViewedNode> = view
+            .iter()
+            .filter(|n| n.is_live() && n.is_master())
+            .collect();
+        let served: usize = masters.iter().map(|n| n.slot_count()).sum();
+        if masters.len() != CLUSTER_MASTERS || served != CLUSTER_SLOT_COUNT {
+            return Err(format!(
+                "node {port} sees {} masters serving {served} slots",
+                masters.len()
+            ));
+        }
+        let is_master = view
+            .iter()
+            .find(|n| n.flags.iter().any(|f| f == "myself"))
+            .ok_or_else(|| format!("node {port} does not list itself"))?
+            .is_master();
+        if !is_master && !ask("INFO replication")?.contains("master_link_status:up") {
+            return Err(format!("replica {port}: link to its master not up"));
+        }
+        Ok(())
+    }
+
+    fn running_ports(&self) -> Vec<u16> {
+        let ports: Vec<u16> = self
+            .nodes
+            .iter()
+            .filter(|node| node.child.is_some())
+            .map(|node| node.port)
+            .collect();
+        assert!(!ports.is_empty(), "no node of the cluster runs");
+        ports
+    }
+
+    fn node_mut(&mut self, port: u16) -> &mut ClusterNode {
+        self.nodes
+            .iter_mut()
+            .find(|node| node.port == port)
+            .unwrap_or_else(|| panic!("no cluster node on port {port}"))
+    }
+
+    /// Starts one node on a fresh port pair in its own directory.
+    fn start_node(&self) -> ClusterNode {
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            let port = free_cluster_port();
+            let dir = self.dir.path().join(format!("node-{port}"));
+            fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+            let mut child = spawn(&dir, port, RedisOptions::default(), CLUSTER_NODE_ARGS);
+            match wait_ready(&mut child, port) {
+                Ok(()) => {
+                    return ClusterNode {
+                        port,
+                        dir,
+                        child: Some(child),
+                    };
+                }
+                Err(StartFailure::Exited(status)) => {
+                    failures.push(format!("port {port}: exited with {status}"));
+                }
+                Err(StartFailure::Timeout) => {
+                    reap(&mut child);
+                    panic!(
+                        "cluster node on port {port} did not answer PING within {READY_TIMEOUT:?}\n{}",
+                        log_tail(&dir)
+                    );
+                }
+            }
+        }
+        panic!(
+            "no cluster node started after {START_ATTEMPTS} attempts ({})",
+            failures.join("; ")
+        );
+    }
+
+    /// `redis-cli --cluster create` over every node, one replica per master.
+    fn create(&self) {
+        let mut cmd = Command::new(REDIS_CLI_BIN);
+        cmd.args(["--cluster", "create"]);
+        for node in &self.nodes {
+            cmd.arg(format!("127.0.0.1:{}", node.port));
+        }
+        cmd.args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null());
+        let output = match cmd.output() {
+            Ok(output) => output,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => panic!(
+                "`{REDIS_CLI_BIN}` was not found on PATH. The cluster tests need it: install \
+                 it (e.g. `sudo apt-get install redis-server`, which brings redis-tools)."
+            ),
+            Err(e) => panic!("failed to run `{REDIS_CLI_BIN}`: {e}"),
+        };
+        if !output.status.success() {
+            panic!(
+                "`redis-cli --cluster create` failed ({}):\n{}\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+}
+
+impl ClusterNode {
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            reap(&mut child);
+        }
+    }
+}
+
+/// One line of `CLUSTER NODES`: `<id> <ip:port@bus[,host]> <flags> <master> <ping-sent>
+/// <pong-recv> <epoch> <link> <slot or range>…`.
+#[derive(Debug)]
+struct ViewedNode {
+    port: u16,
+    flags: Vec<String>,
+    /// Inclusive slot ranges served (importing/migrating markers `[…]` left out).
+    slots: Vec<(usize, usize)>,
+}
+
+impl ViewedNode {
+    fn is_master(&self) -> bool {
+        self.flags.iter().any(|f| f == "master")
+    }
+
+    /// Neither failed, suspected, still joining nor without an address.
+    fn is_live(&self) -> bool {
+        !self
+            .flags
+            .iter()
+            .any(|f| matches!(f.as_str(), "fail" | "fail?" | "handshake" | "noaddr"))
+    }
+
+    fn serves(&self, slot: usize) -> bool {
+        self.slots
+            .iter()
+            .any(|(low, high)| (*low..=*high).contains(&slot))
+    }
+
+    fn slot_count(&self) -> usize {
+        self.slots.iter().map(|(low, high)| high - low + 1).sum()
+    }
+}
+
+fn parse_cluster_nodes(text: &str) -> Vec<ViewedNode> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let address = fields.get(1)?.split(['@', ',']).next()?;
+            let port = address.rsplit(':').next()?.parse().ok()?;
+            let slots = fields
+                .get(8..)
+                .unwrap_or_default()
+                .iter()
+                .filter(|s| !s.starts_with('['))
+                .filter_map(|s| match s.split_once('-') {
+                    Some((low, high)) => Some((low.parse().ok()?, high.parse().ok()?)),
+                    None => s.parse().ok().map(|slot| (slot, slot)),
+                })
+                .collect();
+            Some(ViewedNode {
+                port,
+                flags: fields.get(2)?.split(',').map(str::to_owned).collect(),
+                slots,
+            })
+        })
+        .collect()
+}
+
+/// A RESP array of `args`, for commands whose arguments may hold spaces.
+fn resp_command(args: &[&[u8]]) -> Vec<u8> {
+    let mut raw = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        raw.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        raw.extend_from_slice(arg);
+        raw.extend_from_slice(b"\r\n");
+    }
+    raw
+}
+
+/// The text an inline command (`CLUSTER NODES`, `INFO replication`) answers on `port`.
+fn try_text_command(port: u16, command: &str) -> io::Result<String> {
+    match Conn::open(port)?.command(format!("{command}\r\n").as_bytes())? {
+        Reply::Bulk(Some(text)) => Ok(String::from_utf8_lossy(&text).into_owned()),
+        other => Err(io::Error::other(format!("{command} answered {other:?}"))),
+    }
+}
+
+/// [`try_text_command`], or the error as text (for panic messages and views that must be
+/// there).
+fn text_command(port: u16, command: &str) -> String {
+    try_text_command(port, command).unwrap_or_else(|e| format!("({command} on {port}: {e})"))
+}
+
 /// A multiplexed connection to `url` for test and benchmark code (asserting, seeding,
 /// counting), whose replies may take up to [`TEST_RESPONSE_TIMEOUT`].
 pub async fn connect(url: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
@@ -336,11 +785,43 @@ pub fn unique_namespace(prefix: &str) -> String {
 ///
 /// If no port can be bound at all (the loopback interface is unusable).
 pub fn free_port() -> u16 {
-    free_port_in(&outside_ephemeral(&ephemeral_port_range()))
+    free_port_in(&outside_ephemeral(&ephemeral_port_range()), None)
 }
 
-/// [`free_port`] picking from `outside`.
-fn free_port_in(outside: &[std::ops::Range<u16>]) -> u16 {
+/// A port for a Redis Cluster node: like [`free_port`], and its cluster bus port (the port
+/// plus 10 000) is free and outside the ephemeral range too, so the port is below 55 536 (a
+/// node whose bus port would pass 65 535 does not start). Neither is handed out again.
+///
+/// # Panics
+///
+/// If no such pair can be bound.
+pub fn free_cluster_port() -> u16 {
+    let outside = outside_ephemeral(&ephemeral_port_range());
+    free_port_in(&cluster_port_ranges(&outside), Some(CLUSTER_BUS_OFFSET))
+}
+
+/// The ports P in `outside` whose bus port P + 10 000 is in `outside` too.
+fn cluster_port_ranges(outside: &[std::ops::Range<u16>]) -> Vec<std::ops::Range<u16>> {
+    let mut ranges = Vec::new();
+    for port_range in outside {
+        for bus_range in outside {
+            let start = port_range
+                .start
+                .max(bus_range.start.saturating_sub(CLUSTER_BUS_OFFSET));
+            let end = port_range
+                .end
+                .min(bus_range.end.saturating_sub(CLUSTER_BUS_OFFSET));
+            if start < end {
+                ranges.push(start..end);
+            }
+        }
+    }
+    ranges
+}
+
+/// [`free_port`] picking from `outside`; with `companion`, the port that far above the
+/// pick must be free as well, and is handed out with it.
+fn free_port_in(outside: &[std::ops::Range<u16>], companion: Option<u16>) -> u16 {
     static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     let mut handed_out = HANDED_OUT
         .lock()
@@ -358,7 +839,7 @@ fn free_port_in(outside: &[std::ops::Range<u16>]) -> u16 {
         0
     })
     .take(if total >= MIN_OUTSIDE_PORTS { 1000 } else { 0 });
-    let port = first_free_port(candidates, &handed_out).unwrap_or_else(|| {
+    let port = first_free_port(candidates, &handed_out, companion).unwrap_or_else(|| {
         let kernel_pick = || -> io::Result<u16> {
             (0..100)
                 .map(|_| {
@@ -366,22 +847,33 @@ fn free_port_in(outside: &[std::ops::Range<u16>]) -> u16 {
                         .local_addr()
                         .map(|a| a.port())
                 })
-                .find(|port| port.as_ref().is_ok_and(|p| !handed_out.contains(p)))
+                .find(|port| {
+                    port.as_ref()
+                        .is_ok_and(|p| first_free_port([*p], &handed_out, companion).is_some())
+                })
                 .unwrap_or_else(|| Err(io::Error::other("every pick was handed out already")))
         };
         kernel_pick().unwrap_or_else(|e| panic!("found no free 127.0.0.1 port: {e}"))
     });
     handed_out.insert(port);
+    if let Some(offset) = companion {
+        handed_out.insert(port + offset);
+    }
     port
 }
 
-/// The first candidate not in `handed_out` that binds now.
+/// The first candidate not in `handed_out` that binds now (with `companion`, the port that
+/// far above it too).
 fn first_free_port(
     candidates: impl IntoIterator<Item = u16>,
     handed_out: &BTreeSet<u16>,
+    companion: Option<u16>,
 ) -> Option<u16> {
+    let free = |port: u16| {
+        port != 0 && !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok()
+    };
     candidates.into_iter().find(|port| {
-        *port != 0 && !handed_out.contains(port) && TcpListener::bind(("127.0.0.1", *port)).is_ok()
+        free(*port) && companion.is_none_or(|offset| port.checked_add(offset).is_some_and(free))
     })
 }
 
@@ -422,7 +914,7 @@ fn ephemeral_port_range() -> std::ops::RangeInclusive<u16> {
         .unwrap_or(32_768..=60_999)
 }
 
-fn spawn(dir: &Path, port: u16, options: RedisOptions) -> Child {
+fn spawn(dir: &Path, port: u16, options: RedisOptions, extra_args: &[&str]) -> Child {
     let stdio = File::options()
         .create(true)
         .append(true)
@@ -444,6 +936,7 @@ fn spawn(dir: &Path, port: u16, options: RedisOptions) -> Child {
     if options.aof {
         cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
     }
+    cmd.args(extra_args);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::from(stdio))
         .stderr(Stdio::from(stderr));
@@ -706,13 +1199,24 @@ mod tests {
             Vec::<std::ops::Range<u16>>::new()
         );
         // With nothing outside, the kernel picks (bindable, not handed out twice).
-        let picks: BTreeSet<u16> = (0..20).map(|_| free_port_in(&[])).collect();
+        let picks: BTreeSet<u16> = (0..20).map(|_| free_port_in(&[], None)).collect();
         assert_eq!(picks.len(), 20);
         assert!(
             picks
                 .iter()
                 .all(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
         );
+    }
+
+    #[test]
+    fn cluster_ports_and_their_bus_ports_are_outside_the_ephemeral_range() {
+        let outside = outside_ephemeral(&(32_768..=60_999));
+        assert_eq!(cluster_port_ranges(&outside), vec![(10_000..22_768)]);
+        for _ in 0..20 {
+            let port = free_cluster_port();
+            assert!(port < 55_536, "{port}");
+            assert!(TcpListener::bind(("127.0.0.1", port + CLUSTER_BUS_OFFSET)).is_ok());
+        }
     }
 
     #[test]
@@ -723,10 +1227,28 @@ mod tests {
         let wanted = free_port();
         let handed_out = BTreeSet::from([given]);
         assert_eq!(
-            first_free_port([held_port, 0, given, wanted], &handed_out),
+            first_free_port([held_port, 0, given, wanted], &handed_out, None),
             Some(wanted)
         );
-        assert_eq!(first_free_port([held_port], &handed_out), None);
+        assert_eq!(first_free_port([held_port], &handed_out, None), None);
+        // A free port whose companion is taken is passed over too.
+        let base = free_port();
+        let (offset, _companion_held) = (1..100)
+            .find_map(|offset| {
+                TcpListener::bind(("127.0.0.1", base.checked_add(offset)?))
+                    .ok()
+                    .map(|listener| (offset, listener))
+            })
+            .unwrap();
+        let nothing_handed_out = BTreeSet::new();
+        assert_eq!(
+            first_free_port([base], &nothing_handed_out, None),
+            Some(base)
+        );
+        assert_eq!(
+            first_free_port([base], &nothing_handed_out, Some(offset)),
+            None
+        );
     }
 
     #[test]
