@@ -36,8 +36,9 @@ use std::{
 };
 
 use prost::Message;
-use redis::{Value, aio::MultiplexedConnection};
+use redis::Value;
 use serde_json::Value as Json;
+use streams_core::connection::Connection;
 use streams_core::{
     App, Env, Envelope, KeySpace, Partition, Redis,
     testing::{RedisOptions, RedisServer, unique_namespace},
@@ -125,6 +126,9 @@ pub struct Options {
     pub ingest_env: Vec<(String, String)>,
     /// Prefix of the namespace (`t-<prefix>-…`).
     pub name: String,
+    /// Run on a real 3-master Redis Cluster (`TICKFLOW_REDIS_MODE=cluster`) instead of a
+    /// single redis-server.
+    pub cluster: bool,
 }
 
 impl Default for Options {
@@ -137,6 +141,45 @@ impl Default for Options {
             env: Vec::new(),
             ingest_env: Vec::new(),
             name: "e2e".into(),
+            cluster: false,
+        }
+    }
+}
+
+/// Where a harness's Redis runs: one redis-server, or a Redis Cluster of six.
+#[derive(Debug)]
+pub enum Backend {
+    /// One redis-server.
+    Server(RedisServer),
+    /// Three masters with a replica each.
+    Cluster(streams_core::testing::RedisCluster),
+}
+
+impl Backend {
+    /// `REDIS_URL` for the services: the server's URL, or the cluster's seeds.
+    pub fn url(&self) -> String {
+        match self {
+            Backend::Server(server) => server.url(),
+            Backend::Cluster(cluster) => cluster.seeds(),
+        }
+    }
+
+    /// The variables that point a service at it.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Backend::Server(server) => vec![("REDIS_URL", server.url())],
+            Backend::Cluster(cluster) => vec![
+                ("REDIS_URL", cluster.seeds()),
+                ("TICKFLOW_REDIS_MODE", "cluster".into()),
+            ],
+        }
+    }
+
+    /// The redis-server (the process harness and the chaos test kill and restart it).
+    pub fn into_server(self) -> RedisServer {
+        match self {
+            Backend::Server(server) => server,
+            Backend::Cluster(_) => panic!("this harness runs on one redis-server"),
         }
     }
 }
@@ -144,13 +187,13 @@ impl Default for Options {
 /// What every harness sets up first: a redis-server, a namespace of its own, the demo
 /// reference data, the services' shared variables, and clients.
 pub(crate) struct Ground {
-    pub(crate) server: RedisServer,
+    pub(crate) server: Backend,
     pub(crate) namespace: String,
     pub(crate) keys: KeySpace,
     pub(crate) external_stream: String,
     pub(crate) base_env: Vec<(String, String)>,
     pub(crate) redis: Redis,
-    pub(crate) conn: redis::aio::MultiplexedConnection,
+    pub(crate) conn: Connection,
     pub(crate) http: reqwest::Client,
 }
 
@@ -161,36 +204,46 @@ impl Ground {
         partitions: u32,
         extra_env: &[(String, String)],
         redis_options: RedisOptions,
+        cluster: bool,
     ) -> Self {
-        let server = RedisServer::start_with(redis_options);
+        let server = if cluster {
+            Backend::Cluster(streams_core::testing::RedisCluster::start())
+        } else {
+            Backend::Server(RedisServer::start_with(redis_options))
+        };
         let namespace = unique_namespace(name);
         let keys = KeySpace::new(namespace.clone(), partitions);
         let external_stream = format!("{namespace}:ingest_stream");
         let log_filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
-        let mut base_env: Vec<(String, String)> = [
-            ("REDIS_URL", server.url()),
-            ("TICKFLOW_NAMESPACE", namespace.clone()),
-            ("TICKFLOW_PARTITIONS", partitions.to_string()),
-            ("TICKFLOW_BLOCK_MS", "100".into()),
-            ("TICKFLOW_LEASE_TTL_MS", "600".into()),
-            ("TICKFLOW_CLAIM_IDLE_MS", "500".into()),
-            ("TICKFLOW_TRIM_INTERVAL_MS", "0".into()),
-            ("TICKFLOW_SHUTDOWN_GRACE_MS", "5000".into()),
-            ("TICKFLOW_POOL_SIZE", "8".into()),
-            ("INGEST_STREAMS", external_stream.clone()),
-            ("REFDATA_REFRESH_MS", "200".into()),
-            ("RUST_LOG", log_filter),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
+        let mut base_env: Vec<(String, String)> = server
+            .env()
+            .into_iter()
+            .chain([
+                ("TICKFLOW_NAMESPACE", namespace.clone()),
+                ("TICKFLOW_PARTITIONS", partitions.to_string()),
+                ("TICKFLOW_BLOCK_MS", "100".into()),
+                ("TICKFLOW_LEASE_TTL_MS", "600".into()),
+                ("TICKFLOW_CLAIM_IDLE_MS", "500".into()),
+                ("TICKFLOW_TRIM_INTERVAL_MS", "0".into()),
+                ("TICKFLOW_SHUTDOWN_GRACE_MS", "5000".into()),
+                ("TICKFLOW_POOL_SIZE", "8".into()),
+                ("INGEST_STREAMS", external_stream.clone()),
+                ("REFDATA_REFRESH_MS", "200".into()),
+                ("RUST_LOG", log_filter),
+            ])
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
         base_env.extend(extra_env.iter().cloned());
-        let redis = Redis::new(&server.url(), 4).expect("redis handle");
+        let redis = match &server {
+            Backend::Server(server) => Redis::new(&server.url(), 4),
+            Backend::Cluster(cluster) => Redis::new_cluster(&cluster.seeds()),
+        }
+        .expect("redis handle");
         let loaded = transform::refdata::load_file(&redis, &keys, DEMO_INSTRUMENTS)
             .await
             .expect("load demo/instruments.json into Redis");
         assert!(loaded > 0, "demo/instruments.json has instruments");
-        let conn = server.connect().await;
+        let conn: Connection = redis.pooled().await.expect("a connection").clone();
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(15))
@@ -297,10 +350,10 @@ pub struct Pipeline {
     base_env: Vec<(String, String)>,
     ingest_env: Vec<(String, String)>,
     http: reqwest::Client,
-    conn: MultiplexedConnection,
+    conn: Connection,
     redis: Redis,
     // Last, so that it is dropped (killed) after the services' tokens are cancelled.
-    server: RedisServer,
+    server: Backend,
 }
 
 impl fmt::Debug for Pipeline {
@@ -336,6 +389,7 @@ impl Pipeline {
             options.partitions,
             &options.env,
             RedisOptions::default(),
+            options.cluster,
         )
         .await;
 
@@ -504,7 +558,7 @@ impl Pipeline {
     }
 
     /// A connection to the pipeline's Redis.
-    pub fn conn(&self) -> MultiplexedConnection {
+    pub fn conn(&self) -> Connection {
         self.conn.clone()
     }
 
@@ -975,11 +1029,7 @@ pub(crate) async fn ingest_client(
 }
 
 /// `XADD <stream> * field value ...`; returns the entry id.
-pub(crate) async fn xadd(
-    conn: &mut redis::aio::MultiplexedConnection,
-    stream: &str,
-    fields: &[(&str, &str)],
-) -> String {
+pub(crate) async fn xadd(conn: &mut Connection, stream: &str, fields: &[(&str, &str)]) -> String {
     let mut cmd = redis::cmd("XADD");
     cmd.arg(stream).arg("*");
     for (name, value) in fields {
@@ -993,7 +1043,7 @@ pub(crate) async fn xadd(
 /// Every entry of every partition of the logical stream `stream`, decoded as envelopes,
 /// ordered by stream id (partitions interleaved by time).
 pub(crate) async fn stream_entries(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut Connection,
     keys: &KeySpace,
     stream: &str,
 ) -> Vec<StreamEntry> {
@@ -1020,10 +1070,7 @@ pub type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Every entry of `key`, read in pages (one reply with a long stream would take longer
 /// than a response may).
-pub(crate) async fn xrange(
-    conn: &mut redis::aio::MultiplexedConnection,
-    key: &str,
-) -> Vec<(String, Fields)> {
+pub(crate) async fn xrange(conn: &mut Connection, key: &str) -> Vec<(String, Fields)> {
     const PAGE: usize = 1_000;
     let mut all = Vec::new();
     let mut start = "-".to_owned();
@@ -1051,7 +1098,7 @@ pub(crate) async fn xrange(
 /// `Ok` when, for the external stream and every partition of the inbound, validated and
 /// market streams, the consuming group has read every entry and has nothing pending.
 pub(crate) async fn check_settled(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut Connection,
     keys: &KeySpace,
     external_stream: &str,
 ) -> Result<(), String> {
@@ -1077,7 +1124,7 @@ pub(crate) async fn check_settled(
 /// `(lag, pending)` of `group` on `stream`: `lag` counts the entries after the group's
 /// last delivered one (`None` when the group does not exist).
 pub(crate) async fn group_backlog(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut Connection,
     stream: &str,
     group: &str,
 ) -> (Option<i64>, i64) {

@@ -29,8 +29,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redis::aio::MultiplexedConnection;
 use serde_json::Value as Json;
+use streams_core::connection::Connection;
 use streams_core::{
     KeySpace,
     testing::{RedisOptions, RedisServer},
@@ -214,7 +214,7 @@ pub struct ProcessPipeline {
     keys: KeySpace,
     external_stream: String,
     http: reqwest::Client,
-    conn: MultiplexedConnection,
+    conn: Connection,
     logs: TempDir,
     // Last, so that it is killed after the processes.
     server: RedisServer,
@@ -248,8 +248,10 @@ impl ProcessPipeline {
             options.partitions,
             &options.env,
             options.redis,
+            false,
         )
         .await;
+        let server = server.into_server();
         let env: BTreeMap<String, String> = base_env.into_iter().collect();
         let logs = tempfile::Builder::new()
             .prefix("tickflow-e2e-logs-")
@@ -362,7 +364,7 @@ impl ProcessPipeline {
     }
 
     /// A connection to the pipeline's Redis.
-    pub fn conn(&self) -> MultiplexedConnection {
+    pub fn conn(&self) -> Connection {
         self.conn.clone()
     }
 
@@ -410,7 +412,12 @@ impl ProcessPipeline {
     /// reconnects [`Self::conn`].
     pub async fn restart_redis(&mut self) {
         self.server.restart();
-        self.conn = self.server.connect().await;
+        self.conn = streams_core::Redis::new(&self.server.url(), 1)
+            .expect("redis handle")
+            .pooled()
+            .await
+            .expect("a connection to the restarted redis-server")
+            .clone();
     }
 
     fn slot(&mut self, role: Role, index: usize) -> &mut ServiceProcess {

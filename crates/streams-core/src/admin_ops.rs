@@ -72,8 +72,8 @@ pub struct PartitionStatus {
 /// stream, XLEN of its dead-letter stream, GET of its lease, XINFO GROUPS, XINFO CONSUMERS.
 const STATUS_COMMANDS_PER_SOURCE: usize = 5;
 
-/// Reads the status of every source for `group` in one pipeline: one pooled connection
-/// and one round trip, however many partitions there are, so that a status request does
+/// Reads the status of every source for `group` at once ([`crate::connection::query_each`]):
+/// one pooled connection and one round trip per node, however many partitions there are, so that a status request does
 /// not take a connection per partition from the pool the stages need.
 pub(crate) async fn partition_statuses(
     redis: &Redis,
@@ -84,23 +84,29 @@ pub(crate) async fn partition_statuses(
     if sources.is_empty() {
         return Ok(Vec::new());
     }
-    let mut pipe = redis::pipe();
+    let mut cmds = Vec::with_capacity(sources.len() * STATUS_COMMANDS_PER_SOURCE);
     for source in sources {
-        pipe.cmd("XLEN").arg(&*source.stream);
-        pipe.cmd("XLEN").arg(&source.dead_letter);
-        pipe.cmd("GET").arg(&source.lease);
+        cmds.push(redis::cmd("XLEN").arg(&*source.stream).clone());
+        cmds.push(redis::cmd("XLEN").arg(&source.dead_letter).clone());
+        cmds.push(redis::cmd("GET").arg(&source.lease).clone());
         // Both XINFO calls fail when the stream or the group does not exist yet; that
         // leaves the group's part of the status empty, as for a stage not started.
-        pipe.cmd("XINFO").arg("GROUPS").arg(&*source.stream);
-        pipe.cmd("XINFO")
-            .arg("CONSUMERS")
-            .arg(&*source.stream)
-            .arg(group);
+        cmds.push(
+            redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&*source.stream)
+                .clone(),
+        );
+        cmds.push(
+            redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg(&*source.stream)
+                .arg(group)
+                .clone(),
+        );
     }
-    let mut conn = redis.pooled().await?;
-    let replies: Vec<redis::RedisResult<Value>> =
-        pipe.ignore_errors().query_async(&mut *conn).await?;
-    drop(conn);
+    let conn: crate::connection::Connection = redis.pooled().await?.clone();
+    let replies = crate::connection::query_each(&conn, cmds).await;
     if replies.len() != sources.len() * STATUS_COMMANDS_PER_SOURCE {
         return Err(crate::error::StreamsError::Protocol(format!(
             "{} replies to a status pipeline of {} commands",
@@ -175,13 +181,20 @@ pub(crate) async fn backlog_gauges(
     source: &Source,
     group: &str,
 ) -> Result<(u64, Option<u64>, u64, u64)> {
-    let mut conn = redis.pooled().await?;
-    let mut pipe = redis::pipe();
-    pipe.cmd("XLEN").arg(&*source.stream);
-    pipe.cmd("XLEN").arg(&source.dead_letter);
-    pipe.cmd("XINFO").arg("GROUPS").arg(&*source.stream);
-    let replies: Vec<redis::RedisResult<Value>> =
-        pipe.ignore_errors().query_async(&mut *conn).await?;
+    let conn: crate::connection::Connection = redis.pooled().await?.clone();
+    // The dead-letter stream of an external input is in another slot than the input.
+    let replies = crate::connection::query_each(
+        &conn,
+        vec![
+            redis::cmd("XLEN").arg(&*source.stream).clone(),
+            redis::cmd("XLEN").arg(&source.dead_letter).clone(),
+            redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&*source.stream)
+                .clone(),
+        ],
+    )
+    .await;
     let int = |r: &redis::RedisResult<Value>| {
         r.as_ref()
             .ok()

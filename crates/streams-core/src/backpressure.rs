@@ -54,15 +54,14 @@ impl Backlog {
     /// group does not exist yet counts its whole length; when Redis cannot tell the lag
     /// (after trimming undelivered entries), the stream length stands in for it.
     pub async fn measure(&self) -> Result<u64> {
-        let mut conn = self.redis.pooled().await?;
-        let mut pipe = redis::pipe();
+        let conn: crate::connection::Connection = self.redis.pooled().await?.clone();
+        let mut cmds = Vec::with_capacity(self.streams.len() * 2);
         for stream in &self.streams {
-            pipe.cmd("XLEN").arg(stream);
-            pipe.cmd("XINFO").arg("GROUPS").arg(stream);
+            cmds.push(redis::cmd("XLEN").arg(stream).clone());
+            cmds.push(redis::cmd("XINFO").arg("GROUPS").arg(stream).clone());
         }
         // XINFO fails on a stream that does not exist yet: that partition's backlog is 0.
-        let replies: Vec<redis::RedisResult<Value>> =
-            pipe.ignore_errors().query_async(&mut *conn).await?;
+        let replies = crate::connection::query_each(&conn, cmds).await;
         let mut total = 0u64;
         for pair in replies.chunks(2) {
             let length = match &pair[0] {

@@ -583,6 +583,21 @@ pub fn client(url: &str) -> redis::RedisResult<Client> {
     Client::open(info)
 }
 
+/// Sends `cmds` at once and returns each one's reply or error, in order. A pipeline may not
+/// cross slots on a Redis Cluster, so the commands go as single requests, concurrently: a
+/// multiplexed connection (a server's, or the cluster connection's per node) still writes
+/// them together, so they cost one round trip per node, as a pipeline would.
+pub async fn query_each<C>(conn: &C, cmds: Vec<redis::Cmd>) -> Vec<redis::RedisResult<redis::Value>>
+where
+    C: ConnectionLike + Clone + Send,
+{
+    futures::future::join_all(cmds.into_iter().map(|cmd| {
+        let mut conn = conn.clone();
+        async move { cmd.query_async::<redis::Value>(&mut conn).await }
+    }))
+    .await
+}
+
 /// rustls needs a process-wide crypto provider before the first `rediss://` connection.
 fn install_tls_provider() {
     static INSTALLED: std::sync::Once = std::sync::Once::new();

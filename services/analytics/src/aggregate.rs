@@ -143,13 +143,10 @@ impl AnalyticsKeys {
     /// API's reader).
     pub async fn unknown_symbol_rejections(
         &self,
-        conn: &mut impl redis::aio::ConnectionLike,
+        conn: &mut (impl redis::aio::ConnectionLike + Clone + Send),
     ) -> redis::RedisResult<std::collections::BTreeMap<String, u64>> {
-        let mut pipe = redis::pipe();
-        for partition in self.partitions() {
-            pipe.cmd("HGETALL").arg(self.unknown_symbols(partition));
-        }
-        let hashes: Vec<HashMap<String, u64>> = pipe.query_async(conn).await?;
+        let hashes: Vec<HashMap<String, u64>> =
+            hgetall_each(conn, self.partitions().map(|p| self.unknown_symbols(p))).await?;
         let mut summed = std::collections::BTreeMap::new();
         for (code, count) in hashes.into_iter().flatten() {
             *summed.entry(code).or_default() += count;
@@ -175,19 +172,32 @@ impl AnalyticsKeys {
     /// reader of the histograms (the query API and `tickflow bench --attach` use it).
     pub async fn latency_histogram(
         &self,
-        conn: &mut impl redis::aio::ConnectionLike,
+        conn: &mut (impl redis::aio::ConnectionLike + Clone + Send),
     ) -> redis::RedisResult<std::collections::BTreeMap<u64, u64>> {
-        let mut pipe = redis::pipe();
-        for partition in self.partitions() {
-            pipe.cmd("HGETALL").arg(self.latency(partition));
-        }
-        let hashes: Vec<HashMap<u64, u64>> = pipe.query_async(conn).await?;
+        let hashes: Vec<HashMap<u64, u64>> =
+            hgetall_each(conn, self.partitions().map(|p| self.latency(p))).await?;
         let mut merged = std::collections::BTreeMap::new();
         for (bucket, count) in hashes.into_iter().flatten() {
             *merged.entry(bucket).or_default() += count;
         }
         Ok(merged)
     }
+}
+
+/// HGETALL of every key in `keys`, at once (each partition is a slot of its own on a
+/// cluster, so not as one pipeline).
+async fn hgetall_each<T: redis::FromRedisValue>(
+    conn: &(impl redis::aio::ConnectionLike + Clone + Send),
+    keys: impl Iterator<Item = String>,
+) -> redis::RedisResult<Vec<T>> {
+    let cmds = keys
+        .map(|key| redis::cmd("HGETALL").arg(key).clone())
+        .collect();
+    streams_core::connection::query_each(conn, cmds)
+        .await
+        .into_iter()
+        .map(|reply| reply.and_then(|value| Ok(redis::from_redis_value(value)?)))
+        .collect()
 }
 
 /// How long bars are kept.
