@@ -6,7 +6,8 @@
 //!   their streams every 200 ms, through gRPC and HTTP: every order once, no consumer group
 //!   and no order of its own left behind, and a clear error when it is pointed at the wrong
 //!   partitions.
-//! - `--help` prints the usage; an unknown command fails.
+//! - `--help` prints an overview, each command's help its own examples; an unknown
+//!   command fails; completions are printed for bash, zsh and fish.
 
 use std::{
     io::Read,
@@ -125,32 +126,63 @@ fn a_small_bench_delivers_every_order_exactly_once() {
 }
 
 #[test]
-fn help_prints_the_usage_and_an_unknown_command_fails() {
-    for args in [
-        &["--help"][..],
-        &["help"],
-        &["-h"],
-        &[],
-        &["bench", "--help"],
-        &["load", "-h"],
-        &["bench", "--attach", "--help"],
+fn help_is_per_command_with_examples_and_an_unknown_command_fails() {
+    // The overview names every command; each command's help has its own examples.
+    let commands = ["load", "bench", "serve", "healthcheck", "completions"];
+    for args in [&["--help"][..], &["help"], &["-h"], &[]] {
+        let output = tickflow(args, &[]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{args:?}: {output:?}");
+        for command in commands {
+            assert!(
+                stdout.contains(command),
+                "{args:?} lists {command}: {stdout}"
+            );
+        }
+    }
+    for (args, example) in [
+        (&["bench", "--help"][..], "tickflow bench --attach --grpc"),
+        (
+            &["bench", "--attach", "--help"],
+            "tickflow bench --attach --grpc",
+        ),
+        (&["help", "bench"], "tickflow bench --attach --grpc"),
+        (&["load", "-h"], "tickflow load --rate 1000"),
+        (&["completions", "--help"], "tickflow completions zsh"),
     ] {
         let output = tickflow(args, &[]);
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(output.status.success(), "{args:?}: {output:?}");
+        assert!(stdout.contains(example), "{args:?}: {stdout}");
         assert!(
-            stdout.contains("tickflow bench --attach") && stdout.contains("tickflow load"),
-            "{args:?}: {stdout}"
+            !stdout.contains("tickflow serve engine"),
+            "{args:?} is not the overview"
         );
     }
     for args in [
         &["bnech"][..],
         &["bench", "--nonsense"],
         &["load", "--rate"],
+        &["bench", "--attach", "--partitions", "4"],
     ] {
         let output = tickflow(args, &[]);
         assert!(!output.status.success(), "{args:?}: {output:?}");
         assert!(!output.stderr.is_empty(), "{args:?} says why");
+    }
+}
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef tickflow"),
+        ("fish", "complete -c tickflow"),
+    ] {
+        let output = tickflow(&["completions", shell], &[]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{shell}: {output:?}");
+        assert!(stdout.contains(marker), "{shell}: {stdout}");
+        assert!(stdout.contains("bench"), "{shell} completes the commands");
     }
 }
 
