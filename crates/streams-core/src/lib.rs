@@ -18,6 +18,8 @@
 //! - `scripts`: the Lua scripts that make each step atomic.
 //! - [`backpressure`]: downstream backlog checks for producers.
 //! - [`admin`]: `/livez`, `/readyz`, `/metrics`, `/admin/*`.
+//! - [`inspect`]: typed `XINFO` replies, stage inputs, dead-letter replay and the entry
+//!   decoder for display (the operator CLI's view of a pipeline).
 //! - [`telemetry`], [`shutdown`]: logs, metrics and signals.
 //! - [`healthcheck`]: the `healthcheck` subcommand of every service binary.
 //! - [`app`]: the bootstrap every service's `main.rs` uses.
@@ -38,6 +40,7 @@ pub mod connection;
 pub mod envelope;
 pub mod error;
 pub mod healthcheck;
+pub mod inspect;
 pub mod keys;
 mod maintenance;
 mod ownership;

@@ -16,7 +16,7 @@ use std::{
 };
 
 use serde_json::Value as Json;
-use streams_core::{KeySpace, testing::RedisServer};
+use streams_core::{KeySpace, inspect::GroupInfo, testing::RedisServer};
 use tickflow::local::LocalPipeline;
 use tickflow_proto::topology;
 use transform::refdata::Instrument;
@@ -266,18 +266,9 @@ impl Running {
         let mut conn = streams_core::testing::connect(&self.url).await.unwrap();
         let mut groups = Vec::new();
         for p in self.keys.all_partitions() {
-            let reply: redis::Value = redis::cmd("XINFO")
-                .arg("GROUPS")
-                .arg(self.keys.stream(topology::MARKET, p))
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            groups.push(
-                streams_core::xinfo_records(reply)
-                    .into_iter()
-                    .filter_map(|g| g.get("name").cloned())
-                    .collect(),
-            );
+            let stream = self.keys.stream(topology::MARKET, p);
+            let read = GroupInfo::read(&mut conn, &stream).await.unwrap();
+            groups.push(read.into_iter().map(|g| g.name).collect());
         }
         groups
     }

@@ -43,7 +43,7 @@ use std::{
 use anyhow::{Context, bail};
 use futures::FutureExt;
 use redis::{Value, aio::MultiplexedConnection};
-use streams_core::KeySpace;
+use streams_core::{KeySpace, inspect::GroupInfo};
 use tickflow_proto::{topology, v1};
 use tokio_util::task::AbortOnDropHandle;
 use transform::refdata::Instrument;
@@ -379,7 +379,7 @@ impl Run {
         let mut checked = Vec::new();
         for (index, (ms, seq)) in last_ours {
             let stream = &self.streams[*index];
-            pipe.cmd("XINFO").arg("GROUPS").arg(stream);
+            pipe.add_command(GroupInfo::command(stream));
             pipe.cmd("XPENDING")
                 .arg(stream)
                 .arg(topology::ANALYTICS_GROUP)
@@ -390,10 +390,8 @@ impl Run {
         }
         let replies: Vec<Value> = pipe.query_async(conn).await?;
         for (pair, last) in replies.chunks(2).zip(checked) {
-            let delivered = streams_core::xinfo_records(pair[0].clone())
-                .into_iter()
-                .find(|g| g.get("name").map(String::as_str) == Some(topology::ANALYTICS_GROUP))
-                .and_then(|g| g.get("last-delivered-id").and_then(|id| parse_id(id)));
+            let delivered = GroupInfo::find(pair[0].clone(), topology::ANALYTICS_GROUP)
+                .and_then(|g| parse_id(&g.last_delivered_id));
             let pending = matches!(&pair[1], Value::Array(items) if !items.is_empty());
             if delivered.is_none_or(|d| d < last) || pending {
                 return Ok(false);
@@ -509,9 +507,7 @@ async fn check_partitions(
     let mut pipe = redis::pipe();
     // One past the last: it must not be read, or the pipeline has more partitions.
     for p in 0..=partitions {
-        pipe.cmd("XINFO")
-            .arg("GROUPS")
-            .arg(keys.stream(topology::MARKET, p));
+        pipe.add_command(GroupInfo::command(&keys.stream(topology::MARKET, p)));
     }
     let replies: Vec<redis::RedisResult<Value>> = pipe.ignore_errors().query_async(conn).await?;
     let groups: Vec<Vec<String>> = replies
@@ -520,9 +516,9 @@ async fn check_partitions(
             reply.map_or_else(
                 |_| Vec::new(),
                 |groups| {
-                    streams_core::xinfo_records(groups)
+                    GroupInfo::parse(groups)
                         .into_iter()
-                        .filter_map(|g| g.get("name").cloned())
+                        .map(|g| g.name)
                         .collect()
                 },
             )

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::bail;
 use redis::Value;
-use streams_core::{KeySpace, testing::RedisServer};
+use streams_core::{KeySpace, inspect::GroupInfo, testing::RedisServer};
 use tickflow_proto::{
     topology,
     v1::{self, event::Kind},
@@ -289,20 +289,16 @@ async fn drained(
     ] {
         let mut pipe = redis::pipe();
         for p in keys.all_partitions() {
-            pipe.cmd("XINFO").arg("GROUPS").arg(keys.stream(stream, p));
+            pipe.add_command(GroupInfo::command(&keys.stream(stream, p)));
         }
         let replies: Vec<redis::RedisResult<Value>> =
             pipe.ignore_errors().query_async(conn).await?;
         for reply in replies {
             let Ok(groups) = reply else { continue };
-            for fields in streams_core::xinfo_records(groups) {
-                if fields.get("name").map(String::as_str) != Some(group) {
-                    continue;
-                }
-                let count = |name: &str| fields.get(name).and_then(|v| v.parse::<u64>().ok());
-                if count("lag").unwrap_or(1) + count("pending").unwrap_or(1) > 0 {
-                    return Ok(false);
-                }
+            if let Some(group) = GroupInfo::find(groups, group)
+                && (group.lag != Some(0) || group.pending > 0)
+            {
+                return Ok(false);
             }
         }
     }
