@@ -3,7 +3,7 @@
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
-use crate::{bench, load};
+use crate::{bench, dlq, groups, load, status, tail, top};
 
 /// tickflow: a trading pipeline on Redis Streams, and the tools to run and look at it.
 #[derive(Debug, Parser)]
@@ -21,6 +21,10 @@ pub struct Cli {
 
 const TOP_EXAMPLES: &str = "\
 Examples:
+  tickflow status                               # where events are, per stage and partition
+  tickflow tail inbound --follow                # entries as they come, decoded
+  tickflow dlq list --stage transform           # dead letters and why
+  tickflow top                                  # a live view
   tickflow load --rate 200                      # demo traffic into ingest's gRPC API
   tickflow bench --events 100000                # the end-to-end benchmark
   tickflow bench --attach                       # ... against the running pipeline
@@ -32,6 +36,20 @@ Examples:
 /// Every command.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Each stage's position: length, lag, pending, oldest pending, owner, consumers,
+    /// dead letters, per partition (from Redis; works with every service down).
+    Status(status::StatusArgs),
+    /// Print a stream's entries decoded (envelope, payload, dead-letter reason).
+    Tail(tail::TailArgs),
+    /// A stage's dead letters: list, show, replay, purge.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
+    /// Consumer groups: move a stage's position.
+    #[command(subcommand)]
+    Groups(groups::GroupsCommand),
+    /// A live view: per stage throughput, lag, pending, dead letters, consumers, and the
+    /// end-to-end latency.
+    Top(top::TopArgs),
     /// Send a steady demo load of orders, cancels and ticks through ingest's gRPC API.
     Load(load::LoadOptions),
     /// Measure the pipeline end to end: throughput, latency, CPU, memory, exactly once.
@@ -93,6 +111,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     };
     match command {
+        Command::Status(args) => status::run(args).await,
+        Command::Tail(args) => tail::run(args).await,
+        Command::Dlq(command) => dlq::run(command).await,
+        Command::Groups(command) => groups::run(command).await,
+        Command::Top(args) => top::run(args).await,
         Command::Load(options) => load::load(options).await,
         Command::Bench(args) => {
             let env = streams_core::Env::process();

@@ -3,6 +3,11 @@
 use clap::Parser;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tickflow::cli::run(tickflow::cli::Cli::parse()).await
+async fn main() {
+    if let Err(e) = tickflow::cli::run(tickflow::cli::Cli::parse()).await {
+        // The error and its causes on one line, without a backtrace (RUST_BACKTRACE is
+        // for panics).
+        eprintln!("tickflow: {e:#}");
+        std::process::exit(1);
+    }
 }
