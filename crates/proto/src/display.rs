@@ -27,7 +27,7 @@ impl std::fmt::Display for PayloadError {
         match self {
             PayloadError::UnknownType(t) => write!(f, "no message is known for type {t:?}"),
             PayloadError::Undecodable { event_type, reason } => {
-                write!(f, "not a {event_type} payload: {reason}")
+                write!(f, "not a valid {event_type} message: {reason}")
             }
         }
     }

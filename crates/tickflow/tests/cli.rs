@@ -133,7 +133,18 @@ fn a_small_bench_delivers_every_order_exactly_once() {
 #[test]
 fn help_is_per_command_with_examples_and_an_unknown_command_fails() {
     // The overview names every command; each command's help has its own examples.
-    let commands = ["load", "bench", "serve", "healthcheck", "completions"];
+    let commands = [
+        "status",
+        "tail",
+        "dlq",
+        "groups",
+        "top",
+        "load",
+        "bench",
+        "serve",
+        "healthcheck",
+        "completions",
+    ];
     for args in [&["--help"][..], &["help"], &["-h"], &[]] {
         let output = tickflow(args, &[]);
         let stdout = String::from_utf8_lossy(&output.stdout);
@@ -154,6 +165,15 @@ fn help_is_per_command_with_examples_and_an_unknown_command_fails() {
         (&["help", "bench"], "tickflow bench --attach --grpc"),
         (&["load", "-h"], "tickflow load --rate 1000"),
         (&["completions", "--help"], "tickflow completions zsh"),
+        (&["status", "--help"], "tickflow status --stage engine"),
+        (
+            &["dlq", "replay", "--help"],
+            "tickflow dlq replay --stage engine --id",
+        ),
+        (
+            &["groups", "reset", "--help"],
+            "tickflow groups reset analytics --to start --yes",
+        ),
     ] {
         let output = tickflow(args, &[]);
         let stdout = String::from_utf8_lossy(&output.stdout);
