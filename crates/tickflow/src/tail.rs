@@ -160,6 +160,16 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     let pipeline = args.pipeline.pipeline()?;
     let streams = resolve(&pipeline, &args.stream, args.partition)?;
     let mut conn = pipeline.connection(FOLLOW_BLOCK).await?;
+    if let [(key, None)] = streams.as_slice() {
+        let exists: bool = redis::cmd("EXISTS").arg(key).query_async(&mut conn).await?;
+        if !exists {
+            // Most likely a typo: say so on stderr (with --follow it may still appear).
+            eprintln!(
+                "tickflow: no stream {key:?} in this Redis (the logical streams are inbound, \
+                 validated, market; dlq:<stream> for their dead letters)"
+            );
+        }
+    }
     let paint = Paint::stdout();
     let print = |read: &Read| {
         if args.json {
