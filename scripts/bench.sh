@@ -18,7 +18,7 @@ echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 # figures at the end): 0 means every wake-up goes through the host.
 echo "guest_halt_poll_ns: $(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns 2>/dev/null || echo 'n/a (no haltpoll driver)')"
 
-cargo build --release -p tickflow -p streams-core --features streams-core/test-util --bins --example stage_bench
+cargo build --release -p tickflow -p streams-core --features tickflow/local-bench,streams-core/test-util --bins --example stage_bench
 
 echo
 echo "== one stage (cargo run --release -p streams-core --features test-util --example stage_bench -- --batch 64,256,1024)"

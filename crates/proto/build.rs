@@ -13,10 +13,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());
     }
-    tonic_prost_build::configure()
+    // Serialize on every message, so that `display` shows a payload's fields as JSON:
+    // enums by name (`buy`, not 1), and a oneof's case by its field name (`execution`).
+    let mut config = tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_protos(&files, &[root])?;
+        .type_attribute(".tickflow.v1", "#[derive(serde::Serialize)]")
+        .type_attribute(
+            ".tickflow.v1.Event.kind",
+            "#[serde(rename_all = \"snake_case\")]",
+        )
+        .type_attribute(
+            ".tickflow.v1.MarketEvent.kind",
+            "#[serde(rename_all = \"snake_case\")]",
+        );
+    for (field, name) in [
+        (".tickflow.v1.NewOrder.side", "side"),
+        (".tickflow.v1.NewOrder.type", "order_type"),
+        (".tickflow.v1.ValidatedOrder.side", "side"),
+        (".tickflow.v1.ValidatedOrder.type", "order_type"),
+        (".tickflow.v1.ExecutionReport.status", "exec_status"),
+        (".tickflow.v1.Trade.aggressor", "side"),
+    ] {
+        config = config.field_attribute(
+            field,
+            format!("#[serde(serialize_with = \"crate::display::{name}\")]"),
+        );
+    }
+    config.compile_protos(&files, &[root])?;
     Ok(())
 }
 

@@ -6,6 +6,8 @@
 
 #![allow(missing_debug_implementations, unreachable_pub, clippy::all)]
 
+pub mod display;
+
 /// Generated code of package `tickflow.v1`.
 pub mod v1 {
     tonic::include_proto!("tickflow.v1");

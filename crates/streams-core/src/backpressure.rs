@@ -10,10 +10,9 @@ use std::{
     time::Duration,
 };
 
-use redis::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::{connection::Redis, error::Result, keys::KeySpace, scripts::as_string};
+use crate::{connection::Redis, error::Result, inspect::GroupInfo, keys::KeySpace};
 
 /// The backlog of one group on one logical stream.
 #[derive(Clone, Debug)]
@@ -58,7 +57,7 @@ impl Backlog {
         let mut cmds = Vec::with_capacity(self.streams.len() * 2);
         for stream in &self.streams {
             cmds.push(redis::cmd("XLEN").arg(stream).clone());
-            cmds.push(redis::cmd("XINFO").arg("GROUPS").arg(stream).clone());
+            cmds.push(GroupInfo::command(stream));
         }
         // XINFO fails on a stream that does not exist yet: that partition's backlog is 0.
         let replies = crate::connection::query_each(&conn, cmds).await;
@@ -68,44 +67,15 @@ impl Backlog {
                 Ok(v) => crate::scripts::as_int(v).unwrap_or(0).max(0) as u64,
                 Err(e) => return Err(e.clone().into()),
             };
-            let groups = pair[1].as_ref().unwrap_or(&Value::Nil);
-            total += self.group_backlog(groups, length).unwrap_or(length);
+            let group = pair[1]
+                .as_ref()
+                .ok()
+                .and_then(|groups| GroupInfo::find(groups.clone(), &self.group));
+            total += group.and_then(|g| g.backlog(length)).unwrap_or(length);
         }
         self.value.store(total, Ordering::Relaxed);
         self.known.store(true, Ordering::Relaxed);
         Ok(total)
-    }
-
-    fn group_backlog(&self, groups: &Value, length: u64) -> Option<u64> {
-        let Value::Array(groups) = groups else {
-            return None;
-        };
-        for group in groups {
-            let Value::Array(flat) = group else { continue };
-            let mut name = None;
-            let mut lag = None;
-            let mut pending = 0u64;
-            for pair in flat.chunks(2) {
-                let key = as_string(pair[0].clone()).ok()?;
-                match key.as_str() {
-                    "name" => name = as_string(pair[1].clone()).ok(),
-                    "lag" => {
-                        lag = crate::scripts::as_int(&pair[1])
-                            .ok()
-                            .filter(|_| pair[1] != Value::Nil)
-                    }
-                    "pending" => {
-                        pending = crate::scripts::as_int(&pair[1]).unwrap_or(0).max(0) as u64
-                    }
-                    _ => {}
-                }
-            }
-            if name.as_deref() == Some(self.group.as_str()) {
-                let lag = crate::admin_ops::bounded_lag(lag.map(|l| l.max(0) as u64), length);
-                return lag.map(|lag| lag + pending);
-            }
-        }
-        None
     }
 
     /// The last measured backlog (0 before the first measurement).

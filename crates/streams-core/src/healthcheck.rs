@@ -3,9 +3,11 @@
 //!
 //! The address is the one the service listens on: `HTTP_ADDR` read through the same
 //! [`Env`] as the service, with the service's own default; an unspecified address
-//! (`0.0.0.0`, `[::]`) is reached on the loopback of its family. The check is one plain
-//! HTTP/1.1 `GET /readyz` over a `std::net` socket with a short overall deadline: exit
-//! status 0 on `200`, 1 on anything else, and one line on stdout saying why.
+//! (`0.0.0.0`, `[::]`) is reached on the loopback of its family. The check is one HTTP/1.1
+//! `GET /readyz` with a short overall deadline: exit status 0 on `200`, 1 on anything else,
+//! and one line on stdout saying why. It goes through hyper's HTTP/1 client, which every
+//! service links already (the OTLP exporter's gRPC channel is built on it), on a
+//! current-thread runtime of its own: the check runs before the service's runtime starts.
 //!
 //! A service's `main.rs` calls [`exit_if_requested`] first:
 //!
@@ -14,10 +16,17 @@
 //! ```
 
 use std::{
-    io::{ErrorKind, Read, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
-    time::{Duration, Instant},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
 };
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::{
+    Request, StatusCode,
+    header::{HOST, USER_AGENT},
+};
+use hyper_util::rt::TokioIo;
 
 use crate::config::Env;
 
@@ -28,7 +37,7 @@ pub const COMMAND: &str = "healthcheck";
 /// Kubernetes' usual probe timeouts, so the check reports a reason instead of being killed.
 pub const TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The most of the answer that is read (status line, headers and the start of the body).
+/// The most of an answer's body that is read.
 const MAX_ANSWER: usize = 16 * 1024;
 
 /// The most of the body shown in the one-line reason.
@@ -82,98 +91,59 @@ pub fn target(listen: SocketAddr) -> SocketAddr {
 /// status and the start of the body, which for `/readyz` carries the reason).
 pub fn check(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
     let url = format!("http://{addr}/readyz");
-    let deadline = Instant::now() + timeout;
-    let remaining = || {
-        deadline
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| format!("{url}: no answer within {timeout:?}"))
-    };
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)
-        .map_err(|e| format!("{url}: cannot connect: {}", describe(&e, timeout)))?;
-    stream
-        .set_write_timeout(Some(remaining()?))
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("{url}: cannot start the check: {e}"))?;
+    runtime.block_on(async {
+        tokio::time::timeout(timeout, get_readyz(addr, &url))
+            .await
+            .unwrap_or_else(|_| Err(format!("{url}: no answer within {timeout:?}")))
+    })
+}
+
+/// `GET /readyz` on `addr`: `Ok` on 200, else the reason.
+async fn get_readyz(addr: SocketAddr, url: &str) -> Result<(), String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("{url}: cannot connect: {e}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
         .map_err(|e| format!("{url}: {e}"))?;
-    let request = format!(
-        "GET /readyz HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: tickflow-healthcheck\r\n\
-         Accept: */*\r\nConnection: close\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| format!("{url}: cannot send the request: {}", describe(&e, timeout)))?;
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    while answer.len() < MAX_ANSWER {
-        stream
-            .set_read_timeout(Some(remaining()?))
-            .map_err(|e| format!("{url}: {e}"))?;
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => answer.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            // Enough of the answer to judge it: the connection was cut after the status.
-            Err(_) if has_status_line(&answer) => break,
-            Err(e) => return Err(format!("{url}: no answer: {}", describe(&e, timeout))),
+    // Drives the connection; it ends with the runtime.
+    tokio::spawn(connection);
+    let request = Request::get("/readyz")
+        .header(HOST, addr.to_string())
+        .header(USER_AGENT, "tickflow-healthcheck")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("{url}: {e}"))?;
+    let response = sender.send_request(request).await.map_err(|e| {
+        if e.is_parse() || e.is_incomplete_message() {
+            format!("{url}: not an HTTP answer: {e}")
+        } else {
+            format!("{url}: no answer: {e}")
         }
-        if is_complete(&answer) {
-            break;
-        }
-    }
-    let text = String::from_utf8_lossy(&answer);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status_line = head.lines().next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    let (version, code) = (parts.next().unwrap_or_default(), parts.next());
-    let code: u16 = match (
-        version.starts_with("HTTP/1."),
-        code.and_then(|c| c.parse().ok()),
-    ) {
-        (true, Some(code)) => code,
-        _ => {
-            return Err(format!(
-                "{url}: not an HTTP answer: {:?}",
-                one_line(status_line)
-            ));
-        }
-    };
-    if code == 200 {
+    })?;
+    let status = response.status();
+    if status == StatusCode::OK {
         return Ok(());
     }
-    let status = status_line
-        .split_once(' ')
-        .map(|(_, status)| status)
+    // As much of the body as fits the reason; a body cut short still has its start.
+    let body = Limited::new(response.into_body(), MAX_ANSWER)
+        .collect()
+        .await
+        .map(|body| body.to_bytes())
         .unwrap_or_default();
-    let body = one_line(body);
+    let status = format!(
+        "{} {}",
+        status.as_str(),
+        status.canonical_reason().unwrap_or_default()
+    );
+    let body = one_line(&String::from_utf8_lossy(&body));
     if body.is_empty() {
-        Err(format!("{url} answered {status}"))
+        Err(format!("{url} answered {}", status.trim_end()))
     } else {
-        Err(format!("{url} answered {status}: {body}"))
-    }
-}
-
-fn has_status_line(answer: &[u8]) -> bool {
-    answer.windows(2).any(|w| w == b"\r\n")
-}
-
-/// Whether the whole answer is in: the head, and as much body as Content-Length says.
-fn is_complete(answer: &[u8]) -> bool {
-    let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return false;
-    };
-    let head = String::from_utf8_lossy(&answer[..end]);
-    let length = head.lines().find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case("content-length")
-            .then(|| value.trim().parse::<usize>().ok())?
-    });
-    length.is_some_and(|length| answer.len() >= end + 4 + length)
-}
-
-fn describe(e: &std::io::Error, timeout: Duration) -> String {
-    match e.kind() {
-        ErrorKind::TimedOut | ErrorKind::WouldBlock => format!("timed out after {timeout:?}"),
-        _ => e.to_string(),
+        Err(format!("{url} answered {}: {body}", status.trim_end()))
     }
 }
 
@@ -190,7 +160,7 @@ fn one_line(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::net::TcpListener as StdListener;
+    use std::{net::TcpListener as StdListener, time::Instant};
 
     use axum::{Json, Router, http::StatusCode, routing::get};
     use serde_json::json;

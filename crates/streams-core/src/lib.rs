@@ -19,6 +19,8 @@
 //! - [`backpressure`]: downstream backlog checks for producers.
 //! - [`admin`]: `/livez`, `/readyz`, `/metrics`, `/admin/*`.
 //! - [`http_server`]: the HTTP server of every service, with its bounds.
+//! - [`inspect`]: typed `XINFO` replies, stage inputs, dead-letter replay and the entry
+//!   decoder for display (the operator CLI's view of a pipeline).
 //! - [`telemetry`], [`shutdown`]: logs, metrics and signals.
 //! - [`healthcheck`]: the `healthcheck` subcommand of every service binary.
 //! - [`app`]: the bootstrap every service's `main.rs` uses.
@@ -40,6 +42,7 @@ pub mod envelope;
 pub mod error;
 pub mod healthcheck;
 pub mod http_server;
+pub mod inspect;
 pub mod keys;
 mod maintenance;
 mod ownership;

@@ -235,6 +235,13 @@ impl Telemetry {
 }
 
 /// One JSON object per line, with the trace and span ids of the current span if traced.
+///
+/// Written here rather than with tracing-subscriber's `json()` formatter: that one prints
+/// only a span's recorded fields (nested under `span`), and the OpenTelemetry ids are no
+/// field. A formatter cannot ask the OpenTelemetry layer for them either (tracing does not
+/// dispatch from inside a subscriber), so [`crate::trace_context::stamp`] keeps them in the
+/// span's extensions, which only a formatter of our own reads, at the top level of each
+/// line where log tools look for them. The timestamp is tracing-subscriber's.
 struct JsonWithTrace;
 
 impl<S, N> FormatEvent<S, N> for JsonWithTrace
@@ -302,29 +309,17 @@ impl tracing::field::Visit for JsonVisitor<'_> {
     }
 }
 
+/// Now, in RFC 3339 (UTC, µs), as tracing-subscriber's own formatters write it.
 fn timestamp() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    // RFC 3339 in UTC, computed without a date library (days-from-civil inverse).
-    let secs = now.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        now.subsec_micros()
-    )
+    use tracing_subscriber::fmt::time::FormatTime;
+    let mut text = String::new();
+    if tracing_subscriber::fmt::time::SystemTime
+        .format_time(&mut Writer::new(&mut text))
+        .is_err()
+    {
+        text.clear();
+    }
+    text
 }
 
 /// Installs the Prometheus recorder (once per process) and returns its handle.

@@ -34,8 +34,8 @@
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -420,12 +420,15 @@ impl RedisCluster {
     /// failover: call [`Self::wait_until_stable`] first).
     pub fn node_for_key(&self, key: &str) -> u16 {
         let port = self.running_ports()[0];
-        let slot = match Conn::open(port)
-            .and_then(|mut c| c.command(&resp_command(&[b"CLUSTER", b"KEYSLOT", key.as_bytes()])))
-        {
-            Ok(Reply::Integer(slot)) => slot as usize,
-            other => panic!("CLUSTER KEYSLOT on port {port} answered {other:?}"),
-        };
+        let slot: usize = blocking_connection(port)
+            .and_then(|mut c| {
+                redis::cmd("CLUSTER")
+                    .arg("KEYSLOT")
+                    .arg(key)
+                    .query(&mut c)
+                    .map_err(io::Error::other)
+            })
+            .unwrap_or_else(|e| panic!("CLUSTER KEYSLOT on port {port}: {e}"));
         let view = parse_cluster_nodes(&text_command(port, "CLUSTER NODES"));
         view.iter()
             .find(|node| node.is_live() && node.is_master() && node.serves(slot))
@@ -723,23 +726,14 @@ fn parse_cluster_nodes(text: &str) -> Vec<ViewedNode> {
         .collect()
 }
 
-/// A RESP array of `args`, for commands whose arguments may hold spaces.
-fn resp_command(args: &[&[u8]]) -> Vec<u8> {
-    let mut raw = format!("*{}\r\n", args.len()).into_bytes();
-    for arg in args {
-        raw.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
-        raw.extend_from_slice(arg);
-        raw.extend_from_slice(b"\r\n");
-    }
-    raw
-}
-
 /// The text an inline command (`CLUSTER NODES`, `INFO replication`) answers on `port`.
 fn try_text_command(port: u16, command: &str) -> io::Result<String> {
-    match Conn::open(port)?.command(format!("{command}\r\n").as_bytes())? {
-        Reply::Bulk(Some(text)) => Ok(String::from_utf8_lossy(&text).into_owned()),
-        other => Err(io::Error::other(format!("{command} answered {other:?}"))),
+    let mut conn = blocking_connection(port)?;
+    let mut cmd = redis::Cmd::new();
+    for word in command.split_whitespace() {
+        cmd.arg(word);
     }
+    cmd.query::<String>(&mut conn).map_err(io::Error::other)
 }
 
 /// [`try_text_command`], or the error as text (for panic messages and views that must be
@@ -974,19 +968,37 @@ fn wait_ready(child: &mut Child, port: u16) -> Result<(), StartFailure> {
 
 /// Sends `PING` then `INFO server` and returns the server's `process_id`.
 fn probe(port: u16) -> io::Result<u32> {
-    let mut conn = Conn::open(port)?;
-    match conn.command(b"PING\r\n")? {
-        Reply::Simple(s) if s == "PONG" => {}
-        other => return Err(io::Error::other(format!("PING answered {other:?}"))),
+    let mut conn = blocking_connection(port)?;
+    let pong: String = redis::cmd("PING")
+        .query(&mut conn)
+        .map_err(io::Error::other)?;
+    if pong != "PONG" {
+        return Err(io::Error::other(format!("PING answered {pong:?}")));
     }
-    let info = match conn.command(b"INFO server\r\n")? {
-        Reply::Bulk(Some(info)) => String::from_utf8_lossy(&info).into_owned(),
-        other => return Err(io::Error::other(format!("INFO answered {other:?}"))),
-    };
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query(&mut conn)
+        .map_err(io::Error::other)?;
     info.lines()
         .find_map(|line| line.strip_prefix("process_id:"))
         .and_then(|pid| pid.trim().parse().ok())
         .ok_or_else(|| io::Error::other("INFO server has no process_id"))
+}
+
+/// A blocking connection to the server on `port`, for the readiness probe and this
+/// module's tests: the redis crate's, with short timeouts (a server that is still
+/// starting is asked again soon).
+fn blocking_connection(port: u16) -> io::Result<redis::Connection> {
+    let client =
+        redis::Client::open(format!("redis://127.0.0.1:{port}")).map_err(io::Error::other)?;
+    let conn = client
+        .get_connection_with_timeout(Duration::from_millis(500))
+        .map_err(io::Error::other)?;
+    conn.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(io::Error::other)?;
+    conn.set_write_timeout(Some(Duration::from_secs(2)))
+        .map_err(io::Error::other)?;
+    Ok(conn)
 }
 
 /// `SIGKILL`s the child (if still alive) and waits for it.
@@ -1014,96 +1026,36 @@ fn log_tail(dir: &Path) -> String {
     out
 }
 
-/// A minimal blocking RESP connection: enough for readiness probes and for
-/// the tests below, without depending on the `redis` crate's API.
-#[derive(Debug)]
-struct Conn {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-/// One RESP reply (arrays are not needed here).
-#[derive(Debug, PartialEq, Eq)]
-enum Reply {
-    Simple(String),
-    Error(String),
-    Integer(i64),
-    Bulk(Option<Vec<u8>>),
-}
-
-impl Conn {
-    fn open(port: u16) -> io::Result<Self> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-        stream.set_nodelay(true)?;
-        Ok(Self {
-            writer: stream.try_clone()?,
-            reader: BufReader::new(stream),
-        })
-    }
-
-    /// Writes raw bytes (an inline command or a RESP array) and reads one reply.
-    fn command(&mut self, raw: &[u8]) -> io::Result<Reply> {
-        self.writer.write_all(raw)?;
-        self.read_reply()
-    }
-
-    fn read_reply(&mut self) -> io::Result<Reply> {
-        let mut line = Vec::new();
-        self.reader.read_until(b'\n', &mut line)?;
-        let line = line
-            .strip_suffix(b"\r\n")
-            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "truncated reply"))?;
-        let (&kind, rest) = line
-            .split_first()
-            .ok_or_else(|| io::Error::other("empty reply line"))?;
-        let rest = String::from_utf8_lossy(rest).into_owned();
-        let bad = |what: &str| io::Error::other(format!("bad {what} in reply: {rest:?}"));
-        match kind {
-            b'+' => Ok(Reply::Simple(rest)),
-            b'-' => Ok(Reply::Error(rest)),
-            b':' => rest.parse().map(Reply::Integer).map_err(|_| bad("integer")),
-            b'$' => {
-                let len: i64 = rest.parse().map_err(|_| bad("bulk length"))?;
-                let Ok(len) = usize::try_from(len) else {
-                    return Ok(Reply::Bulk(None));
-                };
-                let mut buf = vec![0; len + 2];
-                self.reader.read_exact(&mut buf)?;
-                buf.truncate(len);
-                Ok(Reply::Bulk(Some(buf)))
-            }
-            _ => Err(bad("type byte")),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const SET_K_V: &[u8] = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n";
-    const GET_K: &[u8] = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+    /// Runs `cmd` on `server` and returns its reply.
+    fn query<T: redis::FromRedisValue>(
+        server: &RedisServer,
+        cmd: &mut redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        let mut conn = blocking_connection(server.port()).unwrap();
+        cmd.query(&mut conn)
+    }
 
-    fn command(server: &RedisServer, raw: &[u8]) -> Reply {
-        Conn::open(server.port())
-            .and_then(|mut c| c.command(raw))
-            .unwrap()
+    fn set_k(server: &RedisServer) {
+        let ok: String = query(server, redis::cmd("SET").arg("k").arg("v")).unwrap();
+        assert_eq!(ok, "OK");
     }
 
     fn get_k(server: &RedisServer) -> Option<Vec<u8>> {
-        match command(server, GET_K) {
-            Reply::Bulk(value) => value,
-            other => panic!("GET answered {other:?}"),
-        }
+        query(server, redis::cmd("GET").arg("k")).unwrap()
     }
 
     fn answers_ping(port: u16) -> bool {
-        Conn::open(port)
-            .and_then(|mut c| c.command(b"PING\r\n"))
-            .is_ok_and(|r| r == Reply::Simple("PONG".into()))
+        blocking_connection(port)
+            .and_then(|mut c| {
+                redis::cmd("PING")
+                    .query::<String>(&mut c)
+                    .map_err(io::Error::other)
+            })
+            .is_ok_and(|pong| pong == "PONG")
     }
 
     #[test]
@@ -1112,7 +1064,7 @@ mod tests {
         assert!(server.is_running());
         assert_eq!(server.url(), format!("redis://127.0.0.1:{}", server.port()));
         assert!(answers_ping(server.port()));
-        assert_eq!(command(&server, SET_K_V), Reply::Simple("OK".into()));
+        set_k(&server);
         assert_eq!(get_k(&server), Some(b"v".to_vec()));
 
         server.kill();
@@ -1126,7 +1078,7 @@ mod tests {
     fn aof_data_survives_kill_and_restart_empty_loses_it() {
         let mut server = RedisServer::start_with(RedisOptions { aof: true });
         let port = server.port();
-        assert_eq!(command(&server, SET_K_V), Reply::Simple("OK".into()));
+        set_k(&server);
 
         server.kill();
         assert!(!answers_ping(port));
@@ -1148,7 +1100,7 @@ mod tests {
     #[test]
     fn without_aof_restart_loses_data() {
         let mut server = RedisServer::start();
-        assert_eq!(command(&server, SET_K_V), Reply::Simple("OK".into()));
+        set_k(&server);
         server.restart();
         assert_eq!(get_k(&server), None);
     }
@@ -1261,15 +1213,12 @@ mod tests {
     }
 
     #[test]
-    fn error_replies_are_parsed() {
+    fn error_replies_are_errors() {
         let server = RedisServer::start();
-        assert!(matches!(
-            command(&server, b"NOSUCHCOMMAND\r\n"),
-            Reply::Error(_)
-        ));
+        assert!(query::<redis::Value>(&server, &mut redis::cmd("NOSUCHCOMMAND")).is_err());
         assert_eq!(
-            command(&server, b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n"),
-            Reply::Integer(1)
+            query::<i64>(&server, redis::cmd("INCR").arg("n")).unwrap(),
+            1
         );
     }
 }

@@ -4,52 +4,41 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tickflow_proto::v1::{self, event::Kind, ingest_service_client::IngestServiceClient};
 
-/// The usage of `tickflow load`, part of `tickflow help`.
-pub const USAGE: &str = "  tickflow load  [--grpc http://127.0.0.1:50051] [--rate 200] [--seconds S] [--symbols AAPL,MSFT] [--seed 7]";
-
 /// `tickflow load`'s options.
-#[derive(Debug)]
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "Examples:
+  tickflow load                                  # 200 events/s to ingest on 127.0.0.1:50051
+  tickflow load --rate 1000 --seconds 60 --symbols AAPL,MSFT
+  INGEST_GRPC=http://ingest:50051 tickflow load")]
 pub struct LoadOptions {
+    /// Ingest's gRPC URL.
+    #[arg(
+        long,
+        env = "INGEST_GRPC",
+        default_value = "http://127.0.0.1:50051",
+        value_name = "URL"
+    )]
     grpc: String,
+    /// Events per second.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
     rate: u64,
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
     seconds: Option<u64>,
+    /// The symbols to trade, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        num_args = 1..,
+        default_value = "AAPL,MSFT,NVDA,TSLA,AMZN"
+    )]
     symbols: Vec<String>,
+    /// The random seed.
+    #[arg(long, default_value_t = 7)]
     seed: u64,
-}
-
-/// Parses `tickflow load`'s arguments.
-pub fn parse_load(args: &[String]) -> anyhow::Result<LoadOptions> {
-    let mut options = LoadOptions {
-        grpc: std::env::var("INGEST_GRPC").unwrap_or_else(|_| "http://127.0.0.1:50051".into()),
-        rate: 200,
-        seconds: None,
-        symbols: ["AAPL", "MSFT", "NVDA", "TSLA", "AMZN"]
-            .map(String::from)
-            .to_vec(),
-        seed: 7,
-    };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--grpc" => options.grpc = value()?.clone(),
-            "--rate" => options.rate = value()?.parse().context("--rate: events per second")?,
-            "--seconds" => {
-                options.seconds = Some(value()?.parse().context("--seconds: a whole number")?)
-            }
-            "--symbols" => options.symbols = value()?.split(',').map(str::to_owned).collect(),
-            "--seed" => options.seed = value()?.parse().context("--seed: a number")?,
-            other => bail!("unknown option {other}; see `tickflow help`"),
-        }
-    }
-    if options.rate == 0 || options.symbols.is_empty() {
-        bail!("--rate must be > 0 and --symbols non-empty");
-    }
-    Ok(options)
 }
 
 /// One symbol's random walk.

@@ -19,26 +19,32 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Four running service processes; killed when dropped, stopped gracefully by
-/// [`LocalPipeline::stop`].
+/// [`LocalPipeline::stop`]. One can be stopped and started again
+/// ([`LocalPipeline::stop_service`], [`LocalPipeline::start_service`]), as an operator
+/// would, to let a backlog build.
 #[derive(Debug)]
 pub struct LocalPipeline {
     services: Vec<Service>,
     grpc_port: u16,
     logs: PathBuf,
+    exe: PathBuf,
+    env: Vec<(String, String)>,
 }
 
-/// One service process.
+/// One service process (none while it is stopped).
 #[derive(Debug)]
 struct Service {
     name: &'static str,
-    child: Child,
+    child: Option<Child>,
     http_port: u16,
 }
 
 impl Drop for Service {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -58,37 +64,79 @@ impl LocalPipeline {
     /// to `logs/NAME.log`. Waits until every service answers `/readyz`.
     pub async fn start(exe: &Path, env: &[(String, String)], logs: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(logs)?;
-        let grpc_port = streams_core::testing::free_port();
-        let mut services = Vec::new();
-        for name in SERVICES {
-            let http_port = streams_core::testing::free_port();
-            let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
-            // Only what it is given: nothing of the caller's environment (OTEL_*, tuning)
-            // changes what is measured or tested.
-            let child = Command::new(exe)
-                .args(["serve", name])
-                .env_clear()
-                .envs(env.iter().cloned())
-                .env("HTTP_ADDR", format!("127.0.0.1:{http_port}"))
-                .env("GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
-                .env("CONSUMER_NAME", format!("{name}-1"))
-                .stdout(Stdio::from(log.try_clone()?))
-                .stderr(Stdio::from(log))
-                .spawn()
-                .with_context(|| format!("starting {name}"))?;
-            services.push(Service {
-                name,
-                child,
-                http_port,
-            });
-        }
         let mut pipeline = Self {
-            services,
-            grpc_port,
+            services: SERVICES
+                .iter()
+                .map(|name| Service {
+                    name,
+                    child: None,
+                    http_port: streams_core::testing::free_port(),
+                })
+                .collect(),
+            grpc_port: streams_core::testing::free_port(),
             logs: logs.to_owned(),
+            exe: exe.to_owned(),
+            env: env.to_vec(),
         };
+        for index in 0..pipeline.services.len() {
+            pipeline.spawn(index)?;
+        }
         pipeline.wait_ready().await?;
         Ok(pipeline)
+    }
+
+    /// Starts service `index` (its log is appended to).
+    fn spawn(&mut self, index: usize) -> anyhow::Result<()> {
+        let service = &mut self.services[index];
+        let name = service.name;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.logs.join(format!("{name}.log")))?;
+        // Only what it is given: nothing of the caller's environment (OTEL_*, tuning)
+        // changes what is measured or tested.
+        let child = Command::new(&self.exe)
+            .args(["serve", name])
+            .env_clear()
+            .envs(self.env.iter().cloned())
+            .env("HTTP_ADDR", format!("127.0.0.1:{}", service.http_port))
+            .env("GRPC_ADDR", format!("127.0.0.1:{}", self.grpc_port))
+            .env("CONSUMER_NAME", format!("{name}-1"))
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        service.child = Some(child);
+        Ok(())
+    }
+
+    fn index_of(&self, name: &str) -> anyhow::Result<usize> {
+        self.services
+            .iter()
+            .position(|s| s.name == name)
+            .with_context(|| format!("no service {name:?}; the services are {SERVICES:?}"))
+    }
+
+    /// Stops `name` with SIGTERM (it finishes its batch and leaves its group's
+    /// membership) and waits until it has exited.
+    pub async fn stop_service(&mut self, name: &str) -> anyhow::Result<()> {
+        let index = self.index_of(name)?;
+        let service = &mut self.services[index];
+        let Some(mut child) = service.child.take() else {
+            return Ok(());
+        };
+        terminate(name, &mut child).await;
+        Ok(())
+    }
+
+    /// Starts `name` again after [`LocalPipeline::stop_service`], on the same ports, and
+    /// waits until it is ready.
+    pub async fn start_service(&mut self, name: &str) -> anyhow::Result<()> {
+        let index = self.index_of(name)?;
+        if self.services[index].child.is_none() {
+            self.spawn(index)?;
+        }
+        self.wait_ready().await
     }
 
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
@@ -96,9 +144,12 @@ impl LocalPipeline {
         let ready_by = Instant::now() + READY_TIMEOUT;
         let logs = &self.logs;
         for service in &mut self.services {
+            let Some(child) = &mut service.child else {
+                continue;
+            };
             let url = format!("http://127.0.0.1:{}/readyz", service.http_port);
             loop {
-                if let Some(status) = service.child.try_wait()? {
+                if let Some(status) = child.try_wait()? {
                     bail!(
                         "{} exited with {status}; see {}",
                         service.name,
@@ -150,32 +201,44 @@ impl LocalPipeline {
     pub fn usage(&self) -> Vec<(&'static str, Usage)> {
         self.services
             .iter()
-            .map(|s| (s.name, process_usage(s.child.id())))
+            .filter_map(|s| Some((s.name, process_usage(s.child.as_ref()?.id()))))
             .collect()
     }
 
     /// Stops every service with SIGTERM (each finishes its batch and flushes its spans)
     /// and waits for it to exit; one still running after [`STOP_TIMEOUT`] is killed.
     pub async fn stop(mut self) {
-        for service in &self.services {
+        let mut running: Vec<(&'static str, Child)> = self
+            .services
+            .iter_mut()
+            .filter_map(|s| Some((s.name, s.child.take()?)))
+            .collect();
+        for (_, child) in &running {
             let _ = Command::new("kill")
-                .args(["-TERM", &service.child.id().to_string()])
+                .args(["-TERM", &child.id().to_string()])
                 .status();
         }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        for service in &mut self.services {
-            while matches!(service.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            if matches!(service.child.try_wait(), Ok(None)) {
-                eprintln!(
-                    "{} did not stop within {STOP_TIMEOUT:?} of SIGTERM; killing it",
-                    service.name
-                );
-            }
-            // Drop kills and reaps what is left.
+        for (name, child) in &mut running {
+            terminate(name, child).await;
         }
     }
+}
+
+/// Sends SIGTERM to `child` (again, if it had it) and waits for it to exit; kills it after
+/// [`STOP_TIMEOUT`].
+async fn terminate(name: &str, child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if matches!(child.try_wait(), Ok(None)) {
+        eprintln!("{name} did not stop within {STOP_TIMEOUT:?} of SIGTERM; killing it");
+        let _ = child.kill();
+    }
+    let _ = child.wait();
 }
 
 /// CPU seconds and peak resident memory of a process, from /proc.

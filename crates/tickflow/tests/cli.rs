@@ -6,7 +6,13 @@
 //!   their streams every 200 ms, through gRPC and HTTP: every order once, no consumer group
 //!   and no order of its own left behind, and a clear error when it is pointed at the wrong
 //!   partitions.
-//! - `--help` prints the usage; an unknown command fails.
+//! - The operator commands against a pipeline with its engine stopped: `status --json`
+//!   shows the backlog, `tail --json` decodes the orders, garbage in front of the engine
+//!   is dead-lettered with its reason (`dlq list`, `show`), `dlq replay` moves it back,
+//!   `purge` needs --yes, `groups reset` is refused while the stage runs and then makes it
+//!   read everything again; `top` in tmux shows the stages and their numbers, and q quits.
+//! - `--help` prints an overview, each command's help its own examples; an unknown
+//!   command fails; completions are printed for bash, zsh and fish.
 
 use std::{
     io::Read,
@@ -15,7 +21,7 @@ use std::{
 };
 
 use serde_json::Value as Json;
-use streams_core::{KeySpace, testing::RedisServer};
+use streams_core::{KeySpace, inspect::GroupInfo, testing::RedisServer};
 use tickflow::local::LocalPipeline;
 use tickflow_proto::topology;
 use transform::refdata::Instrument;
@@ -125,32 +131,83 @@ fn a_small_bench_delivers_every_order_exactly_once() {
 }
 
 #[test]
-fn help_prints_the_usage_and_an_unknown_command_fails() {
-    for args in [
-        &["--help"][..],
-        &["help"],
-        &["-h"],
-        &[],
-        &["bench", "--help"],
-        &["load", "-h"],
-        &["bench", "--attach", "--help"],
+fn help_is_per_command_with_examples_and_an_unknown_command_fails() {
+    // The overview names every command; each command's help has its own examples.
+    let commands = [
+        "status",
+        "tail",
+        "dlq",
+        "groups",
+        "top",
+        "load",
+        "bench",
+        "serve",
+        "healthcheck",
+        "completions",
+    ];
+    for args in [&["--help"][..], &["help"], &["-h"], &[]] {
+        let output = tickflow(args, &[]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{args:?}: {output:?}");
+        for command in commands {
+            assert!(
+                stdout.contains(command),
+                "{args:?} lists {command}: {stdout}"
+            );
+        }
+    }
+    for (args, example) in [
+        (&["bench", "--help"][..], "tickflow bench --attach --grpc"),
+        (
+            &["bench", "--attach", "--help"],
+            "tickflow bench --attach --grpc",
+        ),
+        (&["help", "bench"], "tickflow bench --attach --grpc"),
+        (&["load", "-h"], "tickflow load --rate 1000"),
+        (&["completions", "--help"], "tickflow completions zsh"),
+        (&["status", "--help"], "tickflow status --stage engine"),
+        (
+            &["dlq", "replay", "--help"],
+            "tickflow dlq replay --stage engine --id",
+        ),
+        (
+            &["groups", "reset", "--help"],
+            "tickflow groups reset analytics --to start --yes",
+        ),
     ] {
         let output = tickflow(args, &[]);
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(output.status.success(), "{args:?}: {output:?}");
+        assert!(stdout.contains(example), "{args:?}: {stdout}");
         assert!(
-            stdout.contains("tickflow bench --attach") && stdout.contains("tickflow load"),
-            "{args:?}: {stdout}"
+            !stdout.contains("tickflow serve engine"),
+            "{args:?} is not the overview"
         );
     }
     for args in [
         &["bnech"][..],
         &["bench", "--nonsense"],
         &["load", "--rate"],
+        &["bench", "--attach", "--partitions", "4"],
     ] {
         let output = tickflow(args, &[]);
         assert!(!output.status.success(), "{args:?}: {output:?}");
         assert!(!output.stderr.is_empty(), "{args:?} says why");
+    }
+}
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef tickflow"),
+        ("fish", "complete -c tickflow"),
+    ] {
+        let output = tickflow(&["completions", shell], &[]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{shell}: {output:?}");
+        assert!(stdout.contains(marker), "{shell}: {stdout}");
+        assert!(stdout.contains("bench"), "{shell} completes the commands");
     }
 }
 
@@ -187,6 +244,11 @@ struct Running {
 
 impl Running {
     async fn start(partitions: u32) -> Self {
+        Self::start_with(partitions, &[("TICKFLOW_TRIM_INTERVAL_MS", "200")]).await
+    }
+
+    /// A pipeline with `extra` variables besides the Redis, namespace and partitions.
+    async fn start_with(partitions: u32, extra: &[(&str, &str)]) -> Self {
         let redis = RedisServer::start();
         let url = redis.url();
         let keys = KeySpace::new(
@@ -201,10 +263,10 @@ impl Running {
             ("REDIS_URL", url.clone()),
             ("TICKFLOW_NAMESPACE", keys.namespace().to_owned()),
             ("TICKFLOW_PARTITIONS", partitions.to_string()),
-            ("TICKFLOW_TRIM_INTERVAL_MS", "200".to_owned()),
             ("RUST_LOG", "warn".to_owned()),
         ]
         .into_iter()
+        .chain(extra.iter().map(|(k, v)| (*k, (*v).to_owned())))
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
         let logs = tempfile::tempdir().unwrap();
@@ -234,18 +296,9 @@ impl Running {
         let mut conn = streams_core::testing::connect(&self.url).await.unwrap();
         let mut groups = Vec::new();
         for p in self.keys.all_partitions() {
-            let reply: redis::Value = redis::cmd("XINFO")
-                .arg("GROUPS")
-                .arg(self.keys.stream(topology::MARKET, p))
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            groups.push(
-                streams_core::xinfo_records(reply)
-                    .into_iter()
-                    .filter_map(|g| g.get("name").cloned())
-                    .collect(),
-            );
+            let stream = self.keys.stream(topology::MARKET, p);
+            let read = GroupInfo::read(&mut conn, &stream).await.unwrap();
+            groups.push(read.into_iter().map(|g| g.name).collect());
         }
         groups
     }
@@ -443,4 +496,376 @@ async fn an_attached_bench_stopped_by_sigterm_removes_its_group_and_warns_of_sta
     for groups in &groups[1..] {
         assert_eq!(groups, &["analytics"]);
     }
+}
+
+/// The JSON objects a `--json` command printed, one per line.
+fn json_lines(output: &Output) -> Vec<Json> {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "tickflow failed: {}\nstdout: {stdout}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect()
+}
+
+/// What a command printed on stdout, after checking that it succeeded.
+fn text(output: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "tickflow failed: {}\nstdout: {stdout}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+impl Running {
+    /// `tickflow ARGS` against this pipeline.
+    fn tickflow(&self, args: &[&str]) -> Output {
+        tickflow(args, &self.env(self.keys.partitions()))
+    }
+
+    /// `tickflow status --json`'s stage `stage`.
+    fn stage_status(&self, stage: &str) -> Json {
+        let status = report(&self.tickflow(&["status", "--json", "--stage", stage]));
+        assert_eq!(status["schema"], 1, "{status}");
+        status["stages"][0].clone()
+    }
+
+    /// Polls `stage`'s status until `done` holds (or fails after 60 s).
+    async fn wait_for_stage(&self, stage: &str, what: &str, done: impl Fn(&Json) -> bool) -> Json {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = self.stage_status(stage);
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{stage}: {what}; last status {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Publishes `count` limit orders `op-0`… through ingest's gRPC API.
+    async fn publish_orders(&self, count: usize) {
+        use tickflow_proto::v1;
+        let events = (0..count)
+            .map(|i| v1::Event {
+                kind: Some(v1::event::Kind::NewOrder(v1::NewOrder {
+                    symbol: ["AAA", "BBB", "CCC", "DDD"][i % 4].into(),
+                    side: v1::Side::Buy as i32,
+                    r#type: v1::OrderType::Limit as i32,
+                    price: [100.0, 100.0, 100.0, 10.0][i % 4],
+                    qty: [1.0, 10.0, 100.0, 1.0][i % 4],
+                    client_order_id: format!("op-{i}"),
+                })),
+            })
+            .collect();
+        let mut client =
+            v1::ingest_service_client::IngestServiceClient::connect(self.pipeline.grpc_url())
+                .await
+                .unwrap();
+        let reply = client
+            .publish(v1::PublishRequest { events })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.accepted as usize, count);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_see_a_backlog_read_orders_and_dead_letters_and_replay_them() {
+    // No trimming: the entries the test reads stay in their streams.
+    let mut running = Running::start_with(4, &[("TICKFLOW_TRIM_INTERVAL_MS", "0")]).await;
+
+    // The engine is stopped: what transform validates piles up in front of it.
+    running.pipeline.stop_service("engine").await.unwrap();
+    running.publish_orders(40).await;
+    let engine = running
+        .wait_for_stage("engine", "40 orders waiting", |s| s["totals"]["lag"] == 40)
+        .await;
+    assert_eq!(engine["mode"], "owned");
+    assert_eq!(engine["input"], "validated");
+    assert_eq!(engine["totals"]["backlog"], 40, "{engine}");
+    assert_eq!(engine["totals"]["pending"], 0, "{engine}");
+    let slowest = engine["slowest_partition"]
+        .as_u64()
+        .expect("a slowest partition");
+    let partitions = engine["partitions"].as_array().unwrap();
+    assert_eq!(partitions.len(), 4);
+    let most = partitions.iter().map(|p| p["lag"].as_u64().unwrap()).max();
+    assert_eq!(
+        partitions[slowest as usize]["lag"].as_u64(),
+        most,
+        "{engine}"
+    );
+    // Stopped gracefully: it released its leases.
+    assert!(partitions.iter().all(|p| p["owner"].is_null()), "{engine}");
+    let transform = running.stage_status("transform");
+    assert_eq!(transform["totals"]["backlog"], 0, "{transform}");
+    assert_eq!(
+        transform["partitions"][0]["owner"], "transform-1",
+        "{transform}"
+    );
+    // The table marks the slowest partition.
+    let table = text(&running.tickflow(&["status", "--stage", "engine"]));
+    assert!(table.contains(&format!(">    {slowest}")), "{table}");
+
+    // tail decodes the validated orders, across partitions, in id order.
+    let orders = json_lines(&running.tickflow(&[
+        "tail",
+        "validated",
+        "--from",
+        "start",
+        "--count",
+        "100",
+        "--json",
+    ]));
+    assert_eq!(orders.len(), 40);
+    let mut ids: Vec<String> = orders
+        .iter()
+        .map(|o| {
+            assert_eq!(o["type"], "order.validated", "{o}");
+            assert_eq!(o["payload"]["side"], "buy", "{o}");
+            assert_eq!(o["payload"]["symbol"], o["key"], "{o}");
+            assert!(o["origin"].as_str().unwrap().ends_with('Z'), "{o}");
+            o["payload"]["client_order_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    ids.sort();
+    let mut expected: Vec<String> = (0..40).map(|i| format!("op-{i}")).collect();
+    expected.sort();
+    assert_eq!(ids, expected);
+    let last_two = json_lines(&running.tickflow(&["tail", "validated", "--from", "-2", "--json"]));
+    assert_eq!(last_two.len(), 2);
+    assert_eq!(
+        last_two[1]["id"], orders[39]["id"],
+        "-N ends with the newest entry"
+    );
+    let one_partition = text(&running.tickflow(&[
+        "tail",
+        "validated",
+        "--partition",
+        "1",
+        "--from",
+        "start",
+        "--count",
+        "3",
+    ]));
+    assert!(
+        one_partition
+            .lines()
+            .all(|l| l.contains(" p1 order.validated ")),
+        "{one_partition}"
+    );
+
+    // A garbage entry and a flat one in front of the engine are dead-lettered, with why.
+    let mut conn = streams_core::testing::connect(&running.url).await.unwrap();
+    let validated0 = running.keys.stream(topology::VALIDATED, 0);
+    for fields in [
+        &[("h", "2 order.validated AAA 1"), ("p", "garbage")][..],
+        &[("junk", "yes")],
+    ] {
+        let _: String = redis::cmd("XADD")
+            .arg(&validated0)
+            .arg("*")
+            .arg(fields)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    running.pipeline.start_service("engine").await.unwrap();
+    running
+        .wait_for_stage("engine", "everything handled", |s| {
+            s["totals"]["backlog"] == 0 && s["totals"]["dead_letters"] == 2
+        })
+        .await;
+    let dead = json_lines(&running.tickflow(&["dlq", "list", "--stage", "engine", "--json"]));
+    assert_eq!(dead.len(), 2);
+    assert!(
+        dead[0]["dlq"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("payload of order.validated is not valid"),
+        "{}",
+        dead[0]
+    );
+    assert_eq!(dead[0]["dlq"]["deliveries"], 1);
+    assert_eq!(dead[0]["type"], "order.validated");
+    assert_eq!(dead[1]["fields"]["junk"], "yes", "{}", dead[1]);
+    let listed = text(&running.tickflow(&["dlq", "list", "--stage", "engine"]));
+    assert!(
+        listed.contains("2 dead letters of stage engine"),
+        "{listed}"
+    );
+    assert!(listed.contains("missing field `h`"), "{listed}");
+    let first = dead[0]["id"].as_str().unwrap();
+    let shown = text(&running.tickflow(&["dlq", "show", "--stage", "engine", "--id", first]));
+    assert!(
+        shown.contains("reason      payload of order.validated is not valid"),
+        "{shown}"
+    );
+
+    // Replayed while the engine is stopped: back in their stream, without dlq.* fields.
+    running.pipeline.stop_service("engine").await.unwrap();
+    text(&running.tickflow(&["dlq", "replay", "--stage", "engine", "--id", first]));
+    let left = json_lines(&running.tickflow(&["dlq", "list", "--stage", "engine", "--json"]));
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["id"], dead[1]["id"]);
+    let replayed =
+        text(&running.tickflow(&["dlq", "replay", "--stage", "engine", "--partition", "0"]));
+    assert!(
+        replayed.contains("replayed 1 dead letters of stage engine"),
+        "{replayed}"
+    );
+    assert!(
+        json_lines(&running.tickflow(&["dlq", "list", "--stage", "engine", "--json"])).is_empty()
+    );
+    let back = json_lines(&running.tickflow(&[
+        "tail",
+        "validated",
+        "--partition",
+        "0",
+        "--from",
+        "-2",
+        "--json",
+    ]));
+    assert_eq!(back[0]["type"], "order.validated", "{}", back[0]);
+    assert_eq!(back[1]["fields"]["junk"], "yes", "{}", back[1]);
+    assert!(back.iter().all(|e| e.get("dlq").is_none()), "{back:?}");
+    let engine = running.stage_status("engine");
+    assert_eq!(engine["partitions"][0]["lag"], 2, "{engine}");
+
+    // Dead-lettered again once the engine is back; a purge needs --yes.
+    running.pipeline.start_service("engine").await.unwrap();
+    running
+        .wait_for_stage("engine", "dead-lettered again", |s| {
+            s["totals"]["dead_letters"] == 2
+        })
+        .await;
+    let dry = text(&running.tickflow(&["dlq", "purge", "--stage", "engine"]));
+    assert!(dry.contains("nothing deleted"), "{dry}");
+    assert_eq!(running.stage_status("engine")["totals"]["dead_letters"], 2);
+    text(&running.tickflow(&["dlq", "purge", "--stage", "engine", "--yes"]));
+    assert_eq!(running.stage_status("engine")["totals"]["dead_letters"], 0);
+
+    // A group reset is refused while the stage runs, a dry run without --yes, and then
+    // the stage reads its whole input again.
+    let analytics = running
+        .wait_for_stage("analytics", "caught up", |s| {
+            s["totals"]["backlog"] == 0 && s["totals"]["length"].as_u64() > Some(0)
+        })
+        .await;
+    let length = analytics["totals"]["length"].as_u64().unwrap();
+    let refused = running.tickflow(&["groups", "reset", "analytics", "--to", "start", "--yes"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("live consumers (analytics-1)"),
+        "{refused:?}"
+    );
+    running.pipeline.stop_service("analytics").await.unwrap();
+    let dry = text(&running.tickflow(&["groups", "reset", "analytics", "--to", "start"]));
+    assert!(dry.contains("dry run"), "{dry}");
+    assert_eq!(running.stage_status("analytics")["totals"]["lag"], 0);
+    text(&running.tickflow(&["groups", "reset", "analytics", "--to", "start", "--yes"]));
+    let reset = running.stage_status("analytics");
+    assert_eq!(reset["totals"]["lag"].as_u64(), Some(length), "{reset}");
+    running.pipeline.start_service("analytics").await.unwrap();
+    running
+        .wait_for_stage("analytics", "read everything again", |s| {
+            s["totals"]["backlog"] == 0 && s["totals"]["entries_read"].as_u64() >= Some(length)
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_shows_the_stages_in_a_real_terminal_and_q_quits() {
+    let mut running = Running::start_with(4, &[("TICKFLOW_TRIM_INTERVAL_MS", "0")]).await;
+    running.publish_orders(20).await;
+    running
+        .wait_for_stage("analytics", "the orders analysed", |s| {
+            s["totals"]["entries_read"].as_u64() >= Some(20) && s["totals"]["backlog"] == 0
+        })
+        .await;
+    running.pipeline.stop_service("engine").await.unwrap();
+    running.publish_orders(12).await;
+    running
+        .wait_for_stage("engine", "12 waiting", |s| s["totals"]["lag"] == 12)
+        .await;
+
+    // tmux: an 80×24 terminal, without colour; the exit status lands in a file.
+    let dir = tempfile::tempdir().unwrap();
+    let exit_file = dir.path().join("exit");
+    let session = format!("tickflow-top-{}", std::process::id());
+    let env: String = running
+        .env(4)
+        .iter()
+        .map(|(k, v)| format!("{k}='{v}' "))
+        .collect();
+    let command = format!(
+        "env NO_COLOR=1 {env}{} top; echo $? > {}",
+        env!("CARGO_BIN_EXE_tickflow"),
+        exit_file.display()
+    );
+    let tmux = |args: &[&str]| {
+        let output = Command::new("tmux")
+            .args(["-L", &session])
+            .args(args)
+            .output()
+            .expect("tmux is installed (apt-get install tmux; .ci/run does)");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "80",
+        "-y",
+        "24",
+        &command,
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let screen = loop {
+        let screen = tmux(&["capture-pane", "-p", "-t", &session]);
+        // After two refreshes every row has its numbers and the latency is shown.
+        if screen.contains(">engine") && screen.contains("all time") && screen.contains("p99") {
+            break screen;
+        }
+        assert!(Instant::now() < deadline, "top showed:\n{screen}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("{screen}");
+    for stage in ["transform", "analytics", "ingest"] {
+        assert!(screen.contains(stage), "{screen}");
+    }
+    let engine_row = screen.lines().find(|l| l.contains(">engine")).unwrap();
+    let numbers: Vec<&str> = engine_row.split_whitespace().collect();
+    assert_eq!(numbers[2], "12", "engine's lag: {engine_row}");
+    assert!(
+        screen.contains("(32 events)") || screen.contains("(20 events)"),
+        "{screen}"
+    );
+    assert!(screen.lines().count() <= 24 && screen.lines().all(|l| l.chars().count() <= 80));
+    assert!(!screen.contains('\u{1b}'), "no colour with NO_COLOR");
+
+    tmux(&["send-keys", "-t", &session, "q"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !exit_file.exists() {
+        assert!(Instant::now() < deadline, "top did not quit on q");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(std::fs::read_to_string(&exit_file).unwrap().trim(), "0");
+    tmux(&["kill-server"]);
 }

@@ -43,14 +43,18 @@ use std::{
 use anyhow::{Context, bail};
 use futures::FutureExt;
 use redis::{Value, aio::MultiplexedConnection};
-use serde_json::json;
-use streams_core::KeySpace;
+use streams_core::{KeySpace, inspect::GroupInfo};
 use tickflow_proto::{topology, v1};
 use tokio_util::task::AbortOnDropHandle;
 use transform::refdata::Instrument;
 
-use crate::bench::{
-    self, BenchOptions, MAX_LOTS, Market, PRICE_SPREAD_TICKS, Tally, Via, flow, order_ids,
+use super::{
+    FlowOptions, Ingest,
+    flow::{
+        self, MAX_LOTS, Market, PRICE_SPREAD_TICKS, Tally, order_ids, publish_grpc, publish_http,
+        redis_cpu, reports_in,
+    },
+    report::{AttachReport, Latency, Mode, Rate, Report},
 };
 
 /// How long the run may take, beyond publishing, to be reported and analysed.
@@ -65,11 +69,19 @@ const MAX_PRICE_E6: i64 = 1_000_000_000 * 1_000_000;
 /// The prefix of every bench group's name.
 const GROUP_PREFIX: &str = "tickflow-bench-";
 
-/// Runs the attached benchmark and prints its report.
-pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
-    let config = streams_core::Config::from_env(&streams_core::Env::process(), "127.0.0.1:0")?;
+/// Runs the attached benchmark against the pipeline `env` names (`REDIS_URL`,
+/// `TICKFLOW_NAMESPACE`, `TICKFLOW_PARTITIONS`), publishing to `ingest`; returns its report.
+pub(crate) async fn run(
+    options: &FlowOptions,
+    ingest: &Ingest,
+    env: &streams_core::Env,
+) -> anyhow::Result<Report> {
+    let config = streams_core::Config::from_env(env, "127.0.0.1:0")?;
     let keys = config.keys.clone();
-    let mut conn = streams_core::testing::connect(config.redis_url.expose_secret())
+    // The run's reads block up to 20 ms, and its other commands are short: a connection
+    // of its own, whose replies may take a few seconds on a busy Redis.
+    let mut conn = streams_core::Redis::new(config.redis_url.expose_secret(), 1)?
+        .dedicated(Duration::from_secs(5))
         .await
         .with_context(|| {
             format!(
@@ -90,17 +102,6 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         options.symbols,
     )
     .await?;
-    let target = match options.via {
-        Via::Http => options
-            .http
-            .clone()
-            .unwrap_or_else(|| "http://127.0.0.1:8080".into()),
-        _ => options
-            .grpc
-            .clone()
-            .or_else(|| std::env::var("INGEST_GRPC").ok())
-            .unwrap_or_else(|| "http://127.0.0.1:50051".into()),
-    };
     let run_id = format!("{:08x}", rand::random::<u32>());
     let run = Run {
         group: format!("{GROUP_PREFIX}{run_id}"),
@@ -110,15 +111,15 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             .map(|p| keys.stream(topology::MARKET, p))
             .collect(),
         keys,
-        target,
+        ingest: ingest.clone(),
         run_id,
     };
-    let events = flow(&markets, options.events, options.seed, &run.prefix);
+    let events = flow::flow(&markets, options.events, options.seed, &run.prefix);
     let orders = Orders::of(&events);
     eprintln!(
         "tickflow bench --attach: run {} against {} ({} partitions of {:?}), orders {}<n>, group {}",
         run.run_id,
-        run.target,
+        run.ingest.url(),
         run.streams.len(),
         run.keys.namespace(),
         run.prefix,
@@ -130,7 +131,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     run.create_groups(&mut conn).await?;
     let mut progress = Progress::default();
     let outcome = tokio::select! {
-        outcome = AssertUnwindSafe(run.measure(&options, &markets, events, &orders, &mut conn, &mut progress)).catch_unwind() => {
+        outcome = AssertUnwindSafe(run.measure(options, &markets, events, &orders, &mut conn, &mut progress)).catch_unwind() => {
             outcome.unwrap_or_else(|panic| {
                 let message = panic
                     .downcast_ref::<&str>()
@@ -148,7 +149,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     let cancelled = if stop.is_cancelled() {
         None
     } else {
-        let cleanup = run.cancel_orders(options.via, &mut conn, &mut progress, &orders);
+        let cleanup = run.cancel_orders(&mut conn, &mut progress, &orders);
         Some(
             tokio::time::timeout(CLEANUP_TIMEOUT, cleanup)
                 .await
@@ -158,26 +159,17 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         )
     };
     let removed = run.destroy_groups(&mut conn).await;
-    let mut result = outcome?;
+    let mut report = outcome?;
     removed?;
     let (resting_cancelled, left_resting) = cancelled
         .transpose()
         .with_context(|| format!("cancelling orders {}* left resting", run.prefix))?
         .unwrap_or_default();
-    result["resting_cancelled"] = json!(resting_cancelled);
-    result["left_resting"] = json!(left_resting);
-    bench::print_result(&options, &result);
-    let (lost, duplicated) = (result["lost"].as_u64(), result["duplicated"].as_u64());
-    if lost != Some(0) || duplicated != Some(0) {
-        bail!("{lost:?} orders lost and {duplicated:?} duplicated");
+    if let Mode::Attach(attached) = &mut report.mode {
+        attached.resting_cancelled = resting_cancelled;
+        attached.left_resting = left_resting;
     }
-    if result["timed_out"] == true {
-        bail!(
-            "the pipeline did not report every order and analyse the run within the deadline \
-             (are all four services running? their /admin/status shows each stage's backlog)"
-        );
-    }
-    Ok(())
+    Ok(report)
 }
 
 /// One attached run.
@@ -190,8 +182,8 @@ struct Run {
     keys: KeySpace,
     /// The market streams, by partition.
     streams: Vec<String>,
-    /// Ingest's URL.
-    target: String,
+    /// Ingest's API.
+    ingest: Ingest,
 }
 
 /// The run's orders: ids in flow order, and each one's symbol (for its cancel).
@@ -244,23 +236,22 @@ fn parse_id(id: &str) -> Option<StreamId> {
 impl Run {
     async fn measure(
         &self,
-        options: &BenchOptions,
+        options: &FlowOptions,
         markets: &[Market],
         events: Vec<v1::Event>,
         orders: &Orders,
         conn: &mut MultiplexedConnection,
         progress: &mut Progress,
-    ) -> anyhow::Result<serde_json::Value> {
+    ) -> anyhow::Result<Report> {
         let analytics = analytics::aggregate::AnalyticsKeys::new(self.keys.clone());
         let histogram_before = analytics.latency_histogram(conn).await?;
-        let redis_cpu_before = bench::redis_cpu(conn).await?;
+        let redis_cpu_before = redis_cpu(conn).await?;
         let count = events.len() as u64;
 
         let started = Instant::now();
         // Stopped with the run (an error, a signal), not left publishing.
         let mut publisher = AbortOnDropHandle::new(tokio::spawn(publish(
-            options.via,
-            self.target.clone(),
+            self.ingest.clone(),
             events,
             options.rate,
         )));
@@ -287,7 +278,7 @@ impl Run {
                 .await?;
         }
         let seconds = started.elapsed().as_secs_f64();
-        let redis_cpu = bench::redis_cpu(conn).await? - redis_cpu_before;
+        let redis_cpu = redis_cpu(conn).await? - redis_cpu_before;
         let mut histogram = analytics.latency_histogram(conn).await?;
         for (bucket, count) in &histogram_before {
             if let Some(after) = histogram.get_mut(bucket) {
@@ -302,28 +293,32 @@ impl Run {
             }
         }
         let tally = &progress.tally;
-        Ok(json!({
-            "mode": "attach",
-            "run": self.run_id,
-            "target": self.target,
-            "events": options.events,
-            "accepted": accepted,
-            "via": options.via.name(),
-            "rate": if options.rate == 0 { json!("max") } else { json!(options.rate) },
-            "partitions": self.streams.len(),
-            "symbols": markets.iter().map(|m| m.symbol.as_str()).collect::<Vec<_>>(),
-            "publish_seconds": published.as_secs_f64(),
-            "seconds": seconds,
-            "events_per_sec": accepted as f64 / seconds,
-            "latency_us": bench::latency_json(&histogram),
-            "redis_cpu_seconds": redis_cpu,
-            "rejected": tally.rejected,
-            "first_rejection": tally.first_rejection,
-            "lost": tally.lost(&orders.ids),
-            "duplicated": tally.duplicated(),
-            "timed_out": timed_out,
-            "undecodable": progress.undecodable,
-        }))
+        Ok(Report {
+            events: options.events,
+            accepted,
+            via: self.ingest.via().name(),
+            rate: Rate(options.rate),
+            partitions: self.streams.len() as u32,
+            publish_seconds: published.as_secs_f64(),
+            seconds,
+            events_per_sec: accepted as f64 / seconds,
+            latency_us: Latency::of(&histogram),
+            redis_cpu_seconds: redis_cpu,
+            rejected: tally.rejected,
+            first_rejection: tally.first_rejection.clone(),
+            lost: tally.lost(&orders.ids),
+            duplicated: tally.duplicated(),
+            mode: Mode::Attach(AttachReport {
+                run: self.run_id.clone(),
+                target: self.ingest.url().to_owned(),
+                symbols: markets.iter().map(|m| m.symbol.clone()).collect(),
+                timed_out,
+                undecodable: progress.undecodable,
+                // Filled in once the cleanup has run.
+                resting_cancelled: 0,
+                left_resting: 0,
+            }),
+        })
     }
 
     /// One read of every market stream through the run's group (blocking up to `block`,
@@ -355,7 +350,7 @@ impl Run {
             };
             read += entries.len();
             for entry in entries {
-                let Ok(reports) = bench::reports_in(&entry) else {
+                let Ok(reports) = reports_in(&entry) else {
                     // Not the run's: its entries are the engine's and transform's own.
                     progress.undecodable += 1;
                     continue;
@@ -390,7 +385,7 @@ impl Run {
         let mut checked = Vec::new();
         for (index, (ms, seq)) in last_ours {
             let stream = &self.streams[*index];
-            pipe.cmd("XINFO").arg("GROUPS").arg(stream);
+            pipe.add_command(GroupInfo::command(stream));
             pipe.cmd("XPENDING")
                 .arg(stream)
                 .arg(topology::ANALYTICS_GROUP)
@@ -401,10 +396,8 @@ impl Run {
         }
         let replies: Vec<Value> = pipe.query_async(conn).await?;
         for (pair, last) in replies.chunks(2).zip(checked) {
-            let delivered = streams_core::xinfo_records(pair[0].clone())
-                .into_iter()
-                .find(|g| g.get("name").map(String::as_str) == Some(topology::ANALYTICS_GROUP))
-                .and_then(|g| g.get("last-delivered-id").and_then(|id| parse_id(id)));
+            let delivered = GroupInfo::find(pair[0].clone(), topology::ANALYTICS_GROUP)
+                .and_then(|g| parse_id(&g.last_delivered_id));
             let pending = matches!(&pair[1], Value::Array(items) if !items.is_empty());
             if delivered.is_none_or(|d| d < last) || pending {
                 return Ok(false);
@@ -419,7 +412,6 @@ impl Run {
     /// answers; returns how many it cancelled and how many were not answered.
     async fn cancel_orders(
         &self,
-        via: Via,
         conn: &mut MultiplexedConnection,
         progress: &mut Progress,
         orders: &Orders,
@@ -449,7 +441,7 @@ impl Run {
             })
             .collect();
         let count = cancels.len();
-        publish(via, self.target.clone(), cancels, 0).await?;
+        publish(self.ingest.clone(), cancels, 0).await?;
         let deadline = Instant::now() + CLEANUP_TIMEOUT;
         while !progress.awaiting_cancel.is_empty() && Instant::now() < deadline {
             self.read(conn, progress, Some(Duration::from_millis(20)))
@@ -503,15 +495,10 @@ fn ends_the_order(report: &v1::ExecutionReport) -> bool {
 }
 
 /// Publishes through ingest's API; returns how many events it accepted.
-async fn publish(
-    via: Via,
-    target: String,
-    events: Vec<v1::Event>,
-    rate: u64,
-) -> anyhow::Result<u64> {
-    match via {
-        Via::Http => bench::publish_http(&target, events, rate).await,
-        _ => bench::publish_grpc(&target, events, rate).await,
+async fn publish(ingest: Ingest, events: Vec<v1::Event>, rate: u64) -> anyhow::Result<u64> {
+    match ingest {
+        Ingest::Http(url) => publish_http(&url, events, rate).await,
+        Ingest::Grpc(url) => publish_grpc(&url, events, rate).await,
     }
 }
 
@@ -526,9 +513,7 @@ async fn check_partitions(
     let mut pipe = redis::pipe();
     // One past the last: it must not be read, or the pipeline has more partitions.
     for p in 0..=partitions {
-        pipe.cmd("XINFO")
-            .arg("GROUPS")
-            .arg(keys.stream(topology::MARKET, p));
+        pipe.add_command(GroupInfo::command(&keys.stream(topology::MARKET, p)));
     }
     let replies: Vec<redis::RedisResult<Value>> = pipe.ignore_errors().query_async(conn).await?;
     let groups: Vec<Vec<String>> = replies
@@ -537,9 +522,9 @@ async fn check_partitions(
             reply.map_or_else(
                 |_| Vec::new(),
                 |groups| {
-                    streams_core::xinfo_records(groups)
+                    GroupInfo::parse(groups)
                         .into_iter()
-                        .filter_map(|g| g.get("name").cloned())
+                        .map(|g| g.name)
                         .collect()
                 },
             )
@@ -755,7 +740,7 @@ mod tests {
                 1 <= m.low && m.low <= m.reference && m.reference <= m.high,
                 "{m:?}"
             );
-            let events = crate::bench::flow(std::slice::from_ref(&m), 100, 1, "x");
+            let events = crate::bench::flow::flow(std::slice::from_ref(&m), 100, 1, "x");
             for event in events {
                 if let Some(v1::event::Kind::NewOrder(o)) = event.kind {
                     assert!(o.price > 0.0 && o.price <= 1e9, "{o:?}");
