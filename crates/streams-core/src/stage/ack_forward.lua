@@ -181,18 +181,47 @@ for from = 1, #leases, CHUNK do
   end
 end
 
--- Key types: every key an effect writes must be absent or of the type its ops need.
+-- Key types: every key an effect writes must be absent or of the type its ops need, and
+-- every source stream absent or a stream. The streams (most of the keys) are checked
+-- together: one XREAD over all of them fails with WRONGTYPE if any is not a stream, and
+-- reads nothing (every id is past the end). Only if it fails is each stream looked at
+-- with TYPE, as every other key is.
+local streams_ok = true
+do
+  local names = {}
+  for s = 1, sources do
+    if not plan[s].window then names[#names + 1] = KEYS[2 * s - 1] end
+  end
+  for k, wanted in pairs(key_type) do
+    if wanted == 'stream' then names[#names + 1] = KEYS[k] end
+  end
+  local last = '18446744073709551615-18446744073709551615'
+  local per_call = CHUNK / 2
+  for from = 1, #names, per_call do
+    local args = {'COUNT', 1, 'STREAMS'}
+    local to = math.min(from + per_call - 1, #names)
+    for j = from, to do args[#args + 1] = names[j] end
+    for _ = from, to do args[#args + 1] = last end
+    local read = redis.pcall('XREAD', unpack(args))
+    if type(read) == 'table' and read.err then
+      streams_ok = false
+      break
+    end
+  end
+end
 local wrong = {}
 for k, wanted in pairs(key_type) do
-  local t = redis.call('TYPE', KEYS[k]).ok
-  if t ~= 'none' and t ~= wanted then
-    wrong[k] = 'WRONGTYPE ' .. KEYS[k] .. ' is a ' .. t .. ', not a ' .. wanted
+  if wanted ~= 'stream' or not streams_ok then
+    local t = redis.call('TYPE', KEYS[k]).ok
+    if t ~= 'none' and t ~= wanted then
+      wrong[k] = 'WRONGTYPE ' .. KEYS[k] .. ' is a ' .. t .. ', not a ' .. wanted
+    end
   end
 end
 
 for s = 1, sources do
   local src, stream = plan[s], KEYS[2 * s - 1]
-  if not status[s] then
+  if not status[s] and (src.window or not streams_ok) then
     local t, wanted = redis.call('TYPE', stream).ok, 'stream'
     if src.window then wanted = 'zset' end
     if t ~= 'none' and t ~= wanted then
