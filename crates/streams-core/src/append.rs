@@ -28,6 +28,19 @@ pub enum AppendError {
     /// Redis could not take the entries; nothing was appended.
     #[error(transparent)]
     Redis(#[from] StreamsError),
+    /// The entries were appended on their master, but fewer replicas than
+    /// `TICKFLOW_WAIT_REPLICAS` acknowledged them in time: a failover could still lose
+    /// them. Retrying with the same idempotency key appends them once, whether they
+    /// survived or not.
+    #[error(
+        "not confirmed by {wanted} replicas ({confirmed} acknowledged in time); retry with the same idempotency key"
+    )]
+    NotConfirmed {
+        /// Replicas asked for.
+        wanted: u32,
+        /// Replicas that acknowledged within the timeout.
+        confirmed: u32,
+    },
 }
 
 impl From<redis::RedisError> for AppendError {
@@ -127,22 +140,29 @@ async fn append_in_one_slot(
         None => (entries[0].0.as_str(), 0),
     };
     let fingerprint = format!("{:016x}", fingerprint(entries));
+    let wait = redis.replica_wait();
     let reply = scripts()
         .append_once
-        .run_with(&mut *conn, 1 + entries.len(), |cmd| {
-            cmd.arg(key);
-            for (stream, _) in entries {
-                cmd.arg(stream);
-            }
-            cmd.arg(ttl_ms);
-            cmd.arg(&fingerprint);
-            for (_, envelope) in entries {
-                cmd.arg(envelope.field_count() * 2);
-                envelope.for_each_field(|name, value| {
-                    cmd.arg(name).arg(value);
-                });
-            }
-        })
+        .run_confirmed(
+            &mut *conn,
+            1 + entries.len(),
+            |cmd| {
+                cmd.arg(key);
+                for (stream, _) in entries {
+                    cmd.arg(stream);
+                }
+                cmd.arg(ttl_ms);
+                cmd.arg(&fingerprint);
+                for (_, envelope) in entries {
+                    cmd.arg(envelope.field_count() * 2);
+                    envelope.for_each_field(|name, value| {
+                        cmd.arg(name).arg(value);
+                    });
+                }
+            },
+            true,
+            wait,
+        )
         .await;
     match reply {
         Ok(reply) => Ok(parse_once(reply)?),
@@ -150,6 +170,11 @@ async fn append_in_one_slot(
             if e.code() == Some(KEY_REUSED) || e.to_string().contains(KEY_REUSED) =>
         {
             Err(AppendError::KeyReused(key.to_owned()))
+        }
+        Err(StreamsError::NotConfirmed { wanted, confirmed }) => {
+            metrics::counter!("tickflow_replica_wait_unconfirmed_total", "operation" => "append")
+                .increment(1);
+            Err(AppendError::NotConfirmed { wanted, confirmed })
         }
         Err(e) => Err(e.into()),
     }
@@ -196,8 +221,10 @@ fn parse_once(reply: Value) -> Result<Appended, StreamsError> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
-    use crate::testing::RedisServer;
+    use crate::{connection::ReplicaWait, testing::RedisServer};
 
     fn entries(n: usize) -> Vec<(String, Envelope)> {
         (0..n)
@@ -385,5 +412,81 @@ mod tests {
         let appended = append(&redis, &entries(1), None).await.unwrap();
         assert_eq!(appended.ids.len(), 1);
         assert!(append(&redis, &[], None).await.unwrap().ids.is_empty());
+    }
+
+    /// `TICKFLOW_WAIT_REPLICAS`: an append no replica confirmed (a lone server has none) is
+    /// refused with a reason that tells the client to retry under its key; the entries
+    /// went in on the master, and each retry under the key appends nothing more.
+    #[tokio::test]
+    async fn an_append_not_confirmed_by_replicas_is_refused_and_its_retries_append_nothing_more() {
+        let server = RedisServer::start();
+        let waiting = Redis::new(&server.url(), 2)
+            .unwrap()
+            .with_replica_wait(ReplicaWait {
+                replicas: 1,
+                timeout: Duration::from_millis(20),
+            });
+        let once = Once {
+            key: "t:idem:unconfirmed",
+            ttl_ms: 60_000,
+        };
+        for _ in 0..2 {
+            match append(&waiting, &entries(3), Some(once)).await {
+                Err(
+                    error @ AppendError::NotConfirmed {
+                        wanted: 1,
+                        confirmed: 0,
+                    },
+                ) => assert!(
+                    error
+                        .to_string()
+                        .contains("retry with the same idempotency key"),
+                    "{error}"
+                ),
+                other => panic!("expected NotConfirmed, got {other:?}"),
+            }
+        }
+        assert_eq!(len(&waiting, "t:{0}:in").await, 2);
+        assert_eq!(len(&waiting, "t:{1}:in").await, 1);
+        let not_waiting = Redis::new(&server.url(), 2).unwrap();
+        let replay = append(&not_waiting, &entries(3), Some(once)).await.unwrap();
+        assert!(replay.replayed);
+        assert_eq!(len(&waiting, "t:{0}:in").await, 2);
+    }
+
+    /// On a cluster, the `WAIT` goes to the master of each part's slot (it rides in the
+    /// part's pipeline): an append is confirmed while every slot's master has its replica,
+    /// refused while one has none (its replica promoted after the master died), and
+    /// confirmed again, once, when the old master is back as the new one's replica.
+    #[tokio::test]
+    async fn on_a_cluster_each_slot_of_an_append_waits_for_its_own_replica() {
+        use crate::testing::RedisCluster;
+
+        let mut cluster = RedisCluster::start();
+        let redis = Redis::new_cluster(&cluster.seeds())
+            .unwrap()
+            .with_replica_wait(ReplicaWait {
+                replicas: 1,
+                timeout: Duration::from_millis(500),
+            });
+        let first = append(&redis, &entries(4), None).await.unwrap();
+        assert_eq!(first.ids.len(), 4);
+
+        let old_master = cluster.kill_master_serving("t:{1}:in");
+        cluster.wait_until_stable();
+        let once = Once {
+            key: "t:idem:failover",
+            ttl_ms: 60_000,
+        };
+        match append(&redis, &entries(4), Some(once)).await {
+            Err(AppendError::NotConfirmed { wanted: 1, .. }) => {}
+            other => panic!("expected NotConfirmed, got {other:?}"),
+        }
+        cluster.restart_node(old_master);
+        cluster.wait_until_stable();
+        let retried = append(&redis, &entries(4), Some(once)).await.unwrap();
+        assert_eq!(retried.ids.len(), 4);
+        assert_eq!(len(&redis, "t:{0}:in").await, 4);
+        assert_eq!(len(&redis, "t:{1}:in").await, 4);
     }
 }

@@ -75,6 +75,13 @@
 //! of any blocking read. While fewer than `n` replicas have acknowledged, `WAIT` blocks
 //! its connection (everything behind it to that node waits) up to its timeout, which is
 //! why `TICKFLOW_WAIT_TIMEOUT_MS` is bounded well below [`POOL_RESPONSE_TIMEOUT`].
+//!
+//! tickflow's own writes do the pipelined form: a commit (`stage/commit.rs`) and an append
+//! (`append.rs`) send their script and `WAIT` together when [`Redis::replica_wait`] asks
+//! for replicas (`TICKFLOW_WAIT_REPLICAS`, carried by the handle from [`Redis::from_config`]),
+//! on whatever connection carries the write: the pool's, the cluster connection (routed by
+//! the script's key) or a read loop's own, where the `WAIT` goes ahead of the blocking read
+//! queued behind the commit. With zero replicas nothing changes on the wire.
 
 use std::{
     sync::{
@@ -111,6 +118,24 @@ pub const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// The longest `WAIT` [`Connection::wait_replicas`] sends: a blocked `WAIT` must answer
 /// well within [`POOL_RESPONSE_TIMEOUT`], or the client would give up on its connection.
 pub const MAX_WAIT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How many replicas must acknowledge a commit or an append before tickflow counts it as
+/// done (`TICKFLOW_WAIT_REPLICAS`), and how long one `WAIT` may block for them
+/// (`TICKFLOW_WAIT_TIMEOUT_MS`). The default, zero replicas, sends no `WAIT` at all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaWait {
+    /// Replicas that must acknowledge the write; 0: none, no `WAIT` is sent.
+    pub replicas: u32,
+    /// How long one `WAIT` may block, 1 ms to [`MAX_WAIT_TIMEOUT`].
+    pub timeout: Duration,
+}
+
+impl ReplicaWait {
+    /// Whether a write must be followed by a `WAIT`.
+    pub fn is_on(&self) -> bool {
+        self.replicas > 0
+    }
+}
 
 /// A connection for commands that do not block: one of the pool's multiplexed connections
 /// (standalone) or a clone of the shared cluster connection (cluster). It remembers whether
@@ -276,6 +301,7 @@ impl managed::Manager for Manager {
 pub struct Redis {
     backend: Backend,
     display_url: String,
+    replica_wait: ReplicaWait,
 }
 
 // The standalone variant stays inline, as the client and pool were before cluster mode:
@@ -375,6 +401,7 @@ impl std::fmt::Debug for Redis {
         f.debug_struct("Redis")
             .field("mode", &self.mode())
             .field("url", &self.display_url)
+            .field("replica_wait", &self.replica_wait)
             .finish()
     }
 }
@@ -434,6 +461,7 @@ impl Redis {
         Ok(Self {
             backend: Backend::Standalone { client, pool },
             display_url: redact(url),
+            replica_wait: ReplicaWait::default(),
         })
     }
 
@@ -457,16 +485,35 @@ impl Redis {
                 shared: OnceLock::new(),
             })),
             display_url,
+            replica_wait: ReplicaWait::default(),
         })
     }
 
-    /// The handle for a configuration (`TICKFLOW_REDIS_MODE` picks the kind).
+    /// The handle for a configuration (`TICKFLOW_REDIS_MODE` picks the kind), with its
+    /// [`ReplicaWait`] (`TICKFLOW_WAIT_REPLICAS`, `TICKFLOW_WAIT_TIMEOUT_MS`).
     pub fn from_config(config: &Config) -> Result<Self> {
         let url = config.redis_url.expose_secret();
-        match config.redis_mode {
-            RedisMode::Standalone => Self::new(url, config.pool_size),
-            RedisMode::Cluster => Self::new_cluster(url),
-        }
+        let redis = match config.redis_mode {
+            RedisMode::Standalone => Self::new(url, config.pool_size)?,
+            RedisMode::Cluster => Self::new_cluster(url)?,
+        };
+        Ok(redis.with_replica_wait(ReplicaWait {
+            replicas: config.wait_replicas,
+            timeout: config.wait_timeout,
+        }))
+    }
+
+    /// This handle, with commits and appends through it waiting for `wait`.
+    pub fn with_replica_wait(mut self, wait: ReplicaWait) -> Self {
+        self.replica_wait = wait;
+        self
+    }
+
+    /// How many replicas a commit or an append through this handle waits for. It travels
+    /// with the handle so that every writer (each stage's commit, ingest's appends) applies
+    /// the same setting without being handed it separately.
+    pub fn replica_wait(&self) -> ReplicaWait {
+        self.replica_wait
     }
 
     /// The URL (in cluster mode the seeds) with passwords hidden.

@@ -25,6 +25,17 @@ pub enum StreamsError {
     /// without the key that says which node to read from).
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A write was applied on its master, but fewer replicas than `TICKFLOW_WAIT_REPLICAS`
+    /// acknowledged it within `TICKFLOW_WAIT_TIMEOUT_MS` (Redis `WAIT`): a failover now
+    /// could lose it. The writer counts it as not done; repeating it is safe (a commit
+    /// acknowledges nothing twice, an append under its idempotency key appends once).
+    #[error("not confirmed by {wanted} replicas ({confirmed} acknowledged in time)")]
+    NotConfirmed {
+        /// Replicas asked for.
+        wanted: u32,
+        /// Replicas that acknowledged within the timeout.
+        confirmed: u32,
+    },
 }
 
 impl StreamsError {
@@ -34,9 +45,11 @@ impl StreamsError {
     /// a redirection (`MOVED`, `ASK`) that reached the caller: a dedicated connection does not
     /// follow one, and the shared cluster connection passes one on only after its own retries
     /// ran out; either way the caller re-resolves the node (`Redis::dedicated_for`) and retries.
+    /// A write not confirmed by enough replicas ([`StreamsError::NotConfirmed`]) is transient
+    /// too: the replica may be back, or promoted, by the next try.
     pub fn is_transient(&self) -> bool {
         match self {
-            StreamsError::Pool(_) => true,
+            StreamsError::Pool(_) | StreamsError::NotConfirmed { .. } => true,
             StreamsError::Redis(e) => {
                 is_connection_lost(e)
                     || matches!(

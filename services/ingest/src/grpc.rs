@@ -351,6 +351,10 @@ fn to_status(error: PublishError) -> Status {
             tracing::warn!(error = %e, "publish failed");
             Status::unavailable("the pipeline's Redis is unavailable; nothing was accepted")
         }
+        e @ PublishError::NotConfirmed(_) => {
+            tracing::warn!(error = %e, "publish not confirmed by replicas");
+            Status::unavailable(e.to_string())
+        }
     }
 }
 

@@ -116,6 +116,18 @@ impl IntoResponse for ApiError {
                 )
                     .into_response()
             }
+            ApiError::Publish(e @ PublishError::NotConfirmed(_)) => {
+                tracing::warn!(error = %e, "publish not confirmed by replicas");
+                let mut response = (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({ "error": e.to_string() })),
+                )
+                    .into_response();
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                response
+            }
         }
     }
 }

@@ -24,6 +24,11 @@ pub enum PublishError {
     /// nothing was appended.
     #[error("the idempotency key was already used for a different request")]
     KeyReused,
+    /// The events were appended but not confirmed by `TICKFLOW_WAIT_REPLICAS` replicas
+    /// in time (503 / UNAVAILABLE): a failover could still lose them, so the client must
+    /// retry with the same idempotency key.
+    #[error("not confirmed by {0} replicas; retry with the same idempotency key")]
+    NotConfirmed(u32),
 }
 
 impl From<AppendError> for PublishError {
@@ -31,6 +36,7 @@ impl From<AppendError> for PublishError {
         match e {
             AppendError::KeyReused(_) => PublishError::KeyReused,
             AppendError::Redis(e) => PublishError::Redis(e),
+            AppendError::NotConfirmed { wanted, .. } => PublishError::NotConfirmed(wanted),
         }
     }
 }

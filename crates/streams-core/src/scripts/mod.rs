@@ -13,9 +13,14 @@
 //! length it does not bound: Lua's `unpack` stops at about 8,000 values ("too many results
 //! to unpack"), so variadic commands go in chunks of 1,000 values.
 
+use std::time::Duration;
+
 use redis::{Cmd, Value, aio::ConnectionLike};
 
-use crate::error::{Result, StreamsError};
+use crate::{
+    connection::{MAX_WAIT_TIMEOUT, ReplicaWait},
+    error::{Result, StreamsError},
+};
 
 /// A Lua script sent by SHA, loaded on first use or after a Redis restart (NOSCRIPT).
 #[derive(Debug)]
@@ -84,6 +89,74 @@ impl LuaScript {
             other => other,
         }
     }
+
+    /// Runs the script as [`Self::run_with`] does (as [`Self::run_loaded`] when
+    /// `load_script` is false), then, when `wait` asks for replicas, `WAIT` in the same
+    /// pipeline: on the same socket (a pipeline goes whole over one connection, on a
+    /// cluster to the master of the script's first key), right behind the write it counts
+    /// replicas for, and ahead of anything queued on that connection after it (a blocking
+    /// read). Fewer replicas than asked is [`StreamsError::NotConfirmed`]: the script's
+    /// writes were applied on the master but may not survive a failover. Without replicas
+    /// to wait for, the request is exactly [`Self::run_with`]'s: no `WAIT`, no pipeline.
+    pub(crate) async fn run_confirmed<C>(
+        &self,
+        conn: &mut C,
+        key_count: usize,
+        fill: impl Fn(&mut Cmd),
+        load_script: bool,
+        wait: ReplicaWait,
+    ) -> Result<Value>
+    where
+        C: ConnectionLike + Send,
+    {
+        if !wait.is_on() {
+            return if load_script {
+                self.run_with(conn, key_count, fill).await
+            } else {
+                self.run_loaded(conn, key_count, fill).await
+            };
+        }
+        let by_sha = command("EVALSHA", &self.sha, key_count, &fill);
+        match run_and_wait(conn, by_sha, wait).await {
+            Err(e) if load_script && e.is_no_script() => {
+                run_and_wait(conn, command("EVAL", self.code, key_count, &fill), wait).await
+            }
+            other => other,
+        }
+    }
+}
+
+/// `script` then `WAIT` in one pipeline (see [`LuaScript::run_confirmed`]).
+async fn run_and_wait<C>(conn: &mut C, script: Cmd, wait: ReplicaWait) -> Result<Value>
+where
+    C: ConnectionLike + Send,
+{
+    // A WAIT with timeout 0 blocks for good, and one longer than MAX_WAIT_TIMEOUT would
+    // outlast the connection's response timeout; the configuration refuses both, and this
+    // keeps a hand-built ReplicaWait within them too.
+    let timeout = wait
+        .timeout
+        .clamp(Duration::from_millis(1), MAX_WAIT_TIMEOUT);
+    let mut pipe = redis::pipe();
+    // The script's own error reply (NOSCRIPT, a refused call) is returned as it would be
+    // without the WAIT, not folded into a pipeline error.
+    pipe.ignore_errors();
+    pipe.add_command(script);
+    pipe.cmd("WAIT")
+        .arg(wait.replicas)
+        .arg(timeout.as_millis() as u64);
+    let replies: Vec<Value> = pipe.query_async(conn).await?;
+    let [reply, confirmed] = <[Value; 2]>::try_from(replies)
+        .map_err(|r| StreamsError::Protocol(format!("{} replies to a script and WAIT", r.len())))?;
+    let reply = reply.extract_error()?;
+    let confirmed: u32 = redis::from_redis_value(confirmed.extract_error()?)?;
+    if confirmed < wait.replicas {
+        return Err(StreamsError::NotConfirmed {
+            wanted: wait.replicas,
+            confirmed,
+        });
+    }
+    Ok(reply)
 }
 
 /// `verb body key_count`, then what `fill` appends (keys, then arguments).

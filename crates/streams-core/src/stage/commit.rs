@@ -27,6 +27,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::{Handler, Stage, handler::Op};
 use crate::{
+    connection::ReplicaWait,
     envelope::Envelope,
     error::{Result, StreamsError},
     keys::{dedupe_set, slot_tag},
@@ -104,11 +105,13 @@ impl<H: Handler> Stage<H> {
                 match result {
                     Ok(replies) => {
                         for ((source, commit), reply) in part.into_iter().zip(replies) {
-                            self.settle(source, commit, reply, &mut outcome);
+                            let owned = tokens.contains_key(&source);
+                            self.settle(source, commit, reply, owned, &mut outcome);
                         }
                     }
                     Err(e) if e.is_no_script() => retry.extend(part),
                     Err(e) if e.is_transient() => {
+                        self.count_unconfirmed(&e);
                         last_error = Some(e);
                         retry_now = false;
                         retry.extend(part);
@@ -239,7 +242,7 @@ impl<H: Handler> Stage<H> {
                 let attempt = match self.redis.pooled().await {
                     Ok(conn) => {
                         let mut conn: crate::connection::Connection = conn.clone();
-                        call.run(&mut conn, true).await
+                        call.run(&mut conn, true, self.redis.replica_wait()).await
                     }
                     Err(e) => Err(StreamsError::Pool(e.to_string())),
                 };
@@ -254,6 +257,7 @@ impl<H: Handler> Stage<H> {
                         }
                     },
                     Err(e) if e.is_transient() || e.is_no_script() => {
+                        self.count_unconfirmed(&e);
                         if self.shutdown.is_cancelled()
                             && Instant::now()
                                 >= *deadline.get_or_insert_with(|| {
@@ -323,16 +327,34 @@ impl<H: Handler> Stage<H> {
         .await
     }
 
-    /// What one source's part of a commit came to.
+    /// What one source's part of a commit came to. `owned`: the source is an owned
+    /// partition, whose handler keeps state between batches.
     fn settle(
         &self,
         source: usize,
         commit: Commit,
         reply: SourceReply,
+        owned: bool,
         outcome: &mut CommitOutcome,
     ) {
         match reply {
-            SourceReply::Acked(acked) => self.record_commit(source, &commit, acked),
+            SourceReply::Acked(acked) => {
+                let not_pending = acked.iter().any(|acked| !acked);
+                self.record_commit(source, &commit, acked);
+                // Entries of an owned partition that were no longer pending: an earlier try
+                // of this commit went through (its reply lost, or not confirmed by the
+                // replicas), or Redis lost them or their delivery (a failover to a replica
+                // that had not received them, a Redis that restarted empty); then they come
+                // back, or their producer sends them again. The handler's state has them
+                // either way, and only Redis knows which case this is: the partition's
+                // state is reloaded from what Redis holds (as for an out-of-order commit),
+                // so that nothing is applied twice to it.
+                if owned && not_pending {
+                    tracing::warn!(group = %self.spec.group, partition = self.sources[source].partition,
+                        "entries were no longer pending when committed; reloading the partition's state");
+                    outcome.stale.push(source);
+                }
+            }
             SourceReply::Fenced => outcome.fenced.push(source),
             SourceReply::OutOfOrder => outcome.stale.push(source),
             SourceReply::Failed(error) => {
@@ -392,7 +414,17 @@ impl<H: Handler> Stage<H> {
                 span.add_link(other.clone());
             }
         }
-        call.run(conn, load_script).instrument(span).await
+        call.run(conn, load_script, self.redis.replica_wait())
+            .instrument(span)
+            .await
+    }
+
+    /// Counts a commit that replicas did not confirm in time (`TICKFLOW_WAIT_REPLICAS`).
+    fn count_unconfirmed(&self, error: &StreamsError) {
+        if matches!(error, StreamsError::NotConfirmed { .. }) {
+            metrics::counter!("tickflow_replica_wait_unconfirmed_total", "stage" => self.spec.group.clone(), "operation" => "commit")
+                .increment(1);
+        }
     }
 
     fn record_commit(&self, source: usize, commit: &Commit, acked: Vec<bool>) {
@@ -519,20 +551,20 @@ impl<'a> AckForward<'a> {
     }
 
     /// Runs the call: by SHA only when `load_script` is false (a connection where a second
-    /// request would queue behind a blocking read), else loading the script on NOSCRIPT.
-    /// One reply per source, in order.
+    /// request would queue behind a blocking read), else loading the script on NOSCRIPT;
+    /// followed by `WAIT` on the same connection when `wait` asks for replicas (a call not
+    /// confirmed by them is [`StreamsError::NotConfirmed`], to be repeated like one whose
+    /// reply was lost). One reply per source, in order.
     pub(crate) async fn run(
         &self,
         conn: &mut (impl ConnectionLike + Send),
         load_script: bool,
+        wait: ReplicaWait,
     ) -> Result<Vec<SourceReply>> {
         let fill = |cmd: &mut Cmd| self.fill(cmd);
-        let script = ack_forward_script();
-        let reply = if load_script {
-            script.run_with(conn, self.keys.len(), fill).await?
-        } else {
-            script.run_loaded(conn, self.keys.len(), fill).await?
-        };
+        let reply = ack_forward_script()
+            .run_confirmed(conn, self.keys.len(), fill, load_script, wait)
+            .await?;
         SourceReply::parse_all(reply, self.sources.len())
     }
 
@@ -708,7 +740,9 @@ mod tests {
         conn: &mut MultiplexedConnection,
         sources: Vec<SourceCommit<'_>>,
     ) -> Result<Vec<SourceReply>> {
-        AckForward::new("g", sources).run(conn, true).await
+        AckForward::new("g", sources)
+            .run(conn, true, ReplicaWait::default())
+            .await
     }
 
     /// Group `g` on stream `key`, from its start (creating the stream).
@@ -794,6 +828,79 @@ mod tests {
 
     fn acked(n: usize) -> SourceReply {
         SourceReply::Acked(vec![true; n])
+    }
+
+    /// How many times the server ran `command` (INFO commandstats).
+    async fn calls(conn: &mut MultiplexedConnection, command: &str) -> u64 {
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(conn)
+            .await
+            .unwrap();
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    }
+
+    /// `TICKFLOW_WAIT_REPLICAS`: a call that no replica confirmed (a lone server has none)
+    /// is an error to retry, though the master applied it; the retry acknowledges nothing
+    /// twice. Without replicas to wait for, no `WAIT` is sent at all.
+    #[tokio::test]
+    async fn a_commit_not_confirmed_by_replicas_is_retried_and_acknowledges_nothing_twice() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        create_group(&mut conn, "in").await;
+        let ids = delivered(&mut conn, "in", 3).await;
+        let entries = forwarded(&ids, "out");
+        assert_eq!(
+            commit(&mut conn, vec![source("in", None, &entries[..1], &[])])
+                .await
+                .unwrap(),
+            [acked(1)]
+        );
+        assert_eq!(calls(&mut conn, "wait").await, 0, "a WAIT for no replica");
+
+        let wait = ReplicaWait {
+            replicas: 1,
+            timeout: Duration::from_millis(20),
+        };
+        let call = AckForward::new("g", vec![source("in", None, &entries[1..], &[])]);
+        let error = call.run(&mut conn, true, wait).await.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                StreamsError::NotConfirmed {
+                    wanted: 1,
+                    confirmed: 0
+                }
+            ),
+            "{error}"
+        );
+        assert!(error.is_transient(), "commit_all retries it");
+        assert_eq!(calls(&mut conn, "wait").await, 1);
+        assert_eq!(len(&mut conn, "out").await, 3);
+        assert_eq!(pending(&mut conn, "in").await, 0);
+        let error = call.run(&mut conn, true, wait).await.unwrap_err();
+        assert!(
+            matches!(error, StreamsError::NotConfirmed { .. }),
+            "{error}"
+        );
+        assert_eq!(
+            call.run(&mut conn, true, ReplicaWait::default())
+                .await
+                .unwrap(),
+            [SourceReply::Acked(vec![false; 2])]
+        );
+        assert_eq!(len(&mut conn, "out").await, 3);
+        // A call the script refuses with an error is that error, whatever WAIT says.
+        let bad = vec![(ids[0].clone(), vec![command("FLUSHALL", "out", vec![])])];
+        let error = AckForward::new("g", vec![source("in", None, &bad, &[])])
+            .run(&mut conn, true, wait)
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("TICKFLOW_INVALID"), "{error}");
     }
 
     #[tokio::test]
