@@ -161,9 +161,13 @@ impl<H: Handler> Stage<H> {
                 .await;
             for (source, token) in owned.take_due(Instant::now()) {
                 // The drain claims whatever is pending, read-ahead entries included: they
-                // must not be handled a second time from the read-ahead.
+                // must not be handled a second time from the read-ahead, nor (on a
+                // cluster) from what the partition's reader has queued.
                 if let Some(Ok(batch)) = &mut prefetched {
                     batch.retain(|p| p.source != source);
+                }
+                if let Some(readers) = self.readers.lock().await.as_mut() {
+                    readers.stop_reading(source);
                 }
                 match self
                     .drain_pending(source, ClaimMode::Takeover, Some(&token))

@@ -14,6 +14,13 @@
 //! consumer until the loop commits it; a reader stopped with entries in hand (its partition
 //! handed over, shutdown) leaves them pending, to be claimed like any entry delivered to a
 //! read whose reply was lost.
+//!
+//! Before the loop drains a partition's pending entries (a takeover, a sweep, a reload), it
+//! stops that partition's reader ([`PartitionReaders::stop_reading`]): the drain claims
+//! every pending entry, those a reader read and queued included, so a batch queued before
+//! the drain must not be handled again after it (an owned handler would apply it to its
+//! state twice). Each reader started is a new generation, and only the running
+//! generation's batches come out of [`PartitionReaders::next`].
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -30,6 +37,10 @@ use crate::{
 /// What a reader hands the loop: its source index and the entries of one read.
 pub(super) type ReaderBatch = (usize, Result<Vec<RawEntry>>);
 
+/// What goes through the channel: a [`ReaderBatch`] and the generation of the reader that
+/// read it.
+type QueuedBatch = (usize, u64, Result<Vec<RawEntry>>);
+
 /// What every reader of a stage reads with.
 #[derive(Clone, Debug)]
 pub(super) struct ReadSettings {
@@ -43,9 +54,12 @@ pub(super) struct ReadSettings {
 pub(super) struct PartitionReaders {
     redis: Redis,
     settings: ReadSettings,
-    sender: mpsc::Sender<ReaderBatch>,
-    receiver: mpsc::Receiver<ReaderBatch>,
-    running: BTreeMap<usize, (CancellationToken, JoinHandle<()>)>,
+    sender: mpsc::Sender<QueuedBatch>,
+    receiver: mpsc::Receiver<QueuedBatch>,
+    /// Each running reader: how to stop it, its task, its generation.
+    running: BTreeMap<usize, (CancellationToken, JoinHandle<()>, u64)>,
+    /// The generation of the next reader started.
+    next_generation: u64,
 }
 
 impl std::fmt::Debug for PartitionReaders {
@@ -67,6 +81,7 @@ impl PartitionReaders {
             sender,
             receiver,
             running: BTreeMap::new(),
+            next_generation: 0,
         }
     }
 
@@ -80,25 +95,34 @@ impl PartitionReaders {
             .filter(|s| !keep.contains(s))
             .collect();
         for source in stopped {
-            if let Some((stop, task)) = self.running.remove(&source) {
-                stop.cancel();
-                task.abort();
-            }
+            self.stop_reading(source);
         }
         for (source, stream) in wanted {
             if self.running.contains_key(source) {
                 continue;
             }
+            let generation = self.next_generation;
+            self.next_generation += 1;
             let stop = CancellationToken::new();
             let task = tokio::spawn(read_partition(
                 self.redis.clone(),
                 self.settings.clone(),
-                *source,
+                (*source, generation),
                 stream.clone(),
                 self.sender.clone(),
                 stop.clone(),
             ));
-            self.running.insert(*source, (stop, task));
+            self.running.insert(*source, (stop, task, generation));
+        }
+    }
+
+    /// Stops the reader of `source`, if one runs, and forgets what it queued: its batches
+    /// stay pending to this consumer (for the drain that follows, or a later one). The
+    /// next [`Self::read_only`] naming `source` starts a new reader.
+    pub(super) fn stop_reading(&mut self, source: usize) {
+        if let Some((stop, task, _)) = self.running.remove(&source) {
+            stop.cancel();
+            task.abort();
         }
     }
 
@@ -108,15 +132,22 @@ impl PartitionReaders {
         let mut batches = Vec::new();
         match tokio::time::timeout(wait, self.receiver.recv()).await {
             Ok(Some(first)) => batches.push(first),
-            Ok(None) | Err(_) => return batches,
+            Ok(None) | Err(_) => return Vec::new(),
         }
         while let Ok(more) = self.receiver.try_recv() {
             batches.push(more);
         }
-        // Batches of partitions no longer read stay pending; the drain or a claim takes
-        // them.
-        batches.retain(|(source, _)| self.running.contains_key(source));
+        // Batches of partitions no longer read, or read by a reader since stopped, stay
+        // pending; the drain or a claim takes them.
         batches
+            .into_iter()
+            .filter(|(source, generation, _)| {
+                self.running
+                    .get(source)
+                    .is_some_and(|(_, _, running)| running == generation)
+            })
+            .map(|(source, _, read)| (source, read))
+            .collect()
     }
 
     /// Stops every reader.
@@ -136,9 +167,9 @@ impl Drop for PartitionReaders {
 async fn read_partition(
     redis: Redis,
     settings: ReadSettings,
-    source: usize,
+    (source, generation): (usize, u64),
     stream: Arc<str>,
-    sender: mpsc::Sender<ReaderBatch>,
+    sender: mpsc::Sender<QueuedBatch>,
     stop: CancellationToken,
 ) {
     let mut conn = None;
@@ -148,7 +179,7 @@ async fn read_partition(
             match redis.dedicated_for(&stream, settings.block).await {
                 Ok(c) => conn = Some(c),
                 Err(e) => {
-                    if !report(&sender, source, e, &stop, &mut delay).await {
+                    if !report(&sender, (source, generation), e, &stop, &mut delay).await {
                         return;
                     }
                     continue;
@@ -178,7 +209,7 @@ async fn read_partition(
                 // MOVED (a failover or resharding), a lost connection: resolve the
                 // partition's master again.
                 conn = None;
-                if !report(&sender, source, e, &stop, &mut delay).await {
+                if !report(&sender, (source, generation), e, &stop, &mut delay).await {
                     return;
                 }
                 continue;
@@ -189,7 +220,7 @@ async fn read_partition(
             continue;
         }
         tokio::select! {
-            sent = sender.send((source, Ok(entries))) => if sent.is_err() { return },
+            sent = sender.send((source, generation, Ok(entries))) => if sent.is_err() { return },
             _ = stop.cancelled() => return,
         }
     }
@@ -198,14 +229,14 @@ async fn read_partition(
 /// Hands an error to the loop (which counts and logs it, and recreates a vanished group)
 /// and waits before the next try. False once the reader should end.
 async fn report(
-    sender: &mpsc::Sender<ReaderBatch>,
-    source: usize,
+    sender: &mpsc::Sender<QueuedBatch>,
+    (source, generation): (usize, u64),
     error: StreamsError,
     stop: &CancellationToken,
     delay: &mut Duration,
 ) -> bool {
     tokio::select! {
-        sent = sender.send((source, Err(error))) => if sent.is_err() { return false },
+        sent = sender.send((source, generation, Err(error))) => if sent.is_err() { return false },
         _ = stop.cancelled() => return false,
     }
     tokio::select! {
@@ -214,4 +245,87 @@ async fn report(
     }
     *delay = (*delay * 2).min(Duration::from_secs(1));
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::RedisServer;
+
+    /// A drain claims what a stopped reader had queued: a reader started again for the
+    /// partition hands out only what it reads itself, never its predecessor's batch.
+    #[tokio::test]
+    async fn a_batch_queued_before_a_reader_stopped_is_not_handed_out_after_it_restarts() {
+        let server = RedisServer::start();
+        let redis = Redis::new(&server.url(), 2).unwrap();
+        let mut conn = server.connect().await;
+        let () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg("s")
+            .arg("g")
+            .arg("$")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let settings = ReadSettings {
+            group: "g".into(),
+            consumer: "c".into(),
+            count: 10,
+            block: Duration::from_millis(100),
+        };
+        let mut readers = PartitionReaders::new(redis, settings, 1);
+        let wanted = [(0, Arc::<str>::from("s"))];
+        readers.read_only(&wanted);
+        let xadd = |n: u32| {
+            redis::cmd("XADD")
+                .arg("s")
+                .arg("*")
+                .arg("n")
+                .arg(n)
+                .to_owned()
+        };
+        let _: String = xadd(1).query_async(&mut conn).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while readers.receiver.is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the reader queued nothing"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        readers.stop_reading(0);
+        // The stopped reader's last blocking read ends (an entry it got would stay pending
+        // to the consumer, for a drain) before the next entry comes.
+        loop {
+            let clients: String = redis::cmd("INFO")
+                .arg("clients")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if clients.contains("blocked_clients:0") {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the stopped read still blocks"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        readers.read_only(&wanted);
+        let second: String = xadd(2).query_async(&mut conn).await.unwrap();
+        let mut ids = Vec::new();
+        while ids.is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the new reader read nothing"
+            );
+            for (source, read) in readers.next(Duration::from_secs(1)).await {
+                assert_eq!(source, 0);
+                ids.extend(read.unwrap().into_iter().map(|entry| entry.id));
+            }
+        }
+        assert_eq!(ids, [second]);
+    }
 }
