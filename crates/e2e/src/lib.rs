@@ -182,6 +182,14 @@ impl Backend {
             Backend::Cluster(_) => panic!("this harness runs on one redis-server"),
         }
     }
+
+    /// The Redis Cluster (the cluster chaos test kills and restarts its nodes).
+    pub fn cluster_mut(&mut self) -> &mut streams_core::testing::RedisCluster {
+        match self {
+            Backend::Cluster(cluster) => cluster,
+            Backend::Server(_) => panic!("this harness runs on one redis-server, not a cluster"),
+        }
+    }
 }
 
 /// What every harness sets up first: a redis-server, a namespace of its own, the demo
@@ -557,6 +565,11 @@ impl Pipeline {
         self.server.url()
     }
 
+    /// Where the pipeline's Redis runs; [`Backend::cluster_mut`] to fail a cluster over.
+    pub fn backend_mut(&mut self) -> &mut Backend {
+        &mut self.server
+    }
+
     /// A connection to the pipeline's Redis.
     pub fn conn(&self) -> Connection {
         self.conn.clone()
@@ -764,6 +777,20 @@ impl Pipeline {
         let (status, body) = self.get_json(&url).await;
         assert_eq!(status, 200, "GET {url}: {body}");
         body
+    }
+
+    /// The Prometheus text of a replica's `GET /metrics` (in one process every pipeline's
+    /// services record into the same recorder: a counter sums over all of them).
+    pub async fn metrics(&self, role: Role, index: usize) -> String {
+        let url = format!("http://{}/metrics", self.service(role, index).http);
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        assert_eq!(response.status().as_u16(), 200, "GET {url}");
+        response.text().await.expect("metrics text")
     }
 
     /// `POST <path>` on a replica's admin router with `Authorization: Bearer <token>`;

@@ -368,6 +368,9 @@ const CLUSTER_NODE_ARGS: &[&str] = &[
     "yes",
     "--repl-diskless-sync-delay",
     "0",
+    // DEBUG SLEEP freezes a replica in RedisCluster::cut_replication; loopback only.
+    "--enable-debug-command",
+    "local",
 ];
 
 impl RedisCluster {
@@ -444,6 +447,71 @@ impl RedisCluster {
         let port = self.node_for_key(key);
         self.node_mut(port).kill();
         port
+    }
+
+    /// Cuts replication from the master serving `key`'s slot to its replica, as a network
+    /// partition between the two would: the replica is frozen for `frozen` (`DEBUG SLEEP`),
+    /// then the master drops its link to it (`CLIENT KILL TYPE replica`). Whatever the
+    /// master takes from then on never reaches that replica, unless the master still runs
+    /// when the replica wakes (it then reconnects and catches up). Kill the master within
+    /// `frozen`, and the replica promoted once it wakes lacks every write made after the
+    /// cut, as after a partition in production. Returns the master's port and the
+    /// replica's.
+    ///
+    /// # Panics
+    ///
+    /// If the master has no replica attached, or the replica does not freeze.
+    pub fn cut_replication(&self, key: &str, frozen: Duration) -> (u16, u16) {
+        let master = self.node_for_key(key);
+        let replication = text_command(master, "INFO replication");
+        let replica: u16 = replication
+            .lines()
+            .find_map(|line| line.strip_prefix("slave0:"))
+            .and_then(|fields| {
+                fields
+                    .split(',')
+                    .find_map(|field| field.strip_prefix("port="))
+            })
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| panic!("master {master} has no replica:\n{replication}"));
+        let mut sleeper = blocking_connection(replica)
+            .unwrap_or_else(|e| panic!("connect to replica {replica}: {e}"));
+        let seconds = format!("{:.3}", frozen.as_secs_f64());
+        // The reply comes when the replica wakes; nobody waits for it.
+        std::thread::spawn(move || {
+            let _: redis::RedisResult<redis::Value> = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg(seconds)
+                .query(&mut sleeper);
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while answers_within(replica, Duration::from_millis(100)) {
+            assert!(
+                Instant::now() < deadline,
+                "replica {replica} did not freeze (DEBUG SLEEP)"
+            );
+        }
+        let killed: i64 = blocking_connection(master)
+            .and_then(|mut c| {
+                redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("TYPE")
+                    .arg("replica")
+                    .query(&mut c)
+                    .map_err(io::Error::other)
+            })
+            .unwrap_or_else(|e| panic!("CLIENT KILL TYPE replica on {master}: {e}"));
+        assert_eq!(killed, 1, "master {master} dropped {killed} replica links");
+        (master, replica)
+    }
+
+    /// Crashes (`SIGKILL`) the node on `port`, whatever it is now.
+    ///
+    /// # Panics
+    ///
+    /// If `port` is not a node's.
+    pub fn kill_node(&mut self, port: u16) {
+        self.node_mut(port).kill();
     }
 
     /// Starts the node on `port` again (killing it first if it runs), with its data and its
@@ -999,6 +1067,23 @@ fn blocking_connection(port: u16) -> io::Result<redis::Connection> {
     conn.set_write_timeout(Some(Duration::from_secs(2)))
         .map_err(io::Error::other)?;
     Ok(conn)
+}
+
+/// Whether the server on `port` answers an inline `PING` within `timeout` (a frozen one
+/// does not). A bare socket, since a client's connection handshake would itself wait for
+/// the frozen server.
+fn answers_within(port: u16, timeout: Duration) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut socket) =
+        std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), timeout)
+    else {
+        return false;
+    };
+    let mut reply = [0u8; 7];
+    socket.set_read_timeout(Some(timeout)).is_ok()
+        && socket.write_all(b"PING\r\n").is_ok()
+        && socket.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
 }
 
 /// `SIGKILL`s the child (if still alive) and waits for it.

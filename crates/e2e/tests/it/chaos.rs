@@ -124,14 +124,22 @@ fn flow(events: usize, seed: u64) -> (Vec<v1::Event>, Sent) {
     (out, sent)
 }
 
+/// How far [`publish`] got, while it runs: events accepted (whole batches) and requests
+/// sent again after an error.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    pub(crate) accepted: AtomicUsize,
+    pub(crate) retries: AtomicUsize,
+}
+
 /// Sends `events` in batches of [`BATCH`] at about `rate` events/s through gRPC `Publish`,
 /// each batch under its own idempotency key, retrying a batch (to whichever ingest is up)
 /// until it is answered. Returns every id ingest answered, in order.
-async fn publish(
+pub(crate) async fn publish(
     events: Vec<v1::Event>,
     rate: u64,
     mut ingest: watch::Receiver<SocketAddr>,
-    progress: Arc<AtomicUsize>,
+    progress: Arc<Progress>,
 ) -> (Vec<String>, usize) {
     let started = Instant::now();
     let mut ids = Vec::with_capacity(events.len());
@@ -164,6 +172,7 @@ async fn publish(
                     }
                     Err(_) => {
                         retries += 1;
+                        progress.retries.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
@@ -196,12 +205,13 @@ async fn publish(
                         "batch {n} refused: {status:?}"
                     );
                     retries += 1;
+                    progress.retries.fetch_add(1, Ordering::Relaxed);
                     client = None;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
-        progress.store((n + 1) * BATCH, Ordering::Relaxed);
+        progress.accepted.store((n + 1) * BATCH, Ordering::Relaxed);
     }
     (ids, retries)
 }
@@ -283,7 +293,7 @@ async fn nothing_is_lost_or_doubled_when_stages_and_redis_crash() {
             .expect("ingest has a gRPC address")
     };
     let (addr_tx, addr_rx) = watch::channel(ingest_addr(&p));
-    let progress = Arc::new(AtomicUsize::new(0));
+    let progress = Arc::new(Progress::default());
     let publisher = tokio::spawn(publish(flow, rate, addr_rx, progress.clone()));
 
     // The chaos: a crash every 0.4–1.2 s, Redis once, past a third of the flow.
@@ -296,11 +306,11 @@ async fn nothing_is_lost_or_doubled_when_stages_and_redis_crash() {
     while !publisher.is_finished() || !redis_crashed || kills.values().sum::<usize>() < MIN_KILLS {
         tokio::time::sleep(Duration::from_millis(rng.random_range(400..1200))).await;
         if !redis_crashed
-            && (progress.load(Ordering::Relaxed) >= events / 3 || publisher.is_finished())
+            && (progress.accepted.load(Ordering::Relaxed) >= events / 3 || publisher.is_finished())
         {
             eprintln!(
                 "chaos: redis killed at {} events",
-                progress.load(Ordering::Relaxed)
+                progress.accepted.load(Ordering::Relaxed)
             );
             p.kill_redis();
             tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;

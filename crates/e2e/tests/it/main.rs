@@ -7,6 +7,7 @@ mod bad_input_sweep;
 mod bad_inputs;
 mod bars;
 mod chaos;
+mod chaos_cluster;
 mod idempotency;
 mod large_inputs;
 mod limits;

@@ -14,7 +14,7 @@ use crate::support::{
 
 /// Symbols of the demo reference data: (symbol, tick in millionths, lot, starting mid in
 /// ticks). They fall into every partition but 0 of 4.
-const SYMBOLS: [(&str, i64, u64, i64); 8] = [
+pub(crate) const SYMBOLS: [(&str, i64, u64, i64); 8] = [
     ("AAPL", 10_000, 1, 17_250),
     ("MSFT", 10_000, 1, 40_000),
     ("NVDA", 10_000, 1, 12_000),
@@ -31,7 +31,7 @@ const CHUNK: usize = 25;
 /// A deterministic flow of `count` events over [`SYMBOLS`]: limit orders around a
 /// drifting mid that often cross, some market orders, cancels (of live, filled or
 /// cancelled orders alike) and ticks.
-fn flow(seed: u64, count: usize) -> Vec<v1::Event> {
+pub(crate) fn flow(seed: u64, count: usize) -> Vec<v1::Event> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut mids: Vec<i64> = SYMBOLS.iter().map(|s| s.3).collect();
     let mut ids: Vec<Vec<String>> = vec![Vec::new(); SYMBOLS.len()];
@@ -92,12 +92,12 @@ async fn send(p: &Pipeline, events: &[v1::Event]) {
 
 /// Trades and execution reports per symbol, in the order the engine wrote them.
 #[derive(Debug, PartialEq)]
-struct Outcome {
-    trades: BTreeMap<String, Vec<TradeView>>,
-    reports: BTreeMap<String, Vec<ReportView>>,
+pub(crate) struct Outcome {
+    pub(crate) trades: BTreeMap<String, Vec<TradeView>>,
+    pub(crate) reports: BTreeMap<String, Vec<ReportView>>,
 }
 
-async fn outcome(p: &Pipeline) -> Outcome {
+pub(crate) async fn outcome(p: &Pipeline) -> Outcome {
     let mut trades: BTreeMap<String, Vec<TradeView>> = BTreeMap::new();
     let mut reports: BTreeMap<String, Vec<ReportView>> = BTreeMap::new();
     // A symbol's events are all in one partition: stream order is the order written.
@@ -117,7 +117,7 @@ async fn outcome(p: &Pipeline) -> Outcome {
     Outcome { trades, reports }
 }
 /// The whole flow through a pipeline with one replica of everything.
-async fn reference(events: &[v1::Event]) -> Outcome {
+pub(crate) async fn reference(events: &[v1::Event]) -> Outcome {
     let p = Pipeline::start_with(Options {
         name: "one-engine".into(),
         ..Options::default()
@@ -141,7 +141,7 @@ fn two_of_everything(name: &str) -> Options {
 }
 
 /// Checks the reference outcome is a meaningful one: every symbol traded.
-fn assert_busy(outcome: &Outcome) {
+pub(crate) fn assert_busy(outcome: &Outcome) {
     let traded: BTreeSet<&str> = outcome.trades.keys().map(String::as_str).collect();
     let all: BTreeSet<&str> = SYMBOLS.iter().map(|s| s.0).collect();
     assert_eq!(traded, all, "every symbol trades in the flow");
@@ -180,7 +180,7 @@ fn assert_sequences(outcome: &Outcome) {
 
 /// Compares symbol by symbol, so that a failure shows the first difference.
 #[track_caller]
-fn assert_same(actual: &Outcome, expected: &Outcome) {
+pub(crate) fn assert_same(actual: &Outcome, expected: &Outcome) {
     let symbols: BTreeSet<&String> = actual.trades.keys().chain(expected.trades.keys()).collect();
     for symbol in symbols {
         let a = actual.trades.get(symbol).cloned().unwrap_or_default();
