@@ -187,7 +187,9 @@ pub struct Config {
     /// `TICKFLOW_REDIS_MODE`: `standalone` (default) or `cluster`.
     pub redis_mode: RedisMode,
     /// `TICKFLOW_WAIT_REPLICAS`: how many replicas must acknowledge a write (Redis `WAIT`)
-    /// before tickflow counts it as done; 0 (default) does not wait.
+    /// before tickflow counts it as done: each commit (retried until confirmed) and each
+    /// append (refused with [`crate::append::AppendError::NotConfirmed`] until confirmed);
+    /// 0 (default) does not wait. [`crate::Redis::from_config`] carries it to both.
     pub wait_replicas: u32,
     /// `TICKFLOW_WAIT_TIMEOUT_MS`: how long one `WAIT` may block for those acknowledgements,
     /// at most [`crate::connection::MAX_WAIT_TIMEOUT`] (a blocked `WAIT` holds its
