@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use e2e::{Options, Pipeline, Role};
+use e2e::{Options, Pipeline, Role, processes::metric_sum};
 use tickflow_proto::{
     topology,
     v1::{self, event::Kind},
@@ -40,6 +40,8 @@ const RATE: u64 = 400;
 /// Events per second of the flow around a cut: a third of it goes in well within
 /// [`FROZEN`].
 const CUT_RATE: u64 = 1_000;
+/// Writes replicas did not confirm in time, per `operation` (`append`, `commit`).
+const UNCONFIRMED: &str = "tickflow_replica_wait_unconfirmed_total";
 /// How long the replica stays frozen after the cut: long enough for the master to take
 /// writes and be killed before the replica wakes.
 const FROZEN: Duration = Duration::from_secs(5);
@@ -98,6 +100,12 @@ async fn with_wait_replicas_1_a_failover_after_replication_was_cut_loses_nothing
     // Nothing sent after the cut was confirmed before the failover: the client was
     // refused and sent it again.
     assert!(cut.retries > 0, "no request was refused after the cut");
+    // (The recorder is the process's: other pipelines may have counted too.)
+    let metrics = p.metrics(Role::Ingest, 0).await;
+    assert!(
+        metric_sum(&metrics, UNCONFIRMED, &[("operation", "append")]) > 0.0,
+        "{metrics}"
+    );
     assert!(
         cut.missing.is_empty(),
         "accepted, then lost: {:?}",
