@@ -234,7 +234,7 @@ impl<H: Handler> Stage<H> {
                     entries: &entries,
                     batch_ops: &[],
                 }],
-            );
+            )?;
             loop {
                 let attempt = match self.redis.pooled().await {
                     Ok(conn) => {
@@ -374,7 +374,8 @@ impl<H: Handler> Stage<H> {
                     }
                 })
                 .collect(),
-        );
+        )?
+        .trusting(|key| self.type_checked_recently(key));
         let span = tracing::debug_span!(
             "ack_forward",
             otel.name = "EVALSHA ack_forward",
@@ -392,7 +393,39 @@ impl<H: Handler> Stage<H> {
                 span.add_link(other.clone());
             }
         }
-        call.run(conn, load_script).instrument(span).await
+        let replies = call.run(conn, load_script).instrument(span).await?;
+        if !replies.iter().any(|r| matches!(r, SourceReply::Failed(_))) {
+            self.note_types_checked(call.checked_keys());
+        }
+        Ok(replies)
+    }
+
+    /// Whether this stage saw `key` with the type its effects need less than
+    /// [`TYPE_RECHECK`] ago.
+    fn type_checked_recently(&self, key: &str) -> bool {
+        let checked = self.type_checks.lock().expect("type checks");
+        checked
+            .get(key)
+            .is_some_and(|at| at.elapsed() < TYPE_RECHECK)
+    }
+
+    /// Remembers that a commit found `keys` of the right type just now.
+    fn note_types_checked<'k>(&self, keys: impl Iterator<Item = &'k str>) {
+        let now = Instant::now();
+        let mut checked = self.type_checks.lock().expect("type checks");
+        for key in keys {
+            match checked.get_mut(key) {
+                Some(at) => *at = now,
+                None => {
+                    checked.insert(key.to_owned(), now);
+                }
+            }
+        }
+        // Keys no longer written (a partition handed over, a symbol gone quiet) are
+        // forgotten, so the map stays the size of what the stage writes now.
+        if checked.len() > 4096 {
+            checked.retain(|_, at| at.elapsed() < TYPE_RECHECK);
+        }
     }
 
     fn record_commit(&self, source: usize, commit: &Commit, acked: Vec<bool>) {
@@ -484,33 +517,91 @@ pub(crate) struct AckForward<'a> {
     keys: Vec<&'a str>,
     /// Each effect key's index in KEYS (1-based, as the script reads it).
     index: HashMap<&'a str, usize>,
+    /// The type each key must have, a character per source stream, then per effect key
+    /// (`Op::key_type`; `*`: not checked).
+    types: String,
 }
 
 impl<'a> AckForward<'a> {
-    /// A call committing `sources` for `group`.
-    pub(crate) fn new(group: &'a str, sources: Vec<SourceCommit<'a>>) -> Self {
+    /// A call committing `sources` for `group`, or why it cannot be made: an effect the
+    /// script could not apply whole ([`Op::key_type`]), or a key written as two types.
+    pub(crate) fn new(group: &'a str, sources: Vec<SourceCommit<'a>>) -> Result<Self> {
         let mut keys: Vec<&str> = Vec::with_capacity(sources.len() * 2 + 8);
         for source in &sources {
             keys.push(source.stream);
             keys.push(source.fence.map_or(source.stream, |(lease, _)| lease));
         }
         let mut index = HashMap::new();
+        let mut types: String = sources
+            .iter()
+            .map(|source| match source.gate {
+                Gate::Pending { .. } => 's',
+                Gate::Dedupe { .. } => 'z',
+            })
+            .collect();
         for source in &sources {
             let ops = source.entries.iter().flat_map(|(_, ops)| ops);
             for op in ops.chain(source.batch_ops) {
                 let key = op.key();
-                if !index.contains_key(key) {
-                    keys.push(key);
-                    index.insert(key, keys.len());
+                let wanted = op.key_type().map_err(StreamsError::InvalidEffect)?;
+                match index.get(key) {
+                    None => {
+                        keys.push(key);
+                        index.insert(key, keys.len());
+                        types.push(wanted);
+                    }
+                    Some(&at) => {
+                        let position = at - 1 - sources.len();
+                        let known = types.as_bytes()[position] as char;
+                        if known == '*' {
+                            types.replace_range(position..=position, &wanted.to_string());
+                        } else if wanted != '*' && known != wanted {
+                            return Err(StreamsError::InvalidEffect(format!(
+                                "{key} written as two types ({known} and {wanted})"
+                            )));
+                        }
+                    }
                 }
             }
         }
-        Self {
+        Ok(Self {
             group,
             sources,
             keys,
             index,
-        }
+            types,
+        })
+    }
+
+    /// Leaves unchecked the keys `recently_checked` says this process saw with their type
+    /// moments ago (see [`TYPE_RECHECK`]).
+    pub(crate) fn trusting(mut self, recently_checked: impl Fn(&str) -> bool) -> Self {
+        let sources = self.sources.len();
+        let keys: Vec<&str> = self
+            .sources
+            .iter()
+            .map(|s| s.stream)
+            .chain(self.keys[2 * sources..].iter().copied())
+            .collect();
+        self.types = self
+            .types
+            .chars()
+            .zip(keys)
+            .map(|(code, key)| if recently_checked(key) { '*' } else { code })
+            .collect();
+        self
+    }
+
+    /// Every key whose type the call checks (or checked).
+    pub(crate) fn checked_keys(&self) -> impl Iterator<Item = &'a str> + '_ {
+        let sources = self.sources.len();
+        self.sources
+            .iter()
+            .map(|s| s.stream)
+            .chain(self.keys[2 * sources..].iter().copied())
+            .zip(self.types.chars())
+            .filter(|(_, code)| *code != '*')
+            .map(|(key, _)| key)
     }
 
     /// How many entries the call acknowledges.
@@ -552,6 +643,23 @@ impl<'a> AckForward<'a> {
                 Gate::Dedupe { window_ms } => cmd.arg(format!("D{window_ms}")),
             };
         }
+        // Where each source's section starts (ARGV is 1-based; the header is 4 values, 4 per
+        // source and the types), so the script reaches any source without reading the others.
+        let mut at = 4 + 4 * self.sources.len() + 2;
+        for source in &self.sources {
+            cmd.arg(at);
+            at += 2
+                + source
+                    .entries
+                    .iter()
+                    .map(|(_, ops)| 2 + ops.iter().map(op_len).sum::<usize>())
+                    .sum::<usize>()
+                + source.batch_ops.iter().map(op_len).sum::<usize>();
+        }
+        for source in &self.sources {
+            cmd.arg(source.entries.last().map_or("", |(id, _)| id.as_str()));
+        }
+        cmd.arg(&self.types);
         for source in &self.sources {
             cmd.arg(source.entries.len());
             for (id, ops) in source.entries {
@@ -589,6 +697,24 @@ impl<'a> AckForward<'a> {
                 }
             }
         }
+    }
+}
+
+/// How long a key whose type a commit checked is trusted to keep it: a commit checks the
+/// type of every key it writes (a WRONGTYPE half-way would leave half a commit), but each
+/// check costs Redis about a microsecond per key inside the script, which for a stage
+/// writing dozens of keys per call was a fifth of its Redis time (BENCHMARKS.md,
+/// 2026-12-06). tickflow never changes a key's type, so a key checked this recently is
+/// left unchecked; only something else writing a key of another type in that window can
+/// still make a commit fail part-way (reported as `TICKFLOW_FAILED`).
+pub(crate) const TYPE_RECHECK: Duration = Duration::from_secs(10);
+
+/// How many ARGV values `op` takes in a call.
+fn op_len(op: &Op) -> usize {
+    match op {
+        Op::AppendEnvelope { .. } => 4,
+        Op::Append { fields, .. } => 3 + 2 * fields.len(),
+        Op::Command { args, .. } => 3 + args.len(),
     }
 }
 
@@ -708,7 +834,7 @@ mod tests {
         conn: &mut MultiplexedConnection,
         sources: Vec<SourceCommit<'_>>,
     ) -> Result<Vec<SourceReply>> {
-        AckForward::new("g", sources).run(conn, true).await
+        AckForward::new("g", sources)?.run(conn, true).await
     }
 
     /// Group `g` on stream `key`, from its start (creating the stream).
@@ -950,7 +1076,7 @@ mod tests {
     /// A malformed call (an entry too large for one XADD, a command effects may not use,
     /// a bad score) is refused whole before any write, whatever came before it.
     #[tokio::test]
-    async fn a_malformed_call_is_refused_before_any_write() {
+    async fn a_call_with_an_effect_the_script_could_not_apply_whole_is_never_sent() {
         let server = RedisServer::start();
         let mut conn = server.connect().await;
         create_group(&mut conn, "in").await;
@@ -967,6 +1093,7 @@ mod tests {
             command("ZADD", "z", vec![b"nan".to_vec(), b"m".to_vec()]),
             command("HSET", "h", vec![b"odd".to_vec()]),
             command("SET", "s", vec![b"v".to_vec(), b"NX".to_vec()]),
+            command("SET", "out", vec![b"v".to_vec()]),
         ];
         for bad in bad_ops {
             let entries = vec![
@@ -976,7 +1103,7 @@ mod tests {
             let err = commit(&mut conn, vec![source("in", None, &entries, &[])])
                 .await
                 .unwrap_err();
-            assert!(err.to_string().contains("TICKFLOW_INVALID"), "{err}");
+            assert!(matches!(err, StreamsError::InvalidEffect(_)), "{err}");
             assert_eq!(len(&mut conn, "out").await, 0);
             assert_eq!(pending(&mut conn, "in").await, 2);
         }
