@@ -73,7 +73,10 @@ impl StreamsError {
 
     /// Whether Redis said the consumer group (or its stream) does not exist.
     pub fn is_no_group(&self) -> bool {
-        matches!(self, StreamsError::Redis(e) if e.code() == Some("NOGROUP"))
+        // A pipelined read (the blocking read and its top-up) fails as a whole, with each
+        // command's error in its text rather than its code.
+        matches!(self, StreamsError::Redis(e)
+            if e.code() == Some("NOGROUP") || e.to_string().contains("\"NOGROUP\""))
     }
 }
 
