@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::{
     connection::Redis,
     error::Result,
+    inspect::{ConsumerInfo, GroupInfo},
     scripts::{as_int, as_string, scripts},
     stage::spec::Source,
 };
@@ -145,28 +146,22 @@ pub(crate) async fn partition_statuses(
             statuses.push(status);
             continue;
         };
-        let Some(info) = xinfo_records(groups)
-            .into_iter()
-            .find(|info| info.get("name").map(String::as_str) == Some(group))
-        else {
+        let Some(info) = GroupInfo::find(groups, group) else {
             statuses.push(status);
             continue;
         };
-        status.pending = info
-            .get("pending")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        status.lag = bounded_lag(info.get("lag").and_then(|v| v.parse().ok()), length);
-        status.last_delivered_id = info.get("last-delivered-id").cloned();
+        status.pending = info.pending;
+        status.lag = info.bounded_lag(length);
+        status.last_delivered_id = Some(info.last_delivered_id);
         // Empty if the group went away between the two XINFO calls.
         status.consumers = consumers
-            .map(xinfo_records)
+            .map(ConsumerInfo::parse)
             .unwrap_or_default()
             .into_iter()
             .map(|c| ConsumerStatus {
-                name: c.get("name").cloned().unwrap_or_default(),
-                pending: c.get("pending").and_then(|v| v.parse().ok()).unwrap_or(0),
-                idle_ms: c.get("idle").and_then(|v| v.parse().ok()).unwrap_or(0),
+                name: c.name,
+                pending: c.pending,
+                idle_ms: c.idle_ms,
             })
             .collect();
         statuses.push(status);
@@ -188,10 +183,7 @@ pub(crate) async fn backlog_gauges(
         vec![
             redis::cmd("XLEN").arg(&*source.stream).clone(),
             redis::cmd("XLEN").arg(&source.dead_letter).clone(),
-            redis::cmd("XINFO")
-                .arg("GROUPS")
-                .arg(&*source.stream)
-                .clone(),
+            GroupInfo::command(&source.stream),
         ],
     )
     .await;
@@ -205,16 +197,11 @@ pub(crate) async fn backlog_gauges(
     let (length, dead_letters) = (int(&replies[0]), int(&replies[1]));
     let mut lag = None;
     let mut pending = 0;
-    if let Some(Ok(groups)) = replies.into_iter().nth(2) {
-        for info in xinfo_records(groups) {
-            if info.get("name").map(String::as_str) == Some(group) {
-                lag = bounded_lag(info.get("lag").and_then(|v| v.parse().ok()), length);
-                pending = info
-                    .get("pending")
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-            }
-        }
+    if let Some(Ok(groups)) = replies.into_iter().nth(2)
+        && let Some(info) = GroupInfo::find(groups, group)
+    {
+        lag = info.bounded_lag(length);
+        pending = info.pending;
     }
     Ok((length, lag, pending, dead_letters))
 }
@@ -345,18 +332,13 @@ pub(crate) async fn delete_idle_consumers(
     let mut conn = redis.pooled().await?;
     let mut deleted = Vec::new();
     for source in sources {
-        let consumers: redis::RedisResult<Value> = redis::cmd("XINFO")
-            .arg("CONSUMERS")
-            .arg(&*source.stream)
-            .arg(group)
+        let consumers: redis::RedisResult<Value> = ConsumerInfo::command(&source.stream, group)
             .query_async(&mut *conn)
             .await;
         let Ok(consumers) = consumers else { continue };
-        for c in xinfo_records(consumers) {
-            let name = c.get("name").cloned().unwrap_or_default();
-            let pending: u64 = c.get("pending").and_then(|v| v.parse().ok()).unwrap_or(1);
-            let idle: u64 = c.get("idle").and_then(|v| v.parse().ok()).unwrap_or(0);
-            if name != keep && pending == 0 && idle > idle_ms {
+        for c in ConsumerInfo::parse(consumers) {
+            let name = c.name;
+            if name != keep && c.pending == 0 && c.idle_ms > idle_ms {
                 // Re-checked by Redis: DELCONSUMER returns the pending count it dropped.
                 let dropped: i64 = redis::cmd("XGROUP")
                     .arg("DELCONSUMER")

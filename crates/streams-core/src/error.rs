@@ -3,6 +3,11 @@
 /// An error from the stage runtime.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamsError {
+    /// A handler produced an effect the commit cannot apply whole (a command outside the
+    /// allowed ones, arguments of the wrong shape, an entry with too many fields). A bug
+    /// in the handler: the commit is refused before anything is written.
+    #[error("invalid effect: {0}")]
+    InvalidEffect(String),
     /// Redis answered with an error, or the connection failed.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
@@ -67,6 +72,7 @@ impl StreamsError {
                     )
             }
             StreamsError::Fenced { .. }
+            | StreamsError::InvalidEffect(_)
             | StreamsError::Protocol(_)
             | StreamsError::Config(_)
             | StreamsError::Unsupported(_) => false,
@@ -80,7 +86,10 @@ impl StreamsError {
 
     /// Whether Redis said the consumer group (or its stream) does not exist.
     pub fn is_no_group(&self) -> bool {
-        matches!(self, StreamsError::Redis(e) if e.code() == Some("NOGROUP"))
+        // A pipelined read (the blocking read and its top-up) fails as a whole, with each
+        // command's error in its text rather than its code.
+        matches!(self, StreamsError::Redis(e)
+            if e.code() == Some("NOGROUP") || e.to_string().contains("\"NOGROUP\""))
     }
 }
 

@@ -16,12 +16,33 @@ if prior then
   end
   return {1, space and string.sub(prior, space + 1) or ''}
 end
+-- Every stream must be absent or a stream: one XREAD over the distinct ones checks them
+-- all (it fails with WRONGTYPE otherwise, and reads nothing: every id is past the end).
+local names, seen = {}, {}
+for k = 2, #KEYS do
+  if not seen[KEYS[k]] then
+    seen[KEYS[k]] = true
+    names[#names + 1] = KEYS[k]
+  end
+end
+local last = '18446744073709551615-18446744073709551615'
+for from = 1, #names, 500 do
+  local args = {'COUNT', 1, 'STREAMS'}
+  local to = math.min(from + 499, #names)
+  for j = from, to do args[#args + 1] = names[j] end
+  for _ = from, to do args[#args + 1] = last end
+  local read = redis.pcall('XREAD', unpack(args))
+  if type(read) == 'table' and read.err then
+    for j = from, to do
+      local t = redis.call('TYPE', names[j]).ok
+      if t ~= 'none' and t ~= 'stream' then
+        return redis.error_reply('WRONGTYPE ' .. names[j] .. ' is a ' .. t .. ', not a stream')
+      end
+    end
+  end
+end
 local a = 3
 for k = 2, #KEYS do
-  local t = redis.call('TYPE', KEYS[k]).ok
-  if t ~= 'none' and t ~= 'stream' then
-    return redis.error_reply('WRONGTYPE ' .. KEYS[k] .. ' is a ' .. t .. ', not a stream')
-  end
   local n = tonumber(ARGV[a])
   if not n or n < 2 or n % 2 ~= 0 or a + n > #ARGV then
     return redis.error_reply('TICKFLOW_INVALID entry ' .. (k - 1) .. ' has a bad field count')

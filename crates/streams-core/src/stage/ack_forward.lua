@@ -1,168 +1,52 @@
 -- ACK_FORWARD: acknowledge a batch of one or more partitions (sources) and apply the
 -- effects of every entry this call acknowledged. Each source is applied whole or not at
 -- all: everything that can fail is checked before the first write, because Redis does not
--- roll a script back. Built and read only by `stage/commit.rs` (AckForward, SourceReply).
+-- roll a script back. Built and read only by `stage/commit.rs` (AckForward, SourceReply),
+-- which also checks what does not depend on Redis's data before it sends a call: every
+-- effect is one of the allowed commands with arguments of the right shape, and no entry it
+-- appends has more fields than one XADD can take from a script (Lua's unpack stops at
+-- ~8,000 values).
 --
--- KEYS[2s-1], KEYS[2s]: source s's input stream and its lease key (the stream again when
--- unfenced); the keys after those are the keys effects write.
--- ARGV: group, source count S, the envelope's header and payload field names, S fencing
--- tokens ('' = unfenced), S gates: '0', or '1' when the source's entries came from two
--- reads (the gap check), or 'D<window ms>' for a dedupe gate (below),
--- then per source: its entry count, per entry its id, op count and ops, then the source's
--- batch op count and batch ops (applied if any of its entries was acknowledged now).
--- An op is either 'E', key index, header, payload (XADD of an envelope) or a command
--- name, key index, argument count and the arguments ('X' = XADD key * arguments).
+-- KEYS[2s-1], KEYS[2s]: source s's input stream (for a dedupe gate, its sorted set) and
+-- its lease key (the stream again when unfenced); the keys after those are the keys
+-- effects write.
+-- ARGV: group, source count S, the envelope's header and payload field names, then S
+-- values each of: fencing tokens ('' = unfenced); gates ('0', or '1' when the source's
+-- entries came from two reads: the gap check, or 'D<window ms>': a dedupe gate); the ARGV
+-- index where the source's section starts; the id of the source's last entry ('' if
+-- none). Then one string with the type each key must have, a character per source stream
+-- and then per effect key ('s' stream, 'h' hash, 'S' set, 'z' sorted set, 't' string, '*'
+-- not checked: any type, or checked by this process moments ago). Then the sections:
+-- per source its entry count, per entry its id, op count and ops, then the source's batch
+-- op count and batch ops (applied if any of its entries was acknowledged now). An op is
+-- either 'E', key index, header, payload (XADD of an envelope) or a command name, key
+-- index, argument count and the arguments ('X' = XADD key * arguments).
 --
 -- An entry's effects are applied only if this call "claims" it: for a stream source, its
 -- XACK removed it from the pending list; for a dedupe gate (Redis Cluster: effects of an
 -- entry whose source stream is in another slot, applied before the entry is acknowledged
--- there), KEYS[2s-1] is a sorted set of entry ids in the effects' slot and ZADD NX added
--- the id now (ids older than the window are trimmed first). Either way an entry's effects
--- are applied once, however often the call is repeated.
+-- there), ZADD NX added its id to the sorted set now (ids older than the window are
+-- trimmed first). Either way an entry's effects are applied once, however often the call
+-- is repeated.
 --
--- Returns, per source, one 0/1 per entry (1: acknowledged by this call, effects applied)
--- or a status: TICKFLOW_FENCED, TICKFLOW_OUT_OF_ORDER or 'TICKFLOW_FAILED <why>', each of
--- which means that nothing of that source was written. A malformed call is refused whole
--- with a TICKFLOW_INVALID error before anything is written.
+-- Returns, per source, one 0/1 per entry or a status: TICKFLOW_FENCED,
+-- TICKFLOW_OUT_OF_ORDER or 'TICKFLOW_FAILED <why>', each of which means that nothing of
+-- that source was written.
 
 local group, sources, h_name, p_name = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-
--- Lua's unpack() stops at about 8,000 values: variadic commands are sent in chunks of
--- CHUNK arguments, and an XADD (which cannot be split) takes at most MAX_XADD_ARGS.
+local token_at, gate_at, offset_at, last_at = 4, 4 + sources, 4 + 2 * sources, 4 + 3 * sources
+local types = ARGV[5 + 4 * sources]
+-- Variadic commands go in chunks of this many arguments (Lua's unpack stops at ~8,000).
 local CHUNK = 1000
-local MAX_XADD_ARGS = 4096
-
-local function invalid(why)
-  return redis.error_reply('TICKFLOW_INVALID ' .. why)
-end
-
--- What an effect command may be (handler.rs's EFFECT_COMMANDS): the type of key it needs
--- ('*': any) and the shape of its arguments: 'pairs' (field value ...), 'scored' (score
--- member ...), 'list' (one or more), 'one' (exactly one), 'range' (min max), 'none'.
-local COMMANDS = {
-  X = {'stream', 'pairs'},
-  HSET = {'hash', 'pairs'},
-  HDEL = {'hash', 'list'},
-  SADD = {'set', 'list'},
-  SREM = {'set', 'list'},
-  ZADD = {'zset', 'scored'},
-  ZREM = {'zset', 'list'},
-  ZREMRANGEBYSCORE = {'zset', 'range'},
-  SET = {'string', 'one'},
-  DEL = {'*', 'none'},
-}
-
-local function is_score(s)
-  if s == 'inf' or s == '+inf' or s == '-inf' then return true end
-  local x = tonumber(s)
-  return x ~= nil and x == x
-end
-
-local function is_bound(s)
-  if string.sub(s, 1, 1) == '(' then s = string.sub(s, 2) end
-  return is_score(s)
-end
-
-if not sources or sources < 1 or 2 * sources > #KEYS then
-  return invalid('bad source count')
-end
-local token_at, flag_at = 4, 4 + sources
-
--- ----- 1. Read the call into flat arrays, checking its shape ----------------------------
--- Op n: kind op_kind[n], key index op_key[n], first argument at op_arg[n], op_nargs[n].
-local op_kind, op_key, op_arg, op_nargs = {}, {}, {}, {}
-local key_type = {}
-local argc = #ARGV
-local i = 5 + 2 * sources
-
-local function read_ops(count)
-  if not count or count < 0 then return 'bad op count' end
-  for _ = 1, count do
-    local kind, k = ARGV[i], tonumber(ARGV[i + 1])
-    if not k or k <= 2 * sources or k > #KEYS then return 'bad key index' end
-    local wanted, n, first
-    if kind == 'E' then
-      wanted, n, first = 'stream', 2, i + 2
-    else
-      local spec = COMMANDS[kind]
-      if not spec then return 'command not allowed in an effect: ' .. tostring(kind) end
-      n, first = tonumber(ARGV[i + 2]), i + 3
-      if not n or n < 0 or first + n - 1 > argc then return 'bad argument count' end
-      local shape = spec[2]
-      wanted = spec[1]
-      if shape == 'none' then
-        if n ~= 0 then return kind .. ' takes no arguments' end
-      elseif shape == 'one' then
-        -- SET's value alone: an option (NX, GET, ...) could make it write nothing.
-        if n ~= 1 then return kind .. ' takes one argument' end
-      elseif shape == 'list' then
-        if n < 1 then return kind .. ' needs arguments' end
-      elseif shape == 'range' then
-        if n ~= 2 or not is_bound(ARGV[first]) or not is_bound(ARGV[first + 1]) then
-          return kind .. ' needs a valid score range'
-        end
-      else
-        if n < 2 or n % 2 ~= 0 then return kind .. ' needs pairs' end
-        if kind == 'X' and n > MAX_XADD_ARGS then
-          return 'an entry of ' .. (n / 2) .. ' fields is over ' .. (MAX_XADD_ARGS / 2)
-        end
-        if shape == 'scored' then
-          for a = first, first + n - 1, 2 do
-            if not is_score(ARGV[a]) then return kind .. ' with an invalid score' end
-          end
-        end
-      end
-    end
-    if first + n - 1 > argc then return 'truncated op' end
-    if wanted ~= '*' then
-      if key_type[k] and key_type[k] ~= wanted then
-        return 'key ' .. KEYS[k] .. ' written as a ' .. key_type[k] .. ' and a ' .. wanted
-      end
-      key_type[k] = wanted
-    end
-    local o = #op_kind + 1
-    op_kind[o], op_key[o], op_arg[o], op_nargs[o] = kind, k, first, n
-    i = first + n
-  end
-  return nil
-end
-
--- Per source: its entries' ids, each entry's first op and op count, its batch ops.
-local plan = {}
-for s = 1, sources do
-  local n = tonumber(ARGV[i])
-  if not n or n < 0 then return invalid('bad entry count') end
-  i = i + 1
-  local src = {ids = {}, first_op = {}, op_count = {}, ops_from = #op_kind + 1}
-  local gate = ARGV[flag_at + s]
-  if string.sub(gate, 1, 1) == 'D' then
-    src.window = tonumber(string.sub(gate, 2))
-    if not src.window or src.window < 1 or ARGV[token_at + s] ~= '' then
-      return invalid('bad dedupe gate')
-    end
-  elseif gate ~= '0' and gate ~= '1' then
-    return invalid('bad gate')
-  end
-  for e = 1, n do
-    local id, count = ARGV[i], tonumber(ARGV[i + 1])
-    if not id then return invalid('truncated entry') end
-    i = i + 2
-    src.ids[e], src.first_op[e], src.op_count[e] = id, #op_kind + 1, count
-    local bad = read_ops(count)
-    if bad then return invalid(bad) end
-  end
-  src.batch_from = #op_kind + 1
-  local batch_count = tonumber(ARGV[i])
-  i = i + 1
-  local bad = read_ops(batch_count)
-  if bad then return invalid(bad) end
-  src.ops_to = #op_kind
-  plan[s] = src
-end
-if i ~= argc + 1 then return invalid('trailing arguments') end
-
--- ----- 2. Check everything that can refuse a source, before any write ------------------
+local TYPE_NAMES = {s = 'stream', h = 'hash', S = 'set', z = 'zset', t = 'string'}
 local status = {}
+local window = {}
+for s = 1, sources do
+  local gate = ARGV[gate_at + s]
+  if string.byte(gate, 1) == 68 then window[s] = tonumber(string.sub(gate, 2)) end -- 'D'
+end
+
+-- ----- Checks: nothing is written before all of them passed ------------------------------
 
 -- Leases, read with MGET in chunks.
 local leases, lease_of = {}, {}
@@ -181,144 +65,185 @@ for from = 1, #leases, CHUNK do
   end
 end
 
--- Key types: every key an effect writes must be absent or of the type its ops need, and
--- every source stream absent or a stream. The streams (most of the keys) are checked
--- together: one XREAD over all of them fails with WRONGTYPE if any is not a stream, and
--- reads nothing (every id is past the end). Only if it fails is each stream looked at
--- with TYPE, as every other key is.
+-- Types. The streams (most keys) are checked together: one XREAD over all of them fails
+-- with WRONGTYPE if any is not a stream, and reads nothing (every id is past the end).
+-- Only if it fails is each looked at with TYPE, as every other key is.
+local first_effect = 2 * sources
+local wrong = nil
+local function check(key, wanted)
+  local t = redis.call('TYPE', key).ok
+  if t ~= 'none' and t ~= wanted then
+    return 'WRONGTYPE ' .. key .. ' is a ' .. t .. ', not a ' .. wanted
+  end
+  return nil
+end
 local streams_ok = true
-do
+-- Most calls check nothing: every key was checked by this process moments ago.
+if string.find(types, '[^*]') then
   local names = {}
-  for s = 1, sources do
-    if not plan[s].window then names[#names + 1] = KEYS[2 * s - 1] end
-  end
-  for k, wanted in pairs(key_type) do
-    if wanted == 'stream' then names[#names + 1] = KEYS[k] end
-  end
-  local last = '18446744073709551615-18446744073709551615'
-  local per_call = CHUNK / 2
-  for from = 1, #names, per_call do
-    local args = {'COUNT', 1, 'STREAMS'}
-    local to = math.min(from + per_call - 1, #names)
-    for j = from, to do args[#args + 1] = names[j] end
-    for _ = from, to do args[#args + 1] = last end
-    local read = redis.pcall('XREAD', unpack(args))
-    if type(read) == 'table' and read.err then
-      streams_ok = false
-      break
+  for k = 1, #types do
+    if string.byte(types, k) == 115 then -- 's'
+      if k <= sources then
+        names[#names + 1] = KEYS[2 * k - 1]
+      else
+        names[#names + 1] = KEYS[first_effect + k - sources]
+      end
     end
   end
-end
-local wrong = {}
-for k, wanted in pairs(key_type) do
-  if wanted ~= 'stream' or not streams_ok then
-    local t = redis.call('TYPE', KEYS[k]).ok
-    if t ~= 'none' and t ~= wanted then
-      wrong[k] = 'WRONGTYPE ' .. KEYS[k] .. ' is a ' .. t .. ', not a ' .. wanted
+  local past_end = '18446744073709551615-18446744073709551615'
+  for from = 1, #names, CHUNK / 2 do
+    local to = math.min(from + CHUNK / 2 - 1, #names)
+    local args = {'COUNT', 1, 'STREAMS'}
+    for j = from, to do args[#args + 1] = names[j] end
+    for _ = from, to do args[#args + 1] = past_end end
+    local read = redis.pcall('XREAD', unpack(args))
+    if type(read) == 'table' and read.err then streams_ok = false end
+  end
+  for k = sources + 1, #types do
+    local code = string.sub(types, k, k)
+    if code ~= '*' and (code ~= 's' or not streams_ok) then
+      local why = check(KEYS[first_effect + k - sources], TYPE_NAMES[code])
+      if why then
+        wrong = wrong or {}
+        wrong[first_effect + k - sources] = why
+      end
     end
   end
 end
 
+-- The ARGV length of the op at index i.
+local function op_size(i)
+  if ARGV[i] == 'E' then return 4 end
+  return 3 + tonumber(ARGV[i + 2])
+end
+
 for s = 1, sources do
-  local src, stream = plan[s], KEYS[2 * s - 1]
-  if not status[s] and (src.window or not streams_ok) then
-    local t, wanted = redis.call('TYPE', stream).ok, 'stream'
-    if src.window then wanted = 'zset' end
-    if t ~= 'none' and t ~= wanted then
-      status[s] = 'TICKFLOW_FAILED WRONGTYPE ' .. stream .. ' is a ' .. t .. ', not a ' .. wanted
-    end
+  local stream, at = KEYS[2 * s - 1], tonumber(ARGV[offset_at + s])
+  local n = tonumber(ARGV[at])
+  local code = string.sub(types, s, s)
+  if not status[s] and code ~= '*' and (code ~= 's' or not streams_ok) then
+    local why = check(stream, TYPE_NAMES[code])
+    if why then status[s] = 'TICKFLOW_FAILED ' .. why end
   end
-  if not status[s] then
-    for o = src.ops_from, src.ops_to do
-      if wrong[op_key[o]] then
-        status[s] = 'TICKFLOW_FAILED ' .. wrong[op_key[o]]
-        break
+  if not status[s] and wrong then
+    -- A key of another type: refuse the sources that write it (a walk over their ops,
+    -- only on this rare path).
+    local i = at + 1
+    for _ = 1, n do
+      local ops = tonumber(ARGV[i + 1])
+      i = i + 2
+      for _ = 1, ops do
+        local why = wrong[tonumber(ARGV[i + 1])]
+        if why and not status[s] then status[s] = 'TICKFLOW_FAILED ' .. why end
+        i = i + op_size(i)
       end
     end
+    local ops = tonumber(ARGV[i])
+    i = i + 1
+    for _ = 1, ops do
+      local why = wrong[tonumber(ARGV[i + 1])]
+      if why and not status[s] then status[s] = 'TICKFLOW_FAILED ' .. why end
+      i = i + op_size(i)
+    end
   end
-  local n = #src.ids
-  if not status[s] and not src.window and ARGV[token_at + s] ~= '' and n > 0 then
+  if not status[s] and not window[s] and ARGV[token_at + s] ~= '' and n > 0 then
     -- Owned partitions keep order. A batch read twice may also have a gap; but the
     -- partition's pending entries are normally the batch's own (or none, on a retry of a
     -- call that went through), and then there is neither a gap nor anything older.
-    local merged = n > 1 and ARGV[flag_at + s] == '1'
+    local first, last = ARGV[at + 1], ARGV[last_at + s]
+    local merged = n > 1 and ARGV[gate_at + s] == '1'
     local pending = -1
     if merged then pending = redis.call('XPENDING', stream, group)[1] end
     if pending ~= n and pending ~= 0 then
-      if #redis.call('XPENDING', stream, group, '-', '(' .. src.ids[1], 1) > 0 then
+      if #redis.call('XPENDING', stream, group, '-', '(' .. first, 1) > 0 then
         -- Nothing older than this batch may still be pending.
         status[s] = 'TICKFLOW_OUT_OF_ORDER'
       elseif merged then
         -- Read twice: between the first and the last entry, only the batch's own may be
         -- pending (all of them, or none on a retry of a call that went through).
-        local rows = #redis.call('XPENDING', stream, group, src.ids[1], src.ids[n], n + 1)
+        local rows = #redis.call('XPENDING', stream, group, first, last, n + 1)
         if rows ~= 0 and rows ~= n then status[s] = 'TICKFLOW_OUT_OF_ORDER' end
       end
     end
   end
 end
 
--- ----- 3. Write --------------------------------------------------------------------------
+-- ----- Writes ------------------------------------------------------------------------------
 -- Nothing below can fail on what was checked above; a failure that is left (a stream whose
 -- last possible id is used up) stops its source where it happened and is reported.
-local function apply(o)
-  local kind, key, a, n = op_kind[o], KEYS[op_key[o]], op_arg[o], op_nargs[o]
+local i = 0
+local function apply()
+  local kind, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
   local reply
   if kind == 'E' then
-    reply = redis.pcall('XADD', key, '*', h_name, ARGV[a], p_name, ARGV[a + 1])
-  elseif kind == 'X' then
-    reply = redis.pcall('XADD', key, '*', unpack(ARGV, a, a + n - 1))
-  elseif n == 0 then
-    reply = redis.pcall(kind, key)
+    reply = redis.pcall('XADD', key, '*', h_name, ARGV[i + 2], p_name, ARGV[i + 3])
+    i = i + 4
   else
-    local size = CHUNK - CHUNK % 2
-    for from = a, a + n - 1, size do
-      reply = redis.pcall(kind, key, unpack(ARGV, from, math.min(from + size - 1, a + n - 1)))
-      if type(reply) == 'table' and reply.err then break end
+    local n = tonumber(ARGV[i + 2])
+    local a = i + 3
+    if kind == 'X' then
+      reply = redis.pcall('XADD', key, '*', unpack(ARGV, a, a + n - 1))
+    elseif n == 0 then
+      reply = redis.pcall(kind, key)
+    else
+      for from = a, a + n - 1, CHUNK do
+        reply = redis.pcall(kind, key, unpack(ARGV, from, math.min(from + CHUNK - 1, a + n - 1)))
+        if type(reply) == 'table' and reply.err then break end
+      end
     end
+    i = a + n
   end
-  if type(reply) == 'table' and reply.err then return reply.err end
+  if type(reply) == 'table' and reply.err then return 'TICKFLOW_FAILED ' .. reply.err end
   return nil
 end
-
-local function apply_range(from, to)
-  for o = from, to do
-    local failure = apply(o)
-    if failure then return 'TICKFLOW_FAILED ' .. failure end
+local function apply_ops(count)
+  for _ = 1, count do
+    local failure = apply()
+    if failure then return failure end
   end
   return nil
 end
 
 local result = {}
 for s = 1, sources do
-  local src, stream = plan[s], KEYS[2 * s - 1]
   if status[s] then
     result[s] = status[s]
   else
+    local stream = KEYS[2 * s - 1]
+    i = tonumber(ARGV[offset_at + s])
+    local n = tonumber(ARGV[i])
+    i = i + 1
     local acks, any_acked, failed = {}, false, nil
     local now = nil
-    if src.window then
+    if window[s] then
       local t = redis.call('TIME')
       now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-      redis.call('ZREMRANGEBYSCORE', stream, '-inf', '(' .. (now - src.window))
+      redis.call('ZREMRANGEBYSCORE', stream, '-inf', '(' .. (now - window[s]))
     end
-    for e = 1, #src.ids do
-      local acked = 0
-      if not failed then
-        if now then
-          acked = redis.call('ZADD', stream, 'NX', now, src.ids[e])
-        else
-          acked = redis.call('XACK', stream, group, src.ids[e])
-        end
-        if acked == 1 then
-          any_acked = true
-          local first = src.first_op[e]
-          failed = apply_range(first, first + src.op_count[e] - 1)
-        end
+    for e = 1, n do
+      local id, ops = ARGV[i], tonumber(ARGV[i + 1])
+      i = i + 2
+      local acked
+      if now then
+        acked = redis.call('ZADD', stream, 'NX', now, id)
+      else
+        acked = redis.call('XACK', stream, group, id)
       end
       acks[e] = acked
+      if acked == 1 then
+        any_acked = true
+        failed = apply_ops(ops)
+        -- The rest of this source stays as it is (its entries pending).
+        if failed then break end
+      else
+        for _ = 1, ops do i = i + op_size(i) end
+      end
     end
-    if not failed and any_acked then failed = apply_range(src.batch_from, src.ops_to) end
+    if not failed then
+      local batch_ops = tonumber(ARGV[i])
+      i = i + 1
+      if any_acked then failed = apply_ops(batch_ops) end
+    end
     result[s] = failed or acks
   end
 end

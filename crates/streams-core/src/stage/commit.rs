@@ -237,7 +237,7 @@ impl<H: Handler> Stage<H> {
                     entries: &entries,
                     batch_ops: &[],
                 }],
-            );
+            )?;
             loop {
                 let attempt = match self.redis.pooled().await {
                     Ok(conn) => {
@@ -396,7 +396,8 @@ impl<H: Handler> Stage<H> {
                     }
                 })
                 .collect(),
-        );
+        )?
+        .trusting(|key| self.type_checked_recently(key));
         let span = tracing::debug_span!(
             "ack_forward",
             otel.name = "EVALSHA ack_forward",
@@ -414,9 +415,14 @@ impl<H: Handler> Stage<H> {
                 span.add_link(other.clone());
             }
         }
-        call.run(conn, load_script, self.redis.replica_wait())
+        let replies = call
+            .run(conn, load_script, self.redis.replica_wait())
             .instrument(span)
-            .await
+            .await?;
+        if !replies.iter().any(|r| matches!(r, SourceReply::Failed(_))) {
+            self.note_types_checked(call.checked_keys());
+        }
+        Ok(replies)
     }
 
     /// Counts a commit that replicas did not confirm in time (`TICKFLOW_WAIT_REPLICAS`).
@@ -424,6 +430,34 @@ impl<H: Handler> Stage<H> {
         if matches!(error, StreamsError::NotConfirmed { .. }) {
             metrics::counter!("tickflow_replica_wait_unconfirmed_total", "stage" => self.spec.group.clone(), "operation" => "commit")
                 .increment(1);
+        }
+    }
+
+    /// Whether this stage saw `key` with the type its effects need less than
+    /// [`TYPE_RECHECK`] ago.
+    fn type_checked_recently(&self, key: &str) -> bool {
+        let checked = self.type_checks.lock().expect("type checks");
+        checked
+            .get(key)
+            .is_some_and(|at| at.elapsed() < TYPE_RECHECK)
+    }
+
+    /// Remembers that a commit found `keys` of the right type just now.
+    fn note_types_checked<'k>(&self, keys: impl Iterator<Item = &'k str>) {
+        let now = Instant::now();
+        let mut checked = self.type_checks.lock().expect("type checks");
+        for key in keys {
+            match checked.get_mut(key) {
+                Some(at) => *at = now,
+                None => {
+                    checked.insert(key.to_owned(), now);
+                }
+            }
+        }
+        // Keys no longer written (a partition handed over, a symbol gone quiet) are
+        // forgotten, so the map stays the size of what the stage writes now.
+        if checked.len() > 4096 {
+            checked.retain(|_, at| at.elapsed() < TYPE_RECHECK);
         }
     }
 
@@ -516,33 +550,91 @@ pub(crate) struct AckForward<'a> {
     keys: Vec<&'a str>,
     /// Each effect key's index in KEYS (1-based, as the script reads it).
     index: HashMap<&'a str, usize>,
+    /// The type each key must have, a character per source stream, then per effect key
+    /// (`Op::key_type`; `*`: not checked).
+    types: String,
 }
 
 impl<'a> AckForward<'a> {
-    /// A call committing `sources` for `group`.
-    pub(crate) fn new(group: &'a str, sources: Vec<SourceCommit<'a>>) -> Self {
+    /// A call committing `sources` for `group`, or why it cannot be made: an effect the
+    /// script could not apply whole ([`Op::key_type`]), or a key written as two types.
+    pub(crate) fn new(group: &'a str, sources: Vec<SourceCommit<'a>>) -> Result<Self> {
         let mut keys: Vec<&str> = Vec::with_capacity(sources.len() * 2 + 8);
         for source in &sources {
             keys.push(source.stream);
             keys.push(source.fence.map_or(source.stream, |(lease, _)| lease));
         }
         let mut index = HashMap::new();
+        let mut types: String = sources
+            .iter()
+            .map(|source| match source.gate {
+                Gate::Pending { .. } => 's',
+                Gate::Dedupe { .. } => 'z',
+            })
+            .collect();
         for source in &sources {
             let ops = source.entries.iter().flat_map(|(_, ops)| ops);
             for op in ops.chain(source.batch_ops) {
                 let key = op.key();
-                if !index.contains_key(key) {
-                    keys.push(key);
-                    index.insert(key, keys.len());
+                let wanted = op.key_type().map_err(StreamsError::InvalidEffect)?;
+                match index.get(key) {
+                    None => {
+                        keys.push(key);
+                        index.insert(key, keys.len());
+                        types.push(wanted);
+                    }
+                    Some(&at) => {
+                        let position = at - 1 - sources.len();
+                        let known = types.as_bytes()[position] as char;
+                        if known == '*' {
+                            types.replace_range(position..=position, &wanted.to_string());
+                        } else if wanted != '*' && known != wanted {
+                            return Err(StreamsError::InvalidEffect(format!(
+                                "{key} written as two types ({known} and {wanted})"
+                            )));
+                        }
+                    }
                 }
             }
         }
-        Self {
+        Ok(Self {
             group,
             sources,
             keys,
             index,
-        }
+            types,
+        })
+    }
+
+    /// Leaves unchecked the keys `recently_checked` says this process saw with their type
+    /// moments ago (see [`TYPE_RECHECK`]).
+    pub(crate) fn trusting(mut self, recently_checked: impl Fn(&str) -> bool) -> Self {
+        let sources = self.sources.len();
+        let keys: Vec<&str> = self
+            .sources
+            .iter()
+            .map(|s| s.stream)
+            .chain(self.keys[2 * sources..].iter().copied())
+            .collect();
+        self.types = self
+            .types
+            .chars()
+            .zip(keys)
+            .map(|(code, key)| if recently_checked(key) { '*' } else { code })
+            .collect();
+        self
+    }
+
+    /// Every key whose type the call checks (or checked).
+    pub(crate) fn checked_keys(&self) -> impl Iterator<Item = &'a str> + '_ {
+        let sources = self.sources.len();
+        self.sources
+            .iter()
+            .map(|s| s.stream)
+            .chain(self.keys[2 * sources..].iter().copied())
+            .zip(self.types.chars())
+            .filter(|(_, code)| *code != '*')
+            .map(|(key, _)| key)
     }
 
     /// How many entries the call acknowledges.
@@ -584,6 +676,23 @@ impl<'a> AckForward<'a> {
                 Gate::Dedupe { window_ms } => cmd.arg(format!("D{window_ms}")),
             };
         }
+        // Where each source's section starts (ARGV is 1-based; the header is 4 values, 4 per
+        // source and the types), so the script reaches any source without reading the others.
+        let mut at = 4 + 4 * self.sources.len() + 2;
+        for source in &self.sources {
+            cmd.arg(at);
+            at += 2
+                + source
+                    .entries
+                    .iter()
+                    .map(|(_, ops)| 2 + ops.iter().map(op_len).sum::<usize>())
+                    .sum::<usize>()
+                + source.batch_ops.iter().map(op_len).sum::<usize>();
+        }
+        for source in &self.sources {
+            cmd.arg(source.entries.last().map_or("", |(id, _)| id.as_str()));
+        }
+        cmd.arg(&self.types);
         for source in &self.sources {
             cmd.arg(source.entries.len());
             for (id, ops) in source.entries {
@@ -621,6 +730,24 @@ impl<'a> AckForward<'a> {
                 }
             }
         }
+    }
+}
+
+/// How long a key whose type a commit checked is trusted to keep it: a commit checks the
+/// type of every key it writes (a WRONGTYPE half-way would leave half a commit), but each
+/// check costs Redis about a microsecond per key inside the script, which for a stage
+/// writing dozens of keys per call was a fifth of its Redis time (BENCHMARKS.md,
+/// 2026-12-06). tickflow never changes a key's type, so a key checked this recently is
+/// left unchecked; only something else writing a key of another type in that window can
+/// still make a commit fail part-way (reported as `TICKFLOW_FAILED`).
+pub(crate) const TYPE_RECHECK: Duration = Duration::from_secs(10);
+
+/// How many ARGV values `op` takes in a call.
+fn op_len(op: &Op) -> usize {
+    match op {
+        Op::AppendEnvelope { .. } => 4,
+        Op::Append { fields, .. } => 3 + 2 * fields.len(),
+        Op::Command { args, .. } => 3 + args.len(),
     }
 }
 
@@ -740,7 +867,7 @@ mod tests {
         conn: &mut MultiplexedConnection,
         sources: Vec<SourceCommit<'_>>,
     ) -> Result<Vec<SourceReply>> {
-        AckForward::new("g", sources)
+        AckForward::new("g", sources)?
             .run(conn, true, ReplicaWait::default())
             .await
     }
@@ -845,7 +972,8 @@ mod tests {
     }
 
     /// `TICKFLOW_WAIT_REPLICAS`: a call that no replica confirmed (a lone server has none)
-    /// is an error to retry, though the master applied it; the retry acknowledges nothing
+    /// is an error to retry, though the master applied it (the first call also loaded the
+    /// script: NOSCRIPT, then EVAL, each with its WAIT); the retry acknowledges nothing
     /// twice. Without replicas to wait for, no `WAIT` is sent at all.
     #[tokio::test]
     async fn a_commit_not_confirmed_by_replicas_is_retried_and_acknowledges_nothing_twice() {
@@ -854,19 +982,11 @@ mod tests {
         create_group(&mut conn, "in").await;
         let ids = delivered(&mut conn, "in", 3).await;
         let entries = forwarded(&ids, "out");
-        assert_eq!(
-            commit(&mut conn, vec![source("in", None, &entries[..1], &[])])
-                .await
-                .unwrap(),
-            [acked(1)]
-        );
-        assert_eq!(calls(&mut conn, "wait").await, 0, "a WAIT for no replica");
-
         let wait = ReplicaWait {
             replicas: 1,
             timeout: Duration::from_millis(20),
         };
-        let call = AckForward::new("g", vec![source("in", None, &entries[1..], &[])]);
+        let call = AckForward::new("g", vec![source("in", None, &entries[..2], &[])]).unwrap();
         let error = call.run(&mut conn, true, wait).await.unwrap_err();
         assert!(
             matches!(
@@ -879,28 +999,24 @@ mod tests {
             "{error}"
         );
         assert!(error.is_transient(), "commit_all retries it");
-        assert_eq!(calls(&mut conn, "wait").await, 1);
-        assert_eq!(len(&mut conn, "out").await, 3);
-        assert_eq!(pending(&mut conn, "in").await, 0);
-        let error = call.run(&mut conn, true, wait).await.unwrap_err();
-        assert!(
-            matches!(error, StreamsError::NotConfirmed { .. }),
-            "{error}"
-        );
+        assert_eq!(calls(&mut conn, "wait").await, 2);
+        assert_eq!(len(&mut conn, "out").await, 2);
+        assert_eq!(pending(&mut conn, "in").await, 1);
+
         assert_eq!(
             call.run(&mut conn, true, ReplicaWait::default())
                 .await
                 .unwrap(),
             [SourceReply::Acked(vec![false; 2])]
         );
+        assert_eq!(
+            commit(&mut conn, vec![source("in", None, &entries[2..], &[])])
+                .await
+                .unwrap(),
+            [acked(1)]
+        );
         assert_eq!(len(&mut conn, "out").await, 3);
-        // A call the script refuses with an error is that error, whatever WAIT says.
-        let bad = vec![(ids[0].clone(), vec![command("FLUSHALL", "out", vec![])])];
-        let error = AckForward::new("g", vec![source("in", None, &bad, &[])])
-            .run(&mut conn, true, wait)
-            .await
-            .unwrap_err();
-        assert!(error.to_string().contains("TICKFLOW_INVALID"), "{error}");
+        assert_eq!(calls(&mut conn, "wait").await, 2, "a WAIT for no replica");
     }
 
     #[tokio::test]
@@ -1057,7 +1173,7 @@ mod tests {
     /// A malformed call (an entry too large for one XADD, a command effects may not use,
     /// a bad score) is refused whole before any write, whatever came before it.
     #[tokio::test]
-    async fn a_malformed_call_is_refused_before_any_write() {
+    async fn a_call_with_an_effect_the_script_could_not_apply_whole_is_never_sent() {
         let server = RedisServer::start();
         let mut conn = server.connect().await;
         create_group(&mut conn, "in").await;
@@ -1074,6 +1190,7 @@ mod tests {
             command("ZADD", "z", vec![b"nan".to_vec(), b"m".to_vec()]),
             command("HSET", "h", vec![b"odd".to_vec()]),
             command("SET", "s", vec![b"v".to_vec(), b"NX".to_vec()]),
+            command("SET", "out", vec![b"v".to_vec()]),
         ];
         for bad in bad_ops {
             let entries = vec![
@@ -1083,7 +1200,7 @@ mod tests {
             let err = commit(&mut conn, vec![source("in", None, &entries, &[])])
                 .await
                 .unwrap_err();
-            assert!(err.to_string().contains("TICKFLOW_INVALID"), "{err}");
+            assert!(matches!(err, StreamsError::InvalidEffect(_)), "{err}");
             assert_eq!(len(&mut conn, "out").await, 0);
             assert_eq!(pending(&mut conn, "in").await, 2);
         }

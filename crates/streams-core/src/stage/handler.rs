@@ -3,7 +3,7 @@
 
 use std::{borrow::Cow, future::Future, sync::Arc};
 
-use crate::{envelope::Envelope, keys::Partition};
+use crate::{envelope::Envelope, keys::Partition, scripts::MAX_ENTRY_FIELDS};
 
 /// One input entry handed to a [`Handler`].
 #[derive(Debug, Clone)]
@@ -91,6 +91,65 @@ impl Op {
     }
 }
 
+impl Op {
+    /// The type of key the op needs (the commit script's code: `s` stream, `h` hash, `S`
+    /// set, `z` sorted set, `t` string, `*` any), or why the op is not one the commit can
+    /// apply whole: a command outside [`EFFECT_COMMANDS`], arguments of the wrong shape, an
+    /// entry with more fields than one XADD can take from a script.
+    pub(crate) fn key_type(&self) -> Result<char, String> {
+        let (name, args) = match self {
+            Op::AppendEnvelope { .. } => return Ok('s'),
+            Op::Append { fields, .. } => {
+                return if fields.is_empty() || fields.len() > MAX_ENTRY_FIELDS {
+                    Err(format!(
+                        "an entry of {} fields (1 to {MAX_ENTRY_FIELDS})",
+                        fields.len()
+                    ))
+                } else {
+                    Ok('s')
+                };
+            }
+            Op::Command { name, args, .. } => (*name, args),
+        };
+        let pairs = !args.is_empty() && args.len() % 2 == 0;
+        let shape_ok = match name {
+            "HSET" => pairs,
+            "HDEL" | "SADD" | "SREM" | "ZREM" => !args.is_empty(),
+            "ZADD" => pairs && args.iter().step_by(2).all(|score| is_score(score)),
+            "ZREMRANGEBYSCORE" => args.len() == 2 && args.iter().all(|b| is_bound(b)),
+            "SET" => args.len() == 1,
+            "DEL" => args.is_empty(),
+            _ => return Err(format!("{name} is not an effect command")),
+        };
+        if !shape_ok {
+            return Err(format!(
+                "{name} with {} arguments of the wrong shape",
+                args.len()
+            ));
+        }
+        Ok(match name {
+            "HSET" | "HDEL" => 'h',
+            "SADD" | "SREM" => 'S',
+            "ZADD" | "ZREM" | "ZREMRANGEBYSCORE" => 'z',
+            "SET" => 't',
+            _ => '*',
+        })
+    }
+}
+
+/// A sorted-set score as Redis takes it: a number (not NaN) or `±inf`.
+fn is_score(text: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(text) else {
+        return false;
+    };
+    matches!(text, "inf" | "+inf" | "-inf") || text.parse::<f64>().is_ok_and(|x| !x.is_nan())
+}
+
+/// A score range bound: a score, optionally exclusive (`(`).
+fn is_bound(text: &[u8]) -> bool {
+    is_score(text.strip_prefix(b"(").unwrap_or(text))
+}
+
 impl Outputs {
     /// Append `envelope` to the stream `key` (from [`KeySpace::stream`]).
     /// The entry carries the trace context of the span handling the input (when traced),
@@ -165,16 +224,46 @@ pub trait Handler: Send + Sync + 'static {
 
 #[cfg(test)]
 mod tests {
-    use super::EFFECT_COMMANDS;
+    use super::*;
+
+    fn command(name: &'static str, args: &[&str]) -> Op {
+        Op::Command {
+            name,
+            key: "k".into(),
+            args: args.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        }
+    }
 
     #[test]
-    fn the_commit_script_knows_every_effect_command() {
-        let script = include_str!("ack_forward.lua");
-        for name in EFFECT_COMMANDS {
-            assert!(
-                script.contains(&format!("\n  {name} = {{")),
-                "{name} missing from ack_forward.lua's COMMANDS"
-            );
+    fn every_effect_command_has_a_key_type_and_a_shape() {
+        let valid = [
+            ("HSET", &["f", "v"][..], 'h'),
+            ("HDEL", &["f"][..], 'h'),
+            ("SADD", &["m"][..], 'S'),
+            ("SREM", &["m"][..], 'S'),
+            ("ZADD", &["1.5", "m", "-inf", "n"][..], 'z'),
+            ("ZREM", &["m"][..], 'z'),
+            ("ZREMRANGEBYSCORE", &["-inf", "(12"][..], 'z'),
+            ("SET", &["v"][..], 't'),
+            ("DEL", &[][..], '*'),
+        ];
+        assert_eq!(valid.len(), EFFECT_COMMANDS.len());
+        for (name, args, wanted) in valid {
+            assert!(EFFECT_COMMANDS.contains(&name));
+            assert_eq!(command(name, args).key_type(), Ok(wanted), "{name}");
+        }
+        for (name, args) in [
+            ("HSET", &["f"][..]),
+            ("HDEL", &[][..]),
+            ("ZADD", &["nan", "m"][..]),
+            ("ZADD", &["NX", "1", "m"][..]),
+            ("ZREMRANGEBYSCORE", &["a", "b"][..]),
+            ("SET", &["v", "NX"][..]),
+            ("DEL", &["x"][..]),
+            ("FLUSHALL", &[][..]),
+            ("HINCRBY", &["f", "1"][..]),
+        ] {
+            assert!(command(name, args).key_type().is_err(), "{name} {args:?}");
         }
     }
 }

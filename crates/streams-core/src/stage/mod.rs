@@ -73,6 +73,8 @@ pub struct Stage<H> {
     metrics: StageMetrics,
     /// On a cluster, the partitions' blocking readers (started on the first read).
     readers: tokio::sync::Mutex<Option<PartitionReaders>>,
+    /// When a commit last found each key it writes of the right type (`commit::TYPE_RECHECK`).
+    type_checks: std::sync::Mutex<HashMap<String, Instant>>,
 }
 
 /// The metrics a stage records for every batch, registered once (not looked up, labels
@@ -151,6 +153,7 @@ impl<H: Handler> Stage<H> {
             source_by_key,
             metrics,
             readers: tokio::sync::Mutex::new(None),
+            type_checks: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -613,7 +616,12 @@ impl<H: Handler> Stage<H> {
                     .instrument(span.clone())
                     .await
                 {
-                    Ok(()) => Ok(()),
+                    // An effect the commit could not apply whole is the handler's bug: the
+                    // entry is dead-lettered with the reason rather than the batch refused.
+                    Ok(()) => match outputs.ops.iter().find_map(|op| op.key_type().err()) {
+                        None => Ok(()),
+                        Some(why) => Err(format!("invalid effect: {why}")),
+                    },
                     Err(HandlerError::Permanent(reason)) => Err(reason),
                     Err(HandlerError::Retry(reason)) => {
                         failed += 1;
@@ -648,14 +656,24 @@ impl<H: Handler> Stage<H> {
                 }
             }
         }
+        let mut invalid = BTreeSet::new();
         for (source, commit) in commits.iter_mut() {
             if commit.processed > 0 {
                 let mut batch = Outputs::default();
                 self.handler
                     .batch_effects(self.sources[*source].partition, &mut batch);
+                if let Some(why) = batch.ops.iter().find_map(|op| op.key_type().err()) {
+                    // The handler's bug: nothing of the partition's batch is committed; its
+                    // entries stay pending (and are dead-lettered after max deliveries).
+                    tracing::error!(group = %self.spec.group, partition = self.sources[*source].partition, %why, "invalid batch effect; the batch is not committed");
+                    invalid.insert(*source);
+                }
                 commit.batch_ops = batch.ops;
             }
         }
+        // Not committed, the partition's state is reloaded and its entries handled again.
+        commits.retain(|source, _| !invalid.contains(source));
+        halted.extend(invalid);
         Handled {
             commits,
             halted,
