@@ -20,6 +20,8 @@ const DUPLICATES: &str = "tickflow_duplicates_skipped_total";
 const FAILED: &str = "tickflow_events_failed_total";
 const INGESTED: &str = "tickflow_ingest_events_total";
 const REJECTED: &str = "tickflow_transform_rejections_total";
+/// Entries whose origin-to-read time a stage recorded (envelopes, first deliveries).
+const ARRIVALS: &str = "tickflow_stage_arrival_seconds_count";
 
 /// The consumer group (`stage` label) of each service.
 fn group(role: Role) -> &'static str {
@@ -175,6 +177,16 @@ async fn every_services_metrics_count_what_went_through_it() {
             market,
         ),
         (Role::Analytics, DEAD_LETTERED, topology::ANALYTICS_GROUP, 0),
+        // Every envelope a stage read, dead-lettered or not; ingest reads flat fields.
+        (Role::Ingest, ARRIVALS, topology::INGEST_GROUP, 0),
+        (
+            Role::Transform,
+            ARRIVALS,
+            topology::TRANSFORM_GROUP,
+            inbound,
+        ),
+        (Role::Engine, ARRIVALS, topology::ENGINE_GROUP, validated),
+        (Role::Analytics, ARRIVALS, topology::ANALYTICS_GROUP, market),
     ];
     for role in Role::ALL {
         expected.push((role, DUPLICATES, "", 0));

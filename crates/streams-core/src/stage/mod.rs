@@ -83,6 +83,9 @@ struct StageMetrics {
     batch_size: metrics::Histogram,
     handler_duration: metrics::Histogram,
     ack_forward_duration: metrics::Histogram,
+    /// `tickflow_stage_arrival_seconds`: from an event's origin to this stage's read of
+    /// it. One per stage; the difference between two stages' is the hop between them.
+    arrival: metrics::Histogram,
     /// `tickflow_events_processed_total` of each source.
     processed: Vec<metrics::Counter>,
 }
@@ -96,6 +99,7 @@ impl StageMetrics {
             batch_size: metrics::histogram!("tickflow_batch_size", "stage" => group.clone()),
             handler_duration: metrics::histogram!("tickflow_handler_duration_seconds", "stage" => group.clone()),
             ack_forward_duration: metrics::histogram!("tickflow_ack_forward_duration_seconds", "stage" => group.clone()),
+            arrival: metrics::histogram!("tickflow_stage_arrival_seconds", "stage" => group.clone()),
             processed: sources
                 .iter()
                 .map(|s| metrics::counter!("tickflow_events_processed_total", "stage" => group.clone(), "partition" => s.partition.to_string()))
@@ -568,6 +572,7 @@ impl<H: Handler> Stage<H> {
     /// Handles a batch in order: what to commit per source, and the sources halted.
     async fn handle(&mut self, batch: Vec<Pending>) -> Handled {
         let started = Instant::now();
+        let read_at_us = now_micros();
         let owned = self.spec.mode == ConsumeMode::Owned;
         let mut commits: BTreeMap<usize, Commit> = BTreeMap::new();
         let mut halted: BTreeSet<usize> = BTreeSet::new();
@@ -599,6 +604,12 @@ impl<H: Handler> Stage<H> {
                         .map(|(n, v)| (n.as_slice(), v.as_slice())),
                 ) {
                     Ok(envelope) => {
+                        // First deliveries only: a claimed entry's age is the outage's.
+                        if delivery.deliveries == 1 && envelope.origin_us <= read_at_us {
+                            self.metrics
+                                .arrival
+                                .record((read_at_us - envelope.origin_us) as f64 / 1e6);
+                        }
                         delivery.envelope = Some(envelope);
                         Ok(())
                     }
