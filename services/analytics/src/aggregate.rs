@@ -1,204 +1,33 @@
 //! The analytics stage's handler: every trade, tick and execution report updates per-symbol
-//! statistics, OHLCV bars and the latency histogram in Redis. This consumer owns the
-//! partition, so its memory holds the truth: each statistic and latency bucket is loaded once
-//! (when first needed), counted in memory, and what a batch changed is written back whole, as
-//! the batch's effects, atomically with its acknowledgement. Each event counts exactly once,
-//! at one command per changed symbol (statistics), one per changed bar and one per partition
-//! (latency) and batch; a commit that does not go through makes the stage reload the
-//! partition (`partition_released`), so memory never runs ahead of Redis.
-//!
-//! Keys, all under the event's partition hash tag:
-//! - `…:state:analytics:stats:{SYMBOL}` hash: `trades`, `volume`, `notional`,
-//!   `last_price_e6`, `ticks`, `last_tick_price_e6`, `exec_<status>` counts;
-//! - `…:state:analytics:bars:{1s|1m}:{SYMBOL}` sorted set: score = bucket start (ms),
-//!   member = the bar's JSON;
-//! - `…:state:analytics:latency_us` hash: latency bucket floor (µs) → count (see [`latency`]);
-//! - `…:state:analytics:unknown_symbols` hash: reject code (`unknown_symbol`,
-//!   `instrument_unavailable`) → how many of transform's rejections named a symbol the
-//!   reference data does not know.
+//! statistics, OHLCV bars and the latency histogram. This consumer owns the partition, so
+//! its memory holds the truth: a partition's figures are read once, when it is taken over
+//! ([`crate::store`] has the layout), counted in memory, and what a batch changed is written
+//! back as the batch's effects, atomically with its acknowledgement. Each event counts
+//! exactly once, and a batch costs a fixed number of commands per partition (one HSET of
+//! the changed symbols' figures, one ZADD per closed-bar set it closed bars into, one HSET
+//! of the histogram), whatever the number of symbols; a commit that does not go through
+//! makes the stage reload the partition (`partition_released`), so memory never runs ahead
+//! of Redis.
 //!
 //! Nothing is kept per symbol, in Redis or in memory, for a rejection whose code says the
 //! reference data does not know its symbol ([`v1::RejectCode::symbol_unknown`]): such
 //! symbols are whatever clients invent, so they are counted per partition instead. Every
-//! other event's symbol was validated by transform against the reference data.
+//! other event's symbol was validated by transform against the reference data, so the
+//! symbols held are bounded by it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use prost::Message;
-use serde::{Deserialize, Serialize};
 use streams_core::{
-    Delivery, Envelope, Handler, HandlerError, KeySpace, Outputs, Partition, Redis,
-    envelope::now_micros,
+    Delivery, Envelope, Handler, HandlerError, Outputs, Partition, Redis, envelope::now_micros,
 };
 use tickflow_proto::{event_type as types, rules, v1};
 
-use crate::latency;
-
-/// A bar interval.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Interval {
-    /// One second.
-    #[serde(rename = "1s")]
-    Second,
-    /// One minute.
-    #[serde(rename = "1m")]
-    Minute,
-}
-
-impl Interval {
-    /// Every interval kept.
-    pub const ALL: [Interval; 2] = [Interval::Second, Interval::Minute];
-
-    /// Its length in ms.
-    pub fn millis(self) -> u64 {
-        match self {
-            Interval::Second => 1_000,
-            Interval::Minute => 60_000,
-        }
-    }
-
-    /// Its name in keys and the API.
-    pub fn name(self) -> &'static str {
-        match self {
-            Interval::Second => "1s",
-            Interval::Minute => "1m",
-        }
-    }
-
-    /// Parses `1s` or `1m`.
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "1s" => Some(Interval::Second),
-            "1m" => Some(Interval::Minute),
-            _ => None,
-        }
-    }
-}
-
-/// One OHLCV bar. Prices in millionths.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Bar {
-    /// Bucket start, ms since the epoch.
-    pub t: u64,
-    /// Open.
-    pub o: i64,
-    /// High.
-    pub h: i64,
-    /// Low.
-    pub l: i64,
-    /// Close.
-    pub c: i64,
-    /// Volume.
-    pub v: u64,
-    /// Trades.
-    pub n: u64,
-}
-
-/// Where analytics keeps a symbol's data.
-#[derive(Debug, Clone)]
-pub struct AnalyticsKeys {
-    keys: KeySpace,
-}
-
-impl AnalyticsKeys {
-    /// Keys in `keys`' namespace.
-    pub fn new(keys: KeySpace) -> Self {
-        Self { keys }
-    }
-
-    /// The partition of a symbol.
-    pub fn partition(&self, symbol: &str) -> Partition {
-        self.keys.partition_for(symbol.as_bytes())
-    }
-
-    /// The stats hash of `symbol`.
-    pub fn stats(&self, symbol: &str) -> String {
-        self.keys.partition_state(
-            tickflow_proto::topology::ANALYTICS_GROUP,
-            &format!("stats:{symbol}"),
-            self.partition(symbol),
-        )
-    }
-
-    /// The bar set of `symbol` at `interval`.
-    pub fn bars(&self, symbol: &str, interval: Interval) -> String {
-        self.keys.partition_state(
-            tickflow_proto::topology::ANALYTICS_GROUP,
-            &format!("bars:{}:{symbol}", interval.name()),
-            self.partition(symbol),
-        )
-    }
-
-    /// The counts of `partition`'s rejections of symbols the reference data does not know,
-    /// by reject code.
-    pub fn unknown_symbols(&self, partition: Partition) -> String {
-        self.keys.partition_state(
-            tickflow_proto::topology::ANALYTICS_GROUP,
-            "unknown_symbols",
-            partition,
-        )
-    }
-
-    /// Every partition's rejections of unknown symbols, summed by reject code (the query
-    /// API's reader).
-    pub async fn unknown_symbol_rejections(
-        &self,
-        conn: &mut (impl redis::aio::ConnectionLike + Clone + Send),
-    ) -> redis::RedisResult<std::collections::BTreeMap<String, u64>> {
-        let hashes: Vec<HashMap<String, u64>> =
-            hgetall_each(conn, self.partitions().map(|p| self.unknown_symbols(p))).await?;
-        let mut summed = std::collections::BTreeMap::new();
-        for (code, count) in hashes.into_iter().flatten() {
-            *summed.entry(code).or_default() += count;
-        }
-        Ok(summed)
-    }
-
-    /// The latency histogram of `partition`.
-    pub fn latency(&self, partition: Partition) -> String {
-        self.keys.partition_state(
-            tickflow_proto::topology::ANALYTICS_GROUP,
-            "latency_us",
-            partition,
-        )
-    }
-
-    /// Every partition.
-    pub fn partitions(&self) -> impl Iterator<Item = Partition> {
-        self.keys.all_partitions()
-    }
-
-    /// Every partition's latency histogram, merged: bucket floor in µs → count. The one
-    /// reader of the histograms (the query API and `tickflow bench --attach` use it).
-    pub async fn latency_histogram(
-        &self,
-        conn: &mut (impl redis::aio::ConnectionLike + Clone + Send),
-    ) -> redis::RedisResult<std::collections::BTreeMap<u64, u64>> {
-        let hashes: Vec<HashMap<u64, u64>> =
-            hgetall_each(conn, self.partitions().map(|p| self.latency(p))).await?;
-        let mut merged = std::collections::BTreeMap::new();
-        for (bucket, count) in hashes.into_iter().flatten() {
-            *merged.entry(bucket).or_default() += count;
-        }
-        Ok(merged)
-    }
-}
-
-/// HGETALL of every key in `keys`, at once (each partition is a slot of its own on a
-/// cluster, so not as one pipeline).
-async fn hgetall_each<T: redis::FromRedisValue>(
-    conn: &(impl redis::aio::ConnectionLike + Clone + Send),
-    keys: impl Iterator<Item = String>,
-) -> redis::RedisResult<Vec<T>> {
-    let cmds = keys
-        .map(|key| redis::cmd("HGETALL").arg(key).clone())
-        .collect();
-    streams_core::connection::query_each(conn, cmds)
-        .await
-        .into_iter()
-        .map(|reply| reply.and_then(|value| Ok(redis::from_redis_value(value)?)))
-        .collect()
-}
+pub use crate::store::{AnalyticsKeys, Bar, Interval, SymbolStats};
+use crate::{
+    latency,
+    store::{self, Migration},
+};
 
 /// How long bars are kept.
 #[derive(Debug, Clone, Copy)]
@@ -209,112 +38,137 @@ pub struct Retention {
     pub minute_bars_ms: u64,
 }
 
+impl Retention {
+    /// The retention of `interval`'s bars, in ms.
+    pub fn of(&self, interval: Interval) -> u64 {
+        match interval {
+            Interval::Second => self.second_bars_ms,
+            Interval::Minute => self.minute_bars_ms,
+        }
+    }
+}
+
 /// The analytics handler.
 #[derive(Debug)]
 pub struct Aggregator {
     keys: AnalyticsKeys,
     redis: Redis,
     retention: Retention,
-    /// Bars touched recently, by (symbol, interval, bucket): the truth for this partition
-    /// owner until committed, since Redis only sees them at the batch's commit.
-    bars: HashMap<(Partition, String, Interval, u64), Bar>,
-    /// Each symbol's statistics, as stored plus what was counted since (loaded on first use).
-    stats: HashMap<Partition, HashMap<String, SymbolStats>>,
-    /// Each partition's latency histogram, likewise.
-    latency: HashMap<Partition, HashMap<u64, u64>>,
-    /// Each partition's rejections of unknown symbols by reject code, likewise.
-    unknown_symbols: HashMap<Partition, HashMap<String, u64>>,
-    /// What the batch in hand changed, per partition, written by `batch_effects`.
-    batch: HashMap<Partition, BatchDelta>,
+    partitions: HashMap<Partition, PartitionState>,
 }
 
-/// What a batch changed in one partition's state: written back whole by `batch_effects`.
+/// What this replica holds of one owned partition.
+#[derive(Debug, Default)]
+struct PartitionState {
+    /// Every symbol's figures, its bars in progress included.
+    symbols: HashMap<String, SymbolStats>,
+    latency: HashMap<u64, u64>,
+    /// Rejections of symbols the reference data does not know, by reject code.
+    unknown_symbols: HashMap<String, u64>,
+    /// Per interval, the closed-bar sets that exist (their epochs).
+    epochs: [BTreeSet<u64>; 2],
+    /// Per interval, layout 1's bar sets that still hold bars: symbol → newest start.
+    legacy_bars: [HashMap<String, u64>; 2],
+    /// Per interval, the newest bar start of any symbol: the retention counts back from it.
+    newest: [u64; 2],
+    /// Each symbol's last closed bar per interval and where it is stored: a trade that
+    /// arrives just after its symbol's bar closed (its origin time is the previous
+    /// bucket's) updates it without a read.
+    previous: HashMap<(String, Interval), Closed>,
+    /// What the batch in hand changed, written by `batch_effects`.
+    batch: BatchDelta,
+}
+
+/// A closed bar, and the member that stores it now (key, member), if stored.
+#[derive(Debug, Clone)]
+struct Closed {
+    bar: Bar,
+    stored: Option<(String, String)>,
+}
+
+/// What a batch changed in one partition's state.
 #[derive(Debug, Default)]
 struct BatchDelta {
-    stats: std::collections::BTreeSet<String>,
-    bars: std::collections::BTreeSet<(String, Interval, u64)>,
-    /// The bars of `bars` that did not exist before this batch: only a new bar can push an
-    /// older one out of the retention, so only these trim.
-    opened: std::collections::BTreeSet<(String, Interval, u64)>,
-    latency: std::collections::BTreeSet<u64>,
-    /// Whether the partition's rejections of unknown symbols changed.
+    stats: BTreeSet<String>,
+    /// Closed bars to store (new, or changed by a late trade), by interval, symbol, start.
+    closed: BTreeMap<(Interval, String, u64), Closed>,
+    latency: BTreeSet<u64>,
     unknown_symbols: bool,
+    /// Layout 1's figures merged on takeover: written (and the merged keys deleted) now.
+    migration: Option<Migration>,
 }
 
-/// One symbol's statistics hash (`…:stats:{SYMBOL}`).
-#[derive(Debug, Default, Clone, PartialEq)]
-struct SymbolStats {
-    trades: u64,
-    volume: u64,
-    notional: f64,
-    last_price_e6: Option<i64>,
-    ticks: u64,
-    last_tick_price_e6: Option<i64>,
-    /// `exec_<status>` counts.
-    executions: std::collections::BTreeMap<String, u64>,
-}
-
-impl SymbolStats {
-    /// Reads the stored hash; a field that does not parse counts as absent.
-    fn from_hash(hash: &HashMap<String, String>) -> Self {
-        let int = |name: &str| hash.get(name).and_then(|v| v.parse::<u64>().ok());
-        let price = |name: &str| hash.get(name).and_then(|v| v.parse::<i64>().ok());
-        Self {
-            trades: int("trades").unwrap_or(0),
-            volume: int("volume").unwrap_or(0),
-            notional: hash
-                .get("notional")
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0),
-            last_price_e6: price("last_price_e6"),
-            ticks: int("ticks").unwrap_or(0),
-            last_tick_price_e6: price("last_tick_price_e6"),
-            executions: hash
-                .iter()
-                .filter_map(|(name, value)| {
-                    let status = name.strip_prefix("exec_")?;
-                    Some((status.to_owned(), value.parse().ok()?))
-                })
-                .collect(),
+impl PartitionState {
+    fn from_loaded(loaded: store::Loaded) -> Self {
+        let newest = Interval::ALL.map(|interval| {
+            loaded
+                .symbols
+                .values()
+                .filter_map(|s| s.bar(interval).map(|b| b.t))
+                .max()
+                .unwrap_or(0)
+        });
+        let mut state = PartitionState {
+            symbols: loaded.symbols,
+            latency: loaded.latency,
+            unknown_symbols: loaded.unknown_symbols,
+            epochs: loaded.epochs,
+            legacy_bars: loaded.legacy_bars,
+            newest,
+            previous: HashMap::new(),
+            batch: BatchDelta::default(),
+        };
+        if let Some(mut migration) = loaded.migration {
+            // Everything merged is written with the next commit.
+            state.batch.stats = state.symbols.keys().cloned().collect();
+            state.batch.latency = state.latency.keys().copied().collect();
+            for (interval, symbol, bar) in std::mem::take(&mut migration.closed) {
+                let closed = Closed { bar, stored: None };
+                state
+                    .batch
+                    .closed
+                    .insert((interval, symbol, closed.bar.t), closed);
+            }
+            state.batch.migration = Some(migration);
         }
+        state
     }
 
-    /// Its fields and values, for HSET.
-    fn to_hash(&self) -> Vec<Vec<u8>> {
-        let mut args = Vec::with_capacity(16);
-        let mut field = |name: &str, value: String| {
-            args.push(name.as_bytes().to_vec());
-            args.push(value.into_bytes());
-        };
-        field("trades", self.trades.to_string());
-        field("volume", self.volume.to_string());
-        field("notional", self.notional.to_string());
-        if let Some(p) = self.last_price_e6 {
-            field("last_price_e6", p.to_string());
+    /// The statistics of `symbol`, marked as changed by the batch.
+    fn stats_mut(&mut self, symbol: &str) -> &mut SymbolStats {
+        if !self.batch.stats.contains(symbol) {
+            self.batch.stats.insert(symbol.to_owned());
         }
-        field("ticks", self.ticks.to_string());
-        if let Some(p) = self.last_tick_price_e6 {
-            field("last_tick_price_e6", p.to_string());
+        self.symbols.entry(symbol.to_owned()).or_default()
+    }
+
+    /// Whether a bar of `interval` starting at `t` is beyond the retention (`retention_ms`)
+    /// counted back from the partition's newest bar: not kept.
+    fn expired(&self, interval: Interval, t: u64, retention_ms: u64) -> bool {
+        t < self.newest[interval.index()].saturating_sub(retention_ms)
+    }
+
+    /// The closed bar of `symbol` at `interval` starting at `t` if this replica holds it
+    /// (changed by the batch, or the symbol's last closed one); `None`: it must be read.
+    fn held_closed(&self, symbol: &str, interval: Interval, t: u64) -> Option<Closed> {
+        if let Some(closed) = self.batch.closed.get(&(interval, symbol.to_owned(), t)) {
+            return Some(closed.clone());
         }
-        for (status, count) in &self.executions {
-            field(&format!("exec_{status}"), count.to_string());
-        }
-        args
+        self.previous
+            .get(&(symbol.to_owned(), interval))
+            .filter(|closed| closed.bar.t == t)
+            .cloned()
     }
 }
 
 impl Aggregator {
     /// A handler writing into `keys`' namespace.
-    pub fn new(keys: KeySpace, redis: Redis, retention: Retention) -> Self {
+    pub fn new(keys: streams_core::KeySpace, redis: Redis, retention: Retention) -> Self {
         Self {
             keys: AnalyticsKeys::new(keys),
             redis,
             retention,
-            bars: HashMap::new(),
-            stats: HashMap::new(),
-            latency: HashMap::new(),
-            unknown_symbols: HashMap::new(),
-            batch: HashMap::new(),
+            partitions: HashMap::new(),
         }
     }
 
@@ -322,7 +176,7 @@ impl Aggregator {
     /// (also the `tickflow_analytics_symbols_in_memory` gauge): bounded by the reference
     /// data, whatever symbols clients send.
     pub fn symbols_in_memory(&self) -> usize {
-        self.stats.values().map(HashMap::len).sum()
+        self.partitions.values().map(|p| p.symbols.len()).sum()
     }
 
     fn report_symbols_in_memory(&self) {
@@ -330,59 +184,192 @@ impl Aggregator {
             .set(self.symbols_in_memory() as f64);
     }
 
-    /// Loads `symbol`'s statistics into memory if they are not there yet.
-    async fn load_stats(&mut self, partition: Partition, symbol: &str) -> Result<(), HandlerError> {
-        if self
-            .stats
-            .get(&partition)
-            .is_some_and(|s| s.contains_key(symbol))
-        {
+    /// Reads `partition`'s figures if this replica does not hold them yet.
+    async fn load(&mut self, partition: Partition) -> Result<(), HandlerError> {
+        if self.partitions.contains_key(&partition) {
             return Ok(());
         }
-        let hash: HashMap<String, String> = self.hash(&self.keys.stats(symbol)).await?;
-        self.stats
-            .entry(partition)
-            .or_default()
-            .insert(symbol.to_owned(), SymbolStats::from_hash(&hash));
+        let retry = |e: String| {
+            HandlerError::Retry(format!("loading analytics of partition {partition}: {e}"))
+        };
+        let mut conn = self
+            .redis
+            .pooled()
+            .await
+            .map_err(|e| retry(e.to_string()))?;
+        let loaded = store::load(&mut conn, &self.keys, partition)
+            .await
+            .map_err(retry)?;
+        if let Some(migration) = &loaded.migration {
+            tracing::info!(
+                partition,
+                symbols = migration.symbols,
+                keys = migration.merged_keys.len(),
+                "figures of the earlier per-symbol layout merged; written with the next commit"
+            );
+        }
+        self.partitions
+            .insert(partition, PartitionState::from_loaded(loaded));
         self.report_symbols_in_memory();
         Ok(())
     }
 
-    /// Loads the partition's rejections of unknown symbols into memory if they are not
-    /// there yet.
-    async fn load_unknown_symbols(&mut self, partition: Partition) -> Result<(), HandlerError> {
-        if self.unknown_symbols.contains_key(&partition) {
-            return Ok(());
-        }
-        let hash: HashMap<String, u64> = self.hash(&self.keys.unknown_symbols(partition)).await?;
-        self.unknown_symbols.insert(partition, hash);
-        Ok(())
+    fn state(&mut self, partition: Partition) -> &mut PartitionState {
+        self.partitions
+            .get_mut(&partition)
+            .expect("the partition is loaded before it is counted")
     }
 
-    /// Loads what counting `reports` needs ([`Self::count_executions`]).
-    async fn load_executions(
+    /// Counts `trades` (a lone `trade` entry's, or those of one `order.events`, which share
+    /// the entry's origin time): statistics and bars.
+    async fn trades(
         &mut self,
         partition: Partition,
-        reports: &[(v1::ExecutionReport, String)],
+        envelope: &Envelope,
+        trades: &[v1::Trade],
     ) -> Result<(), HandlerError> {
-        for (report, _) in reports {
-            if unknown_symbol(report).is_some() {
-                self.load_unknown_symbols(partition).await?;
-            } else {
-                self.load_stats(partition, &report.symbol).await?;
+        let at_ms = envelope.origin_us / 1000;
+        // A trade later than its symbol's newest bar (its origin time is an older bucket's)
+        // changes a closed bar: one this replica does not hold is read first, so that a
+        // Redis error leaves memory untouched.
+        let mut read = Vec::new();
+        {
+            let state = &self.partitions[&partition];
+            for trade in trades {
+                for interval in Interval::ALL {
+                    let t = at_ms - at_ms % interval.millis();
+                    let current = state
+                        .symbols
+                        .get(&trade.symbol)
+                        .and_then(|s| s.bar(interval));
+                    if current.is_some_and(|bar| bar.t > t)
+                        && !state.expired(interval, t, self.retention.of(interval))
+                        && state.held_closed(&trade.symbol, interval, t).is_none()
+                        && !read.contains(&(trade.symbol.clone(), interval, t))
+                    {
+                        read.push((trade.symbol.clone(), interval, t));
+                    }
+                }
+            }
+        }
+        let mut found = HashMap::new();
+        for (symbol, interval, t) in read {
+            let closed = self.read_closed(partition, &symbol, interval, t).await?;
+            found.insert((interval, symbol, t), closed);
+        }
+
+        let retention = self.retention;
+        let state = self.state(partition);
+        for trade in trades {
+            let stats = state.stats_mut(&trade.symbol);
+            stats.trades += 1;
+            stats.volume = stats.volume.saturating_add(trade.qty);
+            stats.notional += trade.price_e6 as f64 / 1e6 * trade.qty as f64;
+            stats.last_price_e6 = Some(trade.price_e6);
+            for interval in Interval::ALL {
+                let t = at_ms - at_ms % interval.millis();
+                let index = interval.index();
+                let current = state
+                    .symbols
+                    .get_mut(&trade.symbol)
+                    .expect("counted above")
+                    .bar_mut(interval);
+                match current {
+                    Some(bar) if bar.t == t => bar.add(trade.price_e6, trade.qty),
+                    Some(bar) if bar.t > t => {
+                        // Late: a closed bar.
+                        if state.expired(interval, t, retention.of(interval)) {
+                            continue;
+                        }
+                        let key = (interval, trade.symbol.clone(), t);
+                        let mut closed = state
+                            .held_closed(&trade.symbol, interval, t)
+                            .or_else(|| found.get(&key).cloned().flatten())
+                            .unwrap_or(Closed {
+                                bar: Bar::empty(t),
+                                stored: None,
+                            });
+                        closed.bar.add(trade.price_e6, trade.qty);
+                        state.batch.closed.insert(key, closed);
+                    }
+                    _ => {
+                        // A new bar: the one it follows (if any) is closed.
+                        let mut bar = Bar::empty(t);
+                        bar.add(trade.price_e6, trade.qty);
+                        if let Some(closed) = current.replace(bar) {
+                            let key = (interval, trade.symbol.clone(), closed.t);
+                            let closed = Closed {
+                                bar: closed,
+                                stored: None,
+                            };
+                            state.batch.closed.insert(key, closed);
+                        }
+                        state.newest[index] = state.newest[index].max(t);
+                    }
+                }
             }
         }
         Ok(())
     }
 
-    /// Counts execution reports, loaded before ([`Self::load_executions`]): per symbol,
-    /// except rejections of symbols the reference data does not know, which are counted
-    /// per partition by code.
+    /// Reads the stored closed bar of `symbol` at `interval` starting at `t`, if there is
+    /// one, with where it is stored.
+    async fn read_closed(
+        &self,
+        partition: Partition,
+        symbol: &str,
+        interval: Interval,
+        t: u64,
+    ) -> Result<Option<Closed>, HandlerError> {
+        let retry = |e: redis::RedisError| HandlerError::Retry(e.to_string());
+        let state = &self.partitions[&partition];
+        let epoch = t / interval.epoch_ms();
+        let closed_key = self.keys.closed_bars(partition, interval, epoch);
+        let legacy_key = self.keys.legacy_bars(symbol, interval);
+        let mut pipe = redis::pipe();
+        let exact = format!("{symbol} {t:020} ");
+        pipe.cmd("ZRANGEBYLEX")
+            .arg(&closed_key)
+            .arg(format!("[{exact}"))
+            .arg(format!("({symbol} {t:020}!"));
+        let legacy = state.legacy_bars[interval.index()].contains_key(symbol);
+        if legacy {
+            pipe.cmd("ZRANGEBYSCORE").arg(&legacy_key).arg(t).arg(t);
+        }
+        let mut conn = self
+            .redis
+            .pooled()
+            .await
+            .map_err(|e| HandlerError::Retry(e.to_string()))?;
+        let replies: Vec<Vec<String>> = pipe.query_async(&mut *conn).await.map_err(retry)?;
+        let mut replies = replies.into_iter();
+        if let Some(member) = replies.next().into_iter().flatten().next()
+            && let Some((_, bar)) = Bar::parse_member(&member)
+        {
+            return Ok(Some(Closed {
+                bar,
+                stored: Some((closed_key, member)),
+            }));
+        }
+        if let Some(json) = replies.next().into_iter().flatten().next()
+            && let Ok(bar) = serde_json::from_str::<Bar>(&json)
+        {
+            return Ok(Some(Closed {
+                bar,
+                stored: Some((legacy_key, json)),
+            }));
+        }
+        Ok(None)
+    }
+
+    /// Counts execution reports: per symbol, except rejections of symbols the reference
+    /// data does not know, which are counted per partition by code.
     fn count_executions(
         &mut self,
         partition: Partition,
         reports: Vec<(v1::ExecutionReport, String)>,
     ) {
+        let state = self.state(partition);
         for (report, status) in reports {
             match unknown_symbol(&report) {
                 Some(code) => {
@@ -391,167 +378,20 @@ impl Aggregator {
                         "code" => code.label()
                     )
                     .increment(1);
-                    *self
+                    *state
                         .unknown_symbols
-                        .get_mut(&partition)
-                        .expect("loaded above")
                         .entry(code.label().to_owned())
                         .or_default() += 1;
-                    self.batch.entry(partition).or_default().unknown_symbols = true;
+                    state.batch.unknown_symbols = true;
                 }
-                None => self.execution(partition, &report.symbol, status),
-            }
-        }
-    }
-
-    /// Loads the partition's latency histogram into memory if it is not there yet.
-    async fn load_latency(&mut self, partition: Partition) -> Result<(), HandlerError> {
-        if self.latency.contains_key(&partition) {
-            return Ok(());
-        }
-        let hash: HashMap<u64, u64> = self.hash(&self.keys.latency(partition)).await?;
-        self.latency.insert(partition, hash);
-        Ok(())
-    }
-
-    /// The hash at `key` (a Redis error is a retry: the entry waits for Redis).
-    async fn hash<T: redis::FromRedisValue>(&self, key: &str) -> Result<T, HandlerError> {
-        let mut conn = self
-            .redis
-            .pooled()
-            .await
-            .map_err(|e| HandlerError::Retry(e.to_string()))?;
-        redis::cmd("HGETALL")
-            .arg(key)
-            .query_async(&mut *conn)
-            .await
-            .map_err(|e| HandlerError::Retry(e.to_string()))
-    }
-
-    /// The statistics of `symbol`, loaded before (`load_stats`), marked as changed.
-    fn stats_mut(&mut self, partition: Partition, symbol: &str) -> &mut SymbolStats {
-        let delta = self.batch.entry(partition).or_default();
-        if !delta.stats.contains(symbol) {
-            delta.stats.insert(symbol.to_owned());
-        }
-        self.stats
-            .get_mut(&partition)
-            .and_then(|s| s.get_mut(symbol))
-            .expect("statistics are loaded before they are counted")
-    }
-
-    async fn bar(
-        &mut self,
-        partition: Partition,
-        symbol: &str,
-        interval: Interval,
-        bucket: u64,
-    ) -> Result<Bar, HandlerError> {
-        let key = (partition, symbol.to_owned(), interval, bucket);
-        if let Some(bar) = self.bars.get(&key) {
-            return Ok(bar.clone());
-        }
-        let mut conn = self
-            .redis
-            .pooled()
-            .await
-            .map_err(|e| HandlerError::Retry(e.to_string()))?;
-        let stored: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(self.keys.bars(symbol, interval))
-            .arg(bucket)
-            .arg(bucket)
-            .query_async(&mut *conn)
-            .await
-            .map_err(|e| HandlerError::Retry(e.to_string()))?;
-        Ok(stored
-            .first()
-            .and_then(|json| serde_json::from_str(json).ok())
-            .unwrap_or(Bar {
-                t: bucket,
-                o: 0,
-                h: 0,
-                l: 0,
-                c: 0,
-                v: 0,
-                n: 0,
-            }))
-    }
-
-    /// Counts `trades` (a lone `trade` entry's, or those of one `order.events`, which share
-    /// the entry's origin time) into the batch and the bar cache.
-    async fn trades(
-        &mut self,
-        partition: Partition,
-        envelope: &Envelope,
-        trades: &[v1::Trade],
-    ) -> Result<(), HandlerError> {
-        let at_ms = envelope.origin_us / 1000;
-        for trade in trades {
-            self.load_stats(partition, &trade.symbol).await?;
-        }
-        // Compute every bar first, so a Redis error leaves the cache and the batch untouched.
-        // With each: whether it is new.
-        let mut updated: Vec<((String, Interval, u64), Bar, bool)> = Vec::new();
-        for trade in trades {
-            for interval in Interval::ALL {
-                let bucket = at_ms - at_ms % interval.millis();
-                let found = updated.iter().position(|((s, i, b), _, _)| {
-                    *s == trade.symbol && *i == interval && *b == bucket
-                });
-                let index = match found {
-                    Some(index) => index,
-                    None => {
-                        let bar = self.bar(partition, &trade.symbol, interval, bucket).await?;
-                        let new = bar.n == 0;
-                        updated.push(((trade.symbol.clone(), interval, bucket), bar, new));
-                        updated.len() - 1
-                    }
-                };
-                let bar = &mut updated[index].1;
-                if bar.n == 0 {
-                    bar.o = trade.price_e6;
-                    bar.h = trade.price_e6;
-                    bar.l = trade.price_e6;
+                None => {
+                    *state
+                        .stats_mut(&report.symbol)
+                        .executions
+                        .entry(status)
+                        .or_default() += 1;
                 }
-                bar.h = bar.h.max(trade.price_e6);
-                bar.l = bar.l.min(trade.price_e6);
-                bar.c = trade.price_e6;
-                bar.v = bar.v.saturating_add(trade.qty);
-                bar.n += 1;
             }
-        }
-        let delta = self.batch.entry(partition).or_default();
-        for ((symbol, interval, bucket), bar, new) in updated {
-            if new {
-                delta.opened.insert((symbol.clone(), interval, bucket));
-            }
-            delta.bars.insert((symbol.clone(), interval, bucket));
-            self.bars.insert((partition, symbol, interval, bucket), bar);
-        }
-        for trade in trades {
-            let stats = self.stats_mut(partition, &trade.symbol);
-            stats.trades += 1;
-            stats.volume = stats.volume.saturating_add(trade.qty);
-            stats.notional += trade.price_e6 as f64 / 1e6 * trade.qty as f64;
-            stats.last_price_e6 = Some(trade.price_e6);
-        }
-        self.evict(at_ms);
-        Ok(())
-    }
-
-    fn execution(&mut self, partition: Partition, symbol: &str, status: String) {
-        *self
-            .stats_mut(partition, symbol)
-            .executions
-            .entry(status)
-            .or_default() += 1;
-    }
-
-    /// Keeps the cache small: forgets bars more than two minutes older than `now_ms`.
-    fn evict(&mut self, now_ms: u64) {
-        if self.bars.len() > 4096 {
-            self.bars
-                .retain(|(_, _, _, bucket), _| *bucket + 120_000 >= now_ms);
         }
     }
 }
@@ -661,9 +501,9 @@ impl Handler for Aggregator {
     ) -> Result<(), HandlerError> {
         let envelope = delivery.envelope.as_ref().expect("envelope stage");
         let partition = delivery.partition;
-        // Everything this entry needs from Redis is loaded before anything is counted, so a
+        // Everything this entry needs from Redis is read before anything is counted, so a
         // Redis error (a retry) leaves memory as it was.
-        self.load_latency(partition).await?;
+        self.load(partition).await?;
         match envelope.event_type.as_str() {
             types::TRADE => {
                 let trade: v1::Trade = decode(envelope)?;
@@ -677,8 +517,7 @@ impl Handler for Aggregator {
                 if let Some(problem) = tick_problem(&self.keys, &tick, partition) {
                     return Err(HandlerError::Permanent(problem));
                 }
-                self.load_stats(partition, &tick.symbol).await?;
-                let stats = self.stats_mut(partition, &tick.symbol);
+                let stats = self.state(partition).stats_mut(&tick.symbol);
                 stats.ticks += 1;
                 stats.last_tick_price_e6 = Some(tick.price_e6);
             }
@@ -686,9 +525,7 @@ impl Handler for Aggregator {
                 let report: v1::ExecutionReport = decode(envelope)?;
                 let status = execution_status(&self.keys, &report, partition)
                     .map_err(HandlerError::Permanent)?;
-                let reports = vec![(report, status)];
-                self.load_executions(partition, &reports).await?;
-                self.count_executions(partition, reports);
+                self.count_executions(partition, vec![(report, status)]);
             }
             types::ORDER_EVENTS => {
                 let events: v1::OrderEvents = decode(envelope)?;
@@ -719,7 +556,6 @@ impl Handler for Aggregator {
                         }
                     }
                 }
-                self.load_executions(partition, &executions).await?;
                 self.trades(partition, envelope, &trades).await?;
                 self.count_executions(partition, executions);
             }
@@ -732,106 +568,180 @@ impl Handler for Aggregator {
         let latency_us = now_micros().saturating_sub(envelope.origin_us);
         metrics::histogram!("tickflow_e2e_latency_seconds").record(latency_us as f64 / 1e6);
         let bucket = latency::floor(latency_us);
-        *self
-            .latency
-            .get_mut(&partition)
-            .expect("loaded above")
-            .entry(bucket)
-            .or_default() += 1;
-        self.batch
-            .entry(partition)
-            .or_default()
-            .latency
-            .insert(bucket);
+        let state = self.state(partition);
+        *state.latency.entry(bucket).or_default() += 1;
+        state.batch.latency.insert(bucket);
+        self.report_symbols_in_memory();
         Ok(())
+    }
+
+    /// Reads the partition's figures (merging what the earlier layout left there), so a
+    /// replica taking a partition over continues exactly where the last owner committed.
+    async fn partition_acquired(&mut self, partition: Partition) -> Result<(), HandlerError> {
+        self.partitions.remove(&partition);
+        self.load(partition).await
     }
 
     fn partition_released(&mut self, partition: Partition) {
         // What this consumer holds may not have been committed; the next owner (or this one,
         // reloading) reads Redis.
-        self.bars.retain(|(p, _, _, _), _| *p != partition);
-        self.stats.remove(&partition);
-        self.latency.remove(&partition);
-        self.unknown_symbols.remove(&partition);
-        self.batch.remove(&partition);
+        self.partitions.remove(&partition);
         self.report_symbols_in_memory();
     }
 
     /// The batch's changes, applied with its acknowledgement (so each event counts once):
-    /// each changed symbol's statistics whole, each changed bar, and the changed latency
-    /// buckets.
+    /// one HSET of the changed symbols' figures, the bars closed (one ZADD per closed-bar
+    /// set, a ZREM of the previous version of a closed bar a late trade changed), the
+    /// changed latency buckets, and the closed-bar sets (and layout 1's bar sets) that fell
+    /// out of the retention.
     fn batch_effects(&mut self, partition: Partition, out: &mut Outputs) {
-        let Some(delta) = self.batch.remove(&partition) else {
+        let retention = self.retention;
+        let keys = &self.keys;
+        let Some(state) = self.partitions.get_mut(&partition) else {
             return;
         };
+        let delta = std::mem::take(&mut state.batch);
         let int = |v: u64| v.to_string().into_bytes();
-        if let Some(stats) = self.stats.get(&partition) {
-            for symbol in delta.stats {
-                if let Some(stats) = stats.get(&symbol) {
-                    out.command("HSET", self.keys.stats(&symbol), stats.to_hash());
+        let mut removed: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+        let mut unlinked: BTreeSet<String> = BTreeSet::new();
+        if let Some(migration) = &delta.migration {
+            for (key, member) in &migration.taken_bars {
+                removed
+                    .entry(key.clone())
+                    .or_default()
+                    .push(member.clone().into_bytes());
+            }
+            unlinked.extend(migration.merged_keys.iter().cloned());
+        }
+        if !delta.stats.is_empty() {
+            let mut args = Vec::with_capacity(delta.stats.len() * 2);
+            for symbol in &delta.stats {
+                if let Some(stats) = state.symbols.get(symbol) {
+                    args.push(symbol.clone().into_bytes());
+                    args.push(stats.encode());
+                }
+            }
+            out.command("HSET", keys.stats(partition), args);
+        }
+
+        // Closed bars, into the set of their epoch; those beyond the retention are dropped.
+        let mut added: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+        let mut new_epochs = Vec::new();
+        for ((interval, symbol, t), closed) in delta.closed {
+            if state.expired(interval, t, retention.of(interval)) {
+                continue;
+            }
+            let epoch = t / interval.epoch_ms();
+            let key = keys.closed_bars(partition, interval, epoch);
+            let member = closed.bar.member(&symbol);
+            match closed.stored {
+                Some(stored) if stored == (key.clone(), member.clone()) => continue,
+                Some((old_key, old_member)) => removed
+                    .entry(old_key)
+                    .or_default()
+                    .push(old_member.into_bytes()),
+                None => {}
+            }
+            let set = added.entry(key.clone()).or_default();
+            set.push(b"0".to_vec());
+            set.push(member.clone().into_bytes());
+            if state.epochs[interval.index()].insert(epoch) {
+                new_epochs.push(format!("{} {epoch}", interval.name()).into_bytes());
+            }
+            let previous = state.previous.entry((symbol, interval));
+            let closed = Closed {
+                bar: closed.bar,
+                stored: Some((key, member)),
+            };
+            match previous {
+                std::collections::hash_map::Entry::Occupied(mut known) => {
+                    if known.get().bar.t <= t {
+                        known.insert(closed);
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(closed);
                 }
             }
         }
-        for (symbol, interval, bucket) in delta.bars {
-            let Some(bar) = self
-                .bars
-                .get(&(partition, symbol.clone(), interval, bucket))
-            else {
-                continue;
-            };
-            let key = self.keys.bars(&symbol, interval);
-            let json = serde_json::to_vec(bar).expect("bars serialize");
-            let opened = delta.opened.contains(&(symbol, interval, bucket));
-            if !opened {
-                // The bar's previous version.
-                out.command(
-                    "ZREMRANGEBYSCORE",
-                    key.clone(),
-                    vec![int(bucket), int(bucket)],
-                );
+
+        // What fell out of the retention: whole epochs, and layout 1's sets whose newest bar
+        // is older than it.
+        let mut old_epochs = Vec::new();
+        let mut legacy_index = Vec::new();
+        let mut legacy_gone = Vec::new();
+        for interval in Interval::ALL {
+            let index = interval.index();
+            let cutoff = state.newest[index].saturating_sub(retention.of(interval));
+            let first_kept = cutoff / interval.epoch_ms();
+            let expired: Vec<u64> = state.epochs[index].range(..first_kept).copied().collect();
+            for epoch in expired {
+                state.epochs[index].remove(&epoch);
+                unlinked.insert(keys.closed_bars(partition, interval, epoch));
+                old_epochs.push(format!("{} {epoch}", interval.name()).into_bytes());
             }
-            out.command("ZADD", key.clone(), vec![int(bucket), json]);
-            // The retention is counted back from the newest bar, so a bar that only changed
-            // cannot age another one out: trim when a bar opens.
-            if !opened {
-                continue;
-            }
-            let keep_ms = match interval {
-                Interval::Second => self.retention.second_bars_ms,
-                Interval::Minute => self.retention.minute_bars_ms,
-            };
-            let oldest = bucket.saturating_sub(keep_ms);
-            out.command(
-                "ZREMRANGEBYSCORE",
-                key,
-                vec![b"-inf".to_vec(), format!("({oldest}").into_bytes()],
-            );
+            state.legacy_bars[index].retain(|symbol, newest| {
+                let field = format!("{} {symbol}", interval.name()).into_bytes();
+                if *newest < cutoff {
+                    unlinked.insert(keys.legacy_bars(symbol, interval));
+                    legacy_gone.push(field);
+                    false
+                } else {
+                    if delta.migration.is_some() {
+                        legacy_index.push(field);
+                        legacy_index.push(int(*newest));
+                    }
+                    true
+                }
+            });
+            state
+                .previous
+                .retain(|(_, i), closed| *i != interval || closed.bar.t >= cutoff);
         }
-        if let Some(histogram) = self.latency.get(&partition)
-            && !delta.latency.is_empty()
-        {
+
+        for (key, members) in removed {
+            out.command("ZREM", key, members);
+        }
+        for (key, members) in added {
+            out.command("ZADD", key, members);
+        }
+        if !new_epochs.is_empty() {
+            out.command("SADD", keys.closed_bar_epochs(partition), new_epochs);
+        }
+        if !old_epochs.is_empty() {
+            out.command("SREM", keys.closed_bar_epochs(partition), old_epochs);
+        }
+        if !legacy_index.is_empty() {
+            out.command("HSET", keys.legacy_bars_index(partition), legacy_index);
+        }
+        if !legacy_gone.is_empty() {
+            out.command("HDEL", keys.legacy_bars_index(partition), legacy_gone);
+        }
+        for key in unlinked {
+            out.command("UNLINK", key, Vec::new());
+        }
+        if !delta.latency.is_empty() {
             let mut args = Vec::with_capacity(delta.latency.len() * 2);
             for bucket in delta.latency {
-                args.push(bucket.to_string().into_bytes());
-                args.push(int(histogram.get(&bucket).copied().unwrap_or(0)));
+                args.push(int(bucket));
+                args.push(int(state.latency.get(&bucket).copied().unwrap_or(0)));
             }
-            out.command("HSET", self.keys.latency(partition), args);
+            out.command("HSET", keys.latency(partition), args);
         }
-        if delta.unknown_symbols
-            && let Some(counts) = self.unknown_symbols.get(&partition)
-        {
-            let args = counts
+        if delta.unknown_symbols {
+            let args = state
+                .unknown_symbols
                 .iter()
                 .flat_map(|(code, count)| [code.clone().into_bytes(), int(*count)])
                 .collect();
-            out.command("HSET", self.keys.unknown_symbols(partition), args);
+            out.command("HSET", keys.unknown_symbols(partition), args);
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use streams_core::Handler as _;
+    use streams_core::{Handler as _, KeySpace};
 
     use super::*;
 
@@ -972,7 +882,7 @@ mod tests {
             aggregator.batch_effects(partition, &mut out);
             // The latency histogram and the partition's count: nothing per symbol.
             assert_eq!(out.len(), 2, "partition {partition}: {out:?}");
-            for (code, count) in &aggregator.unknown_symbols[&partition] {
+            for (code, count) in &aggregator.partitions[&partition].unknown_symbols {
                 *counted.entry(code.clone()).or_default() += count;
             }
         }

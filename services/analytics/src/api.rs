@@ -10,8 +10,6 @@
 //!   `unknown_symbol`, `instrument_unavailable`), over every partition. They are counted
 //!   here, not per symbol: `/v1/symbols/{symbol}/stats` of such a symbol stays empty.
 
-use std::collections::{BTreeMap, HashMap};
-
 use axum::{
     Json, Router,
     extract::{Path, Query, State},
@@ -24,7 +22,7 @@ use serde_json::{Value, json};
 use streams_core::Redis;
 
 use crate::{
-    aggregate::{AnalyticsKeys, Bar, Interval},
+    aggregate::{AnalyticsKeys, Interval, Retention},
     latency,
 };
 
@@ -32,16 +30,21 @@ use crate::{
 struct ApiState {
     redis: Redis,
     keys: AnalyticsKeys,
+    retention: Retention,
 }
 
-/// The query routes.
-pub fn router(redis: Redis, keys: AnalyticsKeys) -> Router {
+/// The query routes; bars are shown for `retention` back from each symbol's newest.
+pub fn router(redis: Redis, keys: AnalyticsKeys, retention: Retention) -> Router {
     Router::new()
         .route("/v1/symbols/{symbol}/stats", get(stats))
         .route("/v1/symbols/{symbol}/bars", get(bars))
         .route("/v1/latency", get(latency_percentiles))
         .route("/v1/unknown-symbols", get(unknown_symbols))
-        .with_state(ApiState { redis, keys })
+        .with_state(ApiState {
+            redis,
+            keys,
+            retention,
+        })
 }
 
 #[derive(Debug)]
@@ -88,39 +91,22 @@ async fn stats(
 ) -> Result<Json<Value>, ApiError> {
     let symbol = normalize_symbol(&symbol)?;
     let mut conn = state.redis.pooled().await.map_err(unavailable)?;
-    let hash: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(state.keys.stats(&symbol))
-        .query_async(&mut *conn)
+    let stats = state
+        .keys
+        .symbol_stats(&mut *conn, &symbol)
         .await
         .map_err(unavailable)?;
-    let int = |name: &str| {
-        hash.get(name)
-            .and_then(|v| v.parse::<i64>().ok())
-            .unwrap_or(0)
-    };
-    let volume = int("volume");
-    let notional: f64 = hash
-        .get("notional")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    let price = |name: &str| {
-        hash.get(name)
-            .and_then(|v| v.parse::<i64>().ok())
-            .map(|p| p as f64 / 1e6)
-    };
-    let executions: BTreeMap<String, i64> = hash
-        .iter()
-        .filter_map(|(k, v)| Some((k.strip_prefix("exec_")?.to_owned(), v.parse().ok()?)))
-        .collect();
+    let price = |p: Option<i64>| p.map(|p| p as f64 / 1e6);
+    let volume = stats.volume;
     Ok(Json(json!({
         "symbol": symbol,
-        "trades": int("trades"),
+        "trades": stats.trades,
         "volume": volume,
-        "vwap": if volume > 0 { Some(notional / volume as f64) } else { None },
-        "last_price": price("last_price_e6"),
-        "ticks": int("ticks"),
-        "last_tick_price": price("last_tick_price_e6"),
-        "executions": executions,
+        "vwap": if volume > 0 { Some(stats.notional / volume as f64) } else { None },
+        "last_price": price(stats.last_price_e6),
+        "ticks": stats.ticks,
+        "last_tick_price": price(stats.last_tick_price_e6),
+        "executions": stats.executions,
     })))
 }
 
@@ -148,16 +134,18 @@ async fn bars(
         return Err(ApiError::BadRequest("from must not be after to".into()));
     }
     let mut conn = state.redis.pooled().await.map_err(unavailable)?;
-    let members: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-        .arg(state.keys.bars(&symbol, interval))
-        .arg(from)
-        .arg(to)
-        .query_async(&mut *conn)
+    let bars: Vec<Value> = state
+        .keys
+        .symbol_bars(
+            &mut *conn,
+            &symbol,
+            interval,
+            (from, to),
+            state.retention.of(interval),
+        )
         .await
-        .map_err(unavailable)?;
-    let bars: Vec<Value> = members
-        .iter()
-        .filter_map(|m| serde_json::from_str::<Bar>(m).ok())
+        .map_err(unavailable)?
+        .into_iter()
         .map(|b| {
             json!({
                 "start_ms": b.t, "open": b.o as f64 / 1e6, "high": b.h as f64 / 1e6,

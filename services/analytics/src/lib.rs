@@ -2,13 +2,15 @@
 //! owned partitions, keeps per-symbol statistics, OHLCV bars at 1 s and 1 min and an
 //! end-to-end latency histogram in Redis, and answers queries about them.
 //!
-//! - [`aggregate`]: the handler and the Redis layout.
+//! - [`aggregate`]: the handler.
+//! - [`store`]: the Redis layout, reading a partition back, and the query API's readers.
 //! - [`latency`]: the mergeable latency histogram.
 //! - [`api`]: the query API.
 
 pub mod aggregate;
 pub mod api;
 pub mod latency;
+pub mod store;
 
 use streams_core::{App, ConsumeMode, InputFormat, Inputs, StageSpec, config::ConfigError};
 use tickflow_proto::topology;
@@ -67,6 +69,7 @@ pub async fn run(
     let routes = api::router(
         app.redis.clone(),
         aggregate::AnalyticsKeys::new(app.config.keys.clone()),
+        settings.retention,
     );
     let stage = app.stage(spec(), handler);
     app.serve(http, routes, async move { Ok(stage.run().await?) })

@@ -616,6 +616,25 @@ impl OrderBook {
         levels.entry(order.price).or_default().push_back(order);
     }
 
+    /// Rebuilds a book from its parts, checked exactly as a deserialized snapshot is: the
+    /// band, the reference price, the sequence, and each side's resting orders in priority
+    /// order (best price first, then arrival).
+    pub fn from_parts(
+        band_bps: u32,
+        last_price: Option<Price>,
+        sequence: u64,
+        bids: Vec<Resting>,
+        asks: Vec<Resting>,
+    ) -> Result<Self, SnapshotError> {
+        OrderBook::from_snapshot(Snapshot {
+            band_bps,
+            last_price,
+            sequence,
+            bids,
+            asks,
+        })
+    }
+
     /// Rebuilds a book from its snapshot, checking every invariant the book relies on.
     fn from_snapshot(snapshot: Snapshot) -> Result<Self, SnapshotError> {
         let Snapshot {

@@ -73,6 +73,7 @@
 
 pub mod book;
 pub mod stage;
+pub mod store;
 
 use streams_core::{App, ConsumeMode, InputFormat, Inputs, StageSpec};
 use tickflow_proto::topology;

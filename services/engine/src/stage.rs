@@ -16,7 +16,10 @@ use tickflow_proto::{
     v1::{self, ExecStatus},
 };
 
-use crate::book::{Books, CancelReason, Event, NewOrder, OrderBook, OrderKind, Resting, Side};
+use crate::{
+    book::{Books, CancelReason, Event, NewOrder, OrderKind, Side},
+    store,
+};
 
 /// The engine handler: the books of every partition this replica owns.
 #[derive(Debug)]
@@ -29,6 +32,9 @@ pub struct Matching {
     touched: HashMap<Partition, BTreeMap<String, BTreeSet<String>>>,
     /// Per partition, the symbols its stored set names (so each is added once).
     stored_symbols: HashMap<Partition, BTreeSet<String>>,
+    /// Per partition, the books still stored in the earlier layout: moved with the next
+    /// commit ([`store`](crate::store)).
+    legacy: HashMap<Partition, BTreeSet<String>>,
 }
 
 impl Matching {
@@ -40,6 +46,7 @@ impl Matching {
             books: HashMap::new(),
             touched: HashMap::new(),
             stored_symbols: HashMap::new(),
+            legacy: HashMap::new(),
         }
     }
 
@@ -57,52 +64,15 @@ impl Matching {
     }
 }
 
-/// The symbols with a book in `partition` (a set).
-fn symbols_key(keys: &KeySpace, partition: Partition) -> String {
-    keys.partition_state(topology::ENGINE_GROUP, "symbols", partition)
-}
-
-/// Each book's band, last price and sequence in `partition` (hash: symbol → JSON).
-fn meta_key(keys: &KeySpace, partition: Partition) -> String {
-    keys.partition_state(topology::ENGINE_GROUP, "meta", partition)
-}
-
-/// The resting orders of `symbol` (hash: order id → JSON).
-fn orders_key(keys: &KeySpace, partition: Partition, symbol: &str) -> String {
-    keys.partition_state(
-        topology::ENGINE_GROUP,
-        &format!("orders:{symbol}"),
-        partition,
-    )
-}
-
 /// The books of `partition` as of its last acknowledged batch (empty if it never had
-/// any): what a replica taking the partition over starts from.
+/// any): what a replica taking the partition over starts from ([`store::load`], which reads
+/// either layout).
 pub async fn load_books(
     redis: &Redis,
     keys: &KeySpace,
     partition: Partition,
 ) -> Result<Books, String> {
-    let mut conn = redis.pooled().await.map_err(|e| e.to_string())?;
-    let symbols: Vec<String> = redis::cmd("SMEMBERS")
-        .arg(symbols_key(keys, partition))
-        .query_async(&mut *conn)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut books = Books::default();
-    for symbol in symbols {
-        let mut pipe = redis::pipe();
-        pipe.cmd("HGET").arg(meta_key(keys, partition)).arg(&symbol);
-        pipe.cmd("HVALS").arg(orders_key(keys, partition, &symbol));
-        let (meta, orders): (Option<String>, Vec<String>) = pipe
-            .query_async(&mut *conn)
-            .await
-            .map_err(|e| e.to_string())?;
-        let book = restore(meta.as_deref(), &orders)
-            .map_err(|e| format!("the stored book of {symbol} is invalid: {e}"))?;
-        books.insert(&symbol, book);
-    }
-    Ok(books)
+    Ok(store::load(redis, keys, partition).await?.books)
 }
 
 /// What one validated entry did to its partition's books.
@@ -285,14 +255,24 @@ impl Handler for Matching {
     /// had any), so a replica taking a partition over continues exactly where the last
     /// owner committed.
     async fn partition_acquired(&mut self, partition: Partition) -> Result<(), HandlerError> {
-        let books = load_books(&self.redis, &self.keys, partition)
+        let stored = store::load(&self.redis, &self.keys, partition)
             .await
             .map_err(|e| {
                 HandlerError::Retry(format!("loading the books of partition {partition}: {e}"))
             })?;
-        self.stored_symbols
-            .insert(partition, books.symbols().map(str::to_owned).collect());
-        self.books.insert(partition, books);
+        if !stored.legacy.is_empty() {
+            tracing::info!(
+                partition,
+                books = stored.legacy.len(),
+                "books stored in the earlier per-symbol layout; moving them with the next commit"
+            );
+        }
+        self.stored_symbols.insert(
+            partition,
+            stored.books.symbols().map(str::to_owned).collect(),
+        );
+        self.books.insert(partition, stored.books);
+        self.legacy.insert(partition, stored.legacy);
         self.touched.remove(&partition);
         Ok(())
     }
@@ -301,97 +281,37 @@ impl Handler for Matching {
         self.books.remove(&partition);
         self.touched.remove(&partition);
         self.stored_symbols.remove(&partition);
+        self.legacy.remove(&partition);
     }
 
     /// What the batch changed in the books, stored atomically with its acknowledgement:
     /// each touched book's band, last price and sequence, and each changed order (written
-    /// while it rests, deleted once filled or cancelled). The cost follows the changes, not
-    /// the size of the books.
+    /// while it rests, deleted once filled or cancelled), as one HSET and one HDEL of the
+    /// partition's orders and one HSET of its metas ([`store::Changes`]). The cost follows
+    /// the changes, not the size of the books or how many there are. Books still stored in
+    /// the earlier layout are moved whole by the same commit.
     fn batch_effects(&mut self, partition: Partition, out: &mut Outputs) {
-        let Some(touched) = self.touched.remove(&partition) else {
-            return;
-        };
+        let touched = self.touched.remove(&partition).unwrap_or_default();
+        let legacy = self.legacy.remove(&partition).unwrap_or_default();
         let Some(books) = self.books.get(&partition) else {
             return;
         };
-        let mut meta = Vec::new();
-        let mut symbols = Vec::new();
         let stored = self.stored_symbols.entry(partition).or_default();
+        let mut changes = store::Changes::new(store::BookKeys::new(&self.keys, partition), books);
+        for symbol in &legacy {
+            changes.move_legacy(symbol);
+        }
         for (symbol, orders) in touched {
-            let Some(book) = books.get(&symbol) else {
+            if legacy.contains(&symbol) {
+                // Written whole above.
                 continue;
-            };
-            if !stored.contains(&symbol) {
-                // Added once; a commit that does not go through reloads this set.
-                stored.insert(symbol.clone());
-                symbols.push(symbol.clone().into_bytes());
             }
-            let book_meta = serde_json::json!({
-                "band_bps": book.band_bps(),
-                "last_price": book.last_price(),
-                "sequence": book.sequence(),
-            });
-            meta.push(symbol.clone().into_bytes());
-            meta.push(book_meta.to_string().into_bytes());
-            let (mut resting, mut gone) = (Vec::new(), Vec::new());
-            for id in orders {
-                match book.order(&id) {
-                    Some(order) => {
-                        let json = serde_json::to_vec(order).expect("orders serialize");
-                        resting.push(id.into_bytes());
-                        resting.push(json);
-                    }
-                    None => gone.push(id.into_bytes()),
-                }
-            }
-            let key = orders_key(&self.keys, partition, &symbol);
-            if !resting.is_empty() {
-                out.command("HSET", key.clone(), resting);
-            }
-            if !gone.is_empty() {
-                out.command("HDEL", key, gone);
-            }
+            // Added once; a commit that does not go through reloads this set.
+            let new = stored.insert(symbol.clone());
+            changes.book(&symbol, orders, new);
         }
-        if !symbols.is_empty() {
-            out.command("SADD", symbols_key(&self.keys, partition), symbols);
-        }
-        if !meta.is_empty() {
-            out.command("HSET", meta_key(&self.keys, partition), meta);
-        }
+        changes.write(out);
     }
-}
-
-/// Rebuilds a book from its stored meta and resting orders (priority from price, then
-/// `accepted_seq`), through the book's own snapshot checks.
-fn restore(meta: Option<&str>, orders: &[String]) -> Result<OrderBook, String> {
-    let meta: serde_json::Value = match meta {
-        Some(text) => serde_json::from_str(text).map_err(|e| e.to_string())?,
-        None => serde_json::json!({ "band_bps": 0, "last_price": null, "sequence": 0 }),
-    };
-    let resting: Vec<Resting> = orders
-        .iter()
-        .map(|o| serde_json::from_str(o).map_err(|e| e.to_string()))
-        .collect::<Result<_, _>>()?;
-    let (mut bids, mut asks): (Vec<Resting>, Vec<Resting>) =
-        resting.into_iter().partition(|o| o.side == Side::Buy);
-    bids.sort_by(|a, b| {
-        b.price
-            .cmp(&a.price)
-            .then(a.accepted_seq.cmp(&b.accepted_seq))
-    });
-    asks.sort_by(|a, b| {
-        a.price
-            .cmp(&b.price)
-            .then(a.accepted_seq.cmp(&b.accepted_seq))
-    });
-    let snapshot = serde_json::json!({
-        "band_bps": meta["band_bps"],
-        "last_price": meta["last_price"],
-        "sequence": meta["sequence"],
-        "bids": bids,
-        "asks": asks,
-    });
-    serde_json::from_value(snapshot).map_err(|e| e.to_string())
 }
 
 /// An engine event as it goes into the market stream's [`v1::OrderEvents`].
@@ -482,44 +402,4 @@ pub fn market_event(symbol: &str, event: Event) -> v1::MarketEvent {
         }
     };
     v1::MarketEvent { kind: Some(kind) }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_book_restores_from_its_meta_and_resting_orders() {
-        let mut book = OrderBook::new(500);
-        book.on_tick(100_000_000);
-        for (i, (side, price, qty)) in [
-            (Side::Buy, 99_000_000, 5),
-            (Side::Buy, 99_500_000, 3),
-            (Side::Buy, 99_000_000, 2),
-            (Side::Sell, 101_000_000, 4),
-            (Side::Sell, 100_500_000, 1),
-            (Side::Sell, 99_500_000, 2),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            book.submit(NewOrder::limit(format!("o{i}"), side, price, qty));
-        }
-        let meta = serde_json::json!({
-            "band_bps": book.band_bps(), "last_price": book.last_price(), "sequence": book.sequence(),
-        })
-        .to_string();
-        let orders: Vec<String> = book
-            .orders(Side::Sell)
-            .chain(book.orders(Side::Buy))
-            .map(|o| serde_json::to_string(o).unwrap())
-            .collect();
-        let restored = restore(Some(&meta), &orders).unwrap();
-        assert_eq!(restored, book);
-        // And it continues identically.
-        let (mut a, mut b) = (book.clone(), restored);
-        let next = NewOrder::limit("x", Side::Sell, 99_000_000, 9);
-        assert_eq!(a.submit(next.clone()), b.submit(next));
-        assert_eq!(a, b);
-    }
 }

@@ -56,6 +56,7 @@ pub const EFFECT_COMMANDS: &[&str] = &[
     "ZREMRANGEBYSCORE",
     "SET",
     "DEL",
+    "UNLINK",
 ];
 
 /// What handling one entry produces; applied atomically with the entry's acknowledgement.
@@ -118,7 +119,7 @@ impl Op {
             "ZADD" => pairs && args.iter().step_by(2).all(|score| is_score(score)),
             "ZREMRANGEBYSCORE" => args.len() == 2 && args.iter().all(|b| is_bound(b)),
             "SET" => args.len() == 1,
-            "DEL" => args.is_empty(),
+            "DEL" | "UNLINK" => args.is_empty(),
             _ => return Err(format!("{name} is not an effect command")),
         };
         if !shape_ok {
@@ -246,6 +247,7 @@ mod tests {
             ("ZREMRANGEBYSCORE", &["-inf", "(12"][..], 'z'),
             ("SET", &["v"][..], 't'),
             ("DEL", &[][..], '*'),
+            ("UNLINK", &[][..], '*'),
         ];
         assert_eq!(valid.len(), EFFECT_COMMANDS.len());
         for (name, args, wanted) in valid {
@@ -260,6 +262,7 @@ mod tests {
             ("ZREMRANGEBYSCORE", &["a", "b"][..]),
             ("SET", &["v", "NX"][..]),
             ("DEL", &["x"][..]),
+            ("UNLINK", &["x"][..]),
             ("FLUSHALL", &[][..]),
             ("HINCRBY", &["f", "1"][..]),
         ] {

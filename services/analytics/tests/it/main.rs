@@ -1,0 +1,3 @@
+//! Analytics against a real redis-server: how its figures are stored, kept and read back.
+
+mod layout;

@@ -1,0 +1,3 @@
+//! The engine stage against a real redis-server: how its books are stored and read back.
+
+mod layout;
