@@ -26,8 +26,6 @@ use super::report::{CommandUsage, NodeUsage, RedisUsage, RoundTrip, RoundTripSam
 const RTT_REQUESTS: usize = 20_000;
 /// How long one reply on a node's connection may take.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Commands shown in a report's `top_commands`.
-const TOP_COMMANDS: usize = 10;
 
 /// The Redis nodes of a run.
 pub(crate) struct Nodes {
@@ -218,11 +216,7 @@ impl Nodes {
         top.sort_by(|(a, a_usage), (b, b_usage)| {
             b.cmp(a).then(a_usage.command.cmp(&b_usage.command))
         });
-        let top = top
-            .into_iter()
-            .take(TOP_COMMANDS)
-            .map(|(_, usage)| usage)
-            .collect();
+        let top = top.into_iter().map(|(_, usage)| usage).collect();
         Ok(RedisUsage {
             mode: self.mode_name(),
             replica_cpu_seconds: replica_cpu,

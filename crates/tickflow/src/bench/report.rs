@@ -5,6 +5,9 @@ use std::collections::BTreeMap;
 
 use serde::{Serialize, Serializer};
 
+/// Commands the table shows per event.
+pub const TOP_COMMANDS: usize = 10;
+
 /// What one run measured. Everything but `stage_entries` and the services' peak memory is
 /// of the measured flow alone: resting orders pre-loaded before it (`--resting`) are not
 /// in its time, CPU, commands or latency.
@@ -222,8 +225,9 @@ pub struct RedisUsage {
     pub replica_cpu_seconds: f64,
     /// Commands the server or the masters ran, the bench's own left out.
     pub commands: u64,
-    /// The commands Redis spent most time in (a script's time holds that of the
-    /// commands it runs, which are listed too).
+    /// Every command Redis ran, the one it spent most time in first (a script's time
+    /// holds that of the commands it runs, which are listed too); the table shows the
+    /// first [`TOP_COMMANDS`].
     pub top_commands: Vec<CommandUsage>,
     /// Each node: the server, or every master and replica of a cluster.
     pub nodes: Vec<NodeUsage>,
@@ -417,6 +421,7 @@ impl Report {
             .redis
             .top_commands
             .iter()
+            .take(TOP_COMMANDS)
             .map(|c| {
                 format!(
                     "{} {:.2} × {:.1} µs",
