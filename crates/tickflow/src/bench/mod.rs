@@ -1,14 +1,17 @@
 //! `tickflow bench`: the end-to-end benchmark.
 //!
 //! By default it runs on a pipeline of its own ([`local`], feature `local-bench`): a
-//! redis-server (unless `REDIS_URL` is set) and the four services as separate processes
-//! ([`crate::local::LocalPipeline`]). It publishes N orders and ticks — through gRPC
-//! streaming by default, HTTP or the external stream on request — at a fixed rate or as
-//! fast as they are accepted, waits until every stage has handled everything, and reports:
-//! events/s end to end, entries per stage, end-to-end latency percentiles (origin →
-//! analytics, from analytics' histogram), CPU seconds of each service and of Redis, peak
-//! resident memory of each service, and whether every order got exactly one accept/reject
-//! report.
+//! redis-server or a 3-master Redis Cluster (unless `REDIS_URL` is set) and the four
+//! services as separate processes ([`crate::local::LocalPipeline`]). It can first fill the
+//! books with resting orders that nothing trades with; then it publishes N orders and
+//! ticks over up to 10,000 symbols, Zipf-skewed — through gRPC streaming by default, HTTP
+//! or the external stream on request — at a fixed rate or as fast as they are accepted,
+//! waits until every stage has handled everything, and reports: events/s end to end,
+//! entries per stage, end-to-end latency percentiles (origin → analytics, from analytics'
+//! histogram), also in multiples of Redis's round trip measured in the same run, Redis's
+//! CPU and commands per event and what each Redis node did (`nodes.rs`), CPU seconds and
+//! peak resident memory of each service, the stages' own timings (`timings.rs`), and
+//! whether every order got exactly one accept/reject report.
 //!
 //! With `--attach` it starts nothing and measures a pipeline that is already running
 //! ([`attach`]).

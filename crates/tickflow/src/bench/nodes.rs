@@ -191,7 +191,10 @@ impl Nodes {
                 keys,
             });
         }
-        for (name, calls) in &window.own.0 {
+        // The first snapshot's INFO is counted once it has run: in the window.
+        let serving = self.nodes.iter().filter(|n| n.role.serves()).count() as u64;
+        let own = window.own.0.iter().chain([(&"info", &serving)]);
+        for (name, calls) in own {
             if let Some(total) = totals.get_mut(*name) {
                 total.0 = total.0.saturating_sub(*calls);
             }
@@ -310,6 +313,21 @@ impl Nodes {
         let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
         let (sample, method) = measured?;
         Ok((sample, method, node.addr.clone()))
+    }
+
+    /// `CONFIG SET name value` on every node.
+    pub(crate) async fn config_set(&self, name: &str, value: &str) -> anyhow::Result<()> {
+        for node in &self.nodes {
+            let mut conn = node.conn.clone();
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(name)
+                .arg(value)
+                .query_async(&mut conn)
+                .await
+                .with_context(|| format!("CONFIG SET {name} {value} on {}", node.addr))?;
+        }
+        Ok(())
     }
 
     /// Deletes every key of `namespace` on every master (one `UNLINK` per key: keys of one
