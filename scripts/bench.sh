@@ -242,12 +242,14 @@ for name, rs in (("standalone", standalone), ("cluster", cluster)):
         busy = n["cpu_seconds"] / r["seconds"]
         if n["role"] != "replica":
             busiest = max(busiest, n["cpu_seconds"] * 1e6 / max(r["accepted"], 1))
-        print(f"    {n['addr']:<21} {n['role']:<7} {n['ops_per_sec']:9.0f} ops/s  cpu {n['cpu_seconds']:.2f} s ({busy:.0%} of a core)  "
-              f"partitions {len(n['partitions'])}  stream entries {n['stream_entries']}  keys {n['keys']}")
-    masters = sum(1 for n in r["redis"]["nodes"] if n["role"] != "replica")
+        served = "" if n["role"] == "replica" else \
+            f"  partitions {len(n['partitions'])}  stream entries {n['stream_entries']}"
+        print(f"    {n['addr']:<21} {n['role']:<7} {n['ops_per_sec']:9.0f} ops/s  cpu {n['cpu_seconds']:.2f} s "
+              f"({busy:.0%} of a core){served}  keys {n['keys']}")
     if busiest > 0:
-        print(f"    busiest {'master' if masters > 1 else 'server'}: {busiest:.1f} µs of CPU per event; "
-              f"with a core of its own per {'master' if masters > 1 else 'server'}, Redis would cap at "
-              f"~{1e6 / busiest:.0f} events/s (1e6 ÷ that), if the services kept up")
+        who = "the busiest master" if name == "cluster" else "the server"
+        print(f"    {who}: {busiest:.1f} µs of CPU per event; on a core of its own"
+              f"{' each' if name == 'cluster' else ''}, Redis would cap the pipeline at "
+              f"~{1e6 / busiest:.0f} events/s (10^6 ÷ that), if the services kept up")
 PY
 echo "(make bench: $(( $(date +%s) - started )) s in all)"
