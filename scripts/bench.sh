@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench`: the benchmarks whose results BENCHMARKS.md records, in one run, with the
 # tables of issues 19 (cost per event, latency in round trips) and 18 (Redis Cluster) at the
-# end. About 10 minutes on 2 cores once built; every pipeline run's JSON report is kept in
+# end. 5-10 minutes on 2 cores once built (it prints how long it took); every pipeline run's JSON report is kept in
 # $BENCH_OUT (default .run/bench/<UTC time>/).
 #
 # 1. One stage (read + ack-and-forward) against raw pipelined XADD, on a private
@@ -28,7 +28,7 @@ EVENTS="${EVENTS:-100000}"
 RATE_EVENTS="${RATE_EVENTS:-100000}"
 WAIT_EVENTS="${WAIT_EVENTS:-50000}"
 ROUNDS="${ROUNDS:-3}"
-CLUSTER_ROUNDS="${CLUSTER_ROUNDS:-2}"
+CLUSTER_ROUNDS="${CLUSTER_ROUNDS:-3}"
 RESTING="${RESTING:-100000}"
 OUT="${BENCH_OUT:-.run/bench/$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$OUT"
@@ -252,4 +252,4 @@ for name, rs in (("standalone", standalone), ("cluster", cluster)):
               f"{' each' if name == 'cluster' else ''}, Redis would cap the pipeline at "
               f"~{1e6 / busiest:.0f} events/s (10^6 ÷ that), if the services kept up")
 PY
-echo "(make bench: $(( $(date +%s) - started )) s in all)"
+echo "(make bench: $(( $(date +%s) - started )) s in all, the build included)"

@@ -47,6 +47,7 @@ pub(crate) const PRICE_SPREAD_TICKS: i64 = 5;
 /// Most lots per order.
 pub(crate) const MAX_LOTS: u64 = 9;
 /// Price levels of the resting orders on each side of a book.
+#[cfg(any(test, feature = "local-bench"))]
 pub(crate) const RESTING_LEVELS: i64 = 20;
 
 /// A deterministic flow over `markets`: limit orders between each market's low and high,
@@ -142,6 +143,7 @@ impl SymbolPicker {
 /// sells alternating on each, priced outside every price the flow uses (buys from the
 /// market's `low` - 1 down, sells from its `high` + 1 up, over [`RESTING_LEVELS`] levels):
 /// they never trade, with each other or with the flow, and make the books deep.
+#[cfg(any(test, feature = "local-bench"))]
 pub(crate) fn resting_orders(markets: &[Market], count: u64, id_prefix: &str) -> Vec<v1::Event> {
     let n = markets.len() as u64;
     (0..count)

@@ -26,6 +26,7 @@ pub mod flow;
 pub mod local;
 mod nodes;
 pub mod report;
+#[cfg(feature = "local-bench")]
 mod timings;
 
 use anyhow::bail;

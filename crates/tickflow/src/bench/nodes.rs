@@ -316,6 +316,7 @@ impl Nodes {
     }
 
     /// `CONFIG SET name value` on every node.
+    #[cfg(feature = "local-bench")]
     pub(crate) async fn config_set(&self, name: &str, value: &str) -> anyhow::Result<()> {
         for node in &self.nodes {
             let mut conn = node.conn.clone();
@@ -332,6 +333,7 @@ impl Nodes {
 
     /// Deletes every key of `namespace` on every master (one `UNLINK` per key: keys of one
     /// node may still lie in different slots).
+    #[cfg(feature = "local-bench")]
     pub(crate) async fn delete_namespace(&self, namespace: &str) -> anyhow::Result<()> {
         let pattern = format!("{namespace}:*");
         for node in self.nodes.iter().filter(|n| n.role.serves()) {
