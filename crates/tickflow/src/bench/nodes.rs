@@ -44,7 +44,8 @@ struct Node {
     slots: Vec<(u16, u16)>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A node's part; ordered as reports list them (servers and masters before replicas).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Role {
     Server,
     Master,
@@ -532,23 +533,6 @@ async fn cluster_nodes(url: &str) -> anyhow::Result<Vec<Node>> {
     // Masters first, each in port order, then the replicas.
     nodes.sort_by(|a, b| (a.role, &a.addr).cmp(&(b.role, &b.addr)));
     Ok(nodes)
-}
-
-impl PartialOrd for Role {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Role {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        let rank = |r: &Role| match r {
-            Role::Server => 0,
-            Role::Master => 1,
-            Role::Replica => 2,
-        };
-        rank(self).cmp(&rank(other))
-    }
 }
 
 /// One live node of a `CLUSTER NODES` reply.
