@@ -230,8 +230,8 @@ mode_row("standalone, 10k/s", p16)
 mode_row("cluster, 10k/s, WAIT 0", wait0)
 mode_row("cluster, 10k/s, WAIT 1", wait1)
 if wait0 and wait1:
-    print(f"  WAIT 1 costs at 10k/s: p50 +{med(r['latency_us']['p50'] for r in wait1) - med(r['latency_us']['p50'] for r in wait0):.0f} µs, "
-          f"p99 +{med(r['latency_us']['p99'] for r in wait1) - med(r['latency_us']['p99'] for r in wait0):.0f} µs")
+    print(f"  WAIT 1 against WAIT 0 at 10k/s: p50 {med(r['latency_us']['p50'] for r in wait1) - med(r['latency_us']['p50'] for r in wait0):+.0f} µs, "
+          f"p99 {med(r['latency_us']['p99'] for r in wait1) - med(r['latency_us']['p99'] for r in wait0):+.0f} µs")
 for name, rs in (("standalone", standalone), ("cluster", cluster)):
     if not rs:
         continue
