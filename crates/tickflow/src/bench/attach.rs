@@ -32,7 +32,14 @@
 //!   it only removes its group.
 //! - Entries of other traffic that do not decode are skipped and counted (`undecodable`).
 //! - The services' CPU and memory are not measured in this mode: they may run on other
-//!   machines. Redis's CPU is (INFO), with everything else it did meanwhile.
+//!   machines. Redis's CPU and commands are (INFO, on the server or on every node of a
+//!   cluster), with everything else it did meanwhile but the bench's own reads; so is
+//!   Redis's round trip, on a key of the bench's own outside the namespace, before and
+//!   after the run.
+//! - On a Redis Cluster (`TICKFLOW_REDIS_MODE=cluster`) no command names keys of two
+//!   partitions: each partition's market stream is read, and its group created and removed,
+//!   by a command of its own (a non-blocking read per partition, then a short sleep when
+//!   none had anything).
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -42,8 +49,13 @@ use std::{
 
 use anyhow::{Context, bail};
 use futures::FutureExt;
-use redis::{Value, aio::MultiplexedConnection};
-use streams_core::{KeySpace, inspect::GroupInfo};
+use redis::Value;
+use streams_core::{
+    KeySpace,
+    config::RedisMode,
+    connection::{Connection, query_each},
+    inspect::GroupInfo,
+};
 use tickflow_proto::{topology, v1};
 use tokio_util::task::AbortOnDropHandle;
 use transform::refdata::Instrument;
@@ -51,10 +63,11 @@ use transform::refdata::Instrument;
 use super::{
     FlowOptions, Ingest,
     flow::{
-        self, MAX_LOTS, Market, PRICE_SPREAD_TICKS, Tally, order_ids, publish_grpc, publish_http,
-        redis_cpu, reports_in,
+        self, MAX_LOTS, Market, PRICE_SPREAD_TICKS, Tally, histogram_since, order_ids,
+        publish_grpc, publish_http, reports_in,
     },
-    report::{AttachReport, Latency, Mode, Rate, Report},
+    nodes::{self, Nodes, OwnCommands, Window},
+    report::{AttachReport, Latency, LatencyInRtt, Mode, Rate, Report},
 };
 
 /// How long the run may take, beyond publishing, to be reported and analysed.
@@ -78,30 +91,22 @@ pub(crate) async fn run(
 ) -> anyhow::Result<Report> {
     let config = streams_core::Config::from_env(env, "127.0.0.1:0")?;
     let keys = config.keys.clone();
-    // The run's reads block up to 20 ms, and its other commands are short: a connection
-    // of its own, whose replies may take a few seconds on a busy Redis.
-    let mut conn = streams_core::Redis::new(config.redis_url.expose_secret(), 1)?
-        .dedicated(Duration::from_secs(5))
+    // The services' kind of connection: a standalone pool's (the run's blocking reads, of
+    // 20 ms, hold nothing else up: its commands go one after the other), or the cluster's.
+    let redis = streams_core::Redis::from_config(&config)?;
+    let connecting = || format!("connecting to {}", redis.display_url());
+    let checkout = redis.pooled().await.with_context(connecting)?;
+    let mut conn: Connection = checkout.clone();
+    let nodes = Nodes::discover(config.redis_url.expose_secret(), config.redis_mode)
         .await
-        .with_context(|| {
-            format!(
-                "connecting to {}",
-                streams_core::config::redact(config.redis_url.expose_secret())
-            )
-        })?;
+        .with_context(connecting)?;
     for stale in check_partitions(&mut conn, &keys).await? {
         eprintln!(
             "warning: {stale}: left by an earlier run? It holds back trimming until removed \
              (redis-cli XGROUP DESTROY <stream> <group>)"
         );
     }
-    let markets = markets(
-        &mut conn,
-        config.redis_url.expose_secret(),
-        &keys,
-        options.symbols,
-    )
-    .await?;
+    let markets = markets(&mut conn, &redis, &keys, options.symbols).await?;
     let run_id = format!("{:08x}", rand::random::<u32>());
     let run = Run {
         group: format!("{GROUP_PREFIX}{run_id}"),
@@ -113,8 +118,16 @@ pub(crate) async fn run(
         keys,
         ingest: ingest.clone(),
         run_id,
+        cluster: config.redis_mode == RedisMode::Cluster,
+        nodes,
     };
-    let events = flow::flow(&markets, options.events, options.seed, &run.prefix);
+    let events = flow::flow(
+        &markets,
+        options.events,
+        options.seed,
+        options.skew,
+        &run.prefix,
+    );
     let orders = Orders::of(&events);
     eprintln!(
         "tickflow bench --attach: run {} against {} ({} partitions of {:?}), orders {}<n>, group {}",
@@ -184,6 +197,10 @@ struct Run {
     streams: Vec<String>,
     /// Ingest's API.
     ingest: Ingest,
+    /// Whether Redis is a cluster (commands per partition).
+    cluster: bool,
+    /// Redis's nodes, measured before and after.
+    nodes: Nodes,
 }
 
 /// The run's orders: ids in flow order, and each one's symbol (for its cancel).
@@ -223,6 +240,8 @@ struct Progress {
     awaiting_cancel: HashSet<String>,
     /// Entries of the market streams that did not decode (other traffic's).
     undecodable: u64,
+    /// The run's own reads and polls.
+    own: OwnCommands,
 }
 
 /// A stream entry id, ordered as Redis orders them.
@@ -240,12 +259,15 @@ impl Run {
         markets: &[Market],
         events: Vec<v1::Event>,
         orders: &Orders,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Connection,
         progress: &mut Progress,
     ) -> anyhow::Result<Report> {
+        let nodes = &self.nodes;
         let analytics = analytics::aggregate::AnalyticsKeys::new(self.keys.clone());
+        let rtt_before = nodes.round_trip().await?;
         let histogram_before = analytics.latency_histogram(conn).await?;
-        let redis_cpu_before = redis_cpu(conn).await?;
+        let redis_before = nodes.snapshot().await?;
+        progress.own = OwnCommands::default();
         let count = events.len() as u64;
 
         let started = Instant::now();
@@ -268,7 +290,9 @@ impl Run {
             Instant::now() + SETTLE_TIMEOUT + Duration::from_secs(options.events / 2_000);
         let mut timed_out = false;
         while !(progress.tally.decided(&orders.ids)
-            && self.analytics_past(conn, &progress.last_ours).await?)
+            && self
+                .analytics_past(conn, &progress.last_ours, &mut progress.own)
+                .await?)
         {
             if Instant::now() > deadline {
                 timed_out = true;
@@ -278,13 +302,27 @@ impl Run {
                 .await?;
         }
         let seconds = started.elapsed().as_secs_f64();
-        let redis_cpu = redis_cpu(conn).await? - redis_cpu_before;
-        let mut histogram = analytics.latency_histogram(conn).await?;
-        for (bucket, count) in &histogram_before {
-            if let Some(after) = histogram.get_mut(bucket) {
-                *after = after.saturating_sub(*count);
-            }
-        }
+        let redis_after = nodes.snapshot().await?;
+        let histogram =
+            histogram_since(&histogram_before, analytics.latency_histogram(conn).await?);
+        let rtt_after = nodes.round_trip().await?;
+        let partition_entries = nodes::partition_entries(conn, &self.keys).await?;
+        let redis = nodes
+            .usage_since(
+                &redis_before,
+                &redis_after,
+                Window {
+                    events: accepted,
+                    seconds,
+                    own: &progress.own,
+                    keys: &self.keys,
+                    partition_entries: &partition_entries,
+                },
+            )
+            .await?;
+        let redis_cpu = nodes.serving_cpu(&redis_before, &redis_after);
+        let latency_us = Latency::of(&histogram);
+        let redis_rtt_us = nodes::round_trip(rtt_before, rtt_after);
         // What else the streams hold by now (a late duplicate counts), within reason when
         // other traffic goes on.
         for _ in 0..100 {
@@ -299,11 +337,18 @@ impl Run {
             via: self.ingest.via().name(),
             rate: Rate(options.rate),
             partitions: self.streams.len() as u32,
+            symbol_count: markets.len(),
+            skew: options.skew,
             publish_seconds: published.as_secs_f64(),
             seconds,
             events_per_sec: accepted as f64 / seconds,
-            latency_us: Latency::of(&histogram),
+            latency_rtt: LatencyInRtt::of(&latency_us, redis_rtt_us.p50),
+            latency_us,
             redis_cpu_seconds: redis_cpu,
+            redis_cpu_us_per_event: redis_cpu * 1e6 / accepted.max(1) as f64,
+            redis_commands_per_event: redis.commands as f64 / accepted.max(1) as f64,
+            redis_rtt_us,
+            redis,
             rejected: tally.rejected,
             first_rejection: tally.first_rejection.clone(),
             lost: tally.lost(&orders.ids),
@@ -322,27 +367,61 @@ impl Run {
     }
 
     /// One read of every market stream through the run's group (blocking up to `block`,
-    /// or not at all); tallies the run's reports. Returns how many entries it read.
+    /// or not at all); tallies the run's reports. Returns how many entries it read. On a
+    /// cluster, one non-blocking read per partition, then a sleep of `block` if none had
+    /// anything.
     async fn read(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Connection,
         progress: &mut Progress,
         block: Option<Duration>,
     ) -> anyhow::Result<usize> {
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(&self.group)
-            .arg("bench")
-            .arg("COUNT")
-            .arg(READ_COUNT);
-        if let Some(block) = block {
-            cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+        let command = |streams: &[String], block: Option<Duration>| {
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
+                .arg(&self.group)
+                .arg("bench")
+                .arg("COUNT")
+                .arg(READ_COUNT);
+            if let Some(block) = block {
+                cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+            }
+            cmd.arg("NOACK").arg("STREAMS").arg(streams);
+            for _ in streams {
+                cmd.arg(">");
+            }
+            cmd
+        };
+        let replies: Vec<Value> = if self.cluster {
+            let cmds = self
+                .streams
+                .iter()
+                .map(|stream| command(std::slice::from_ref(stream), None))
+                .collect();
+            progress.own.add("xreadgroup", self.streams.len() as u64);
+            query_each(&*conn, cmds)
+                .await
+                .into_iter()
+                .collect::<redis::RedisResult<_>>()?
+        } else {
+            progress.own.add("xreadgroup", 1);
+            vec![command(&self.streams, block).query_async(conn).await?]
+        };
+        let mut read = 0;
+        for reply in replies {
+            read += self.tally(reply, progress)?;
         }
-        cmd.arg("NOACK").arg("STREAMS").arg(&self.streams);
-        for _ in &self.streams {
-            cmd.arg(">");
+        if self.cluster
+            && read == 0
+            && let Some(block) = block
+        {
+            tokio::time::sleep(block).await;
         }
-        let reply: Value = cmd.query_async(conn).await?;
+        Ok(read)
+    }
+
+    /// Tallies the run's reports in one XREADGROUP reply; returns how many entries it had.
+    fn tally(&self, reply: Value, progress: &mut Progress) -> anyhow::Result<usize> {
         let mut read = 0;
         for (key, entries) in streams_core::parse_read_reply(reply)? {
             let Some(index) = self.streams.iter().position(|s| *s == key) else {
@@ -378,23 +457,32 @@ impl Run {
     /// before it.
     async fn analytics_past(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Connection,
         last_ours: &HashMap<usize, StreamId>,
+        own: &mut OwnCommands,
     ) -> anyhow::Result<bool> {
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::new();
         let mut checked = Vec::new();
         for (index, (ms, seq)) in last_ours {
             let stream = &self.streams[*index];
-            pipe.add_command(GroupInfo::command(stream));
-            pipe.cmd("XPENDING")
-                .arg(stream)
-                .arg(topology::ANALYTICS_GROUP)
-                .arg("-")
-                .arg(format!("{ms}-{seq}"))
-                .arg(1);
+            cmds.push(GroupInfo::command(stream));
+            cmds.push(
+                redis::cmd("XPENDING")
+                    .arg(stream)
+                    .arg(topology::ANALYTICS_GROUP)
+                    .arg("-")
+                    .arg(format!("{ms}-{seq}"))
+                    .arg(1)
+                    .clone(),
+            );
             checked.push((*ms, *seq));
         }
-        let replies: Vec<Value> = pipe.query_async(conn).await?;
+        own.add("xinfo|groups", checked.len() as u64);
+        own.add("xpending", checked.len() as u64);
+        let replies: Vec<Value> = query_each(&*conn, cmds)
+            .await
+            .into_iter()
+            .collect::<redis::RedisResult<_>>()?;
         for (pair, last) in replies.chunks(2).zip(checked) {
             let delivered = GroupInfo::find(pair[0].clone(), topology::ANALYTICS_GROUP)
                 .and_then(|g| parse_id(&g.last_delivered_id));
@@ -412,7 +500,7 @@ impl Run {
     /// answers; returns how many it cancelled and how many were not answered.
     async fn cancel_orders(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Connection,
         progress: &mut Progress,
         orders: &Orders,
     ) -> anyhow::Result<(usize, usize)> {
@@ -450,19 +538,11 @@ impl Run {
         Ok((count, progress.awaiting_cancel.len()))
     }
 
-    /// Creates the run's group on every market stream at once (MULTI), at the end of each.
-    async fn create_groups(&self, conn: &mut MultiplexedConnection) -> anyhow::Result<()> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for stream in &self.streams {
-            pipe.cmd("XGROUP")
-                .arg("CREATE")
-                .arg(stream)
-                .arg(&self.group)
-                .arg("$")
-                .ignore();
-        }
-        let created: redis::RedisResult<()> = pipe.query_async(conn).await;
+    /// Creates the run's group on every market stream, at the end of each, before the
+    /// first order (one command per stream: a cluster's partitions are slots of their own);
+    /// if one fails, removes those made.
+    async fn create_groups(&self, conn: &mut Connection) -> anyhow::Result<()> {
+        let created = self.on_every_stream(conn, "CREATE").await;
         if let Err(e) = created {
             let _ = self.destroy_groups(conn).await;
             return Err(e).with_context(|| format!("creating group {}", self.group));
@@ -470,18 +550,33 @@ impl Run {
         Ok(())
     }
 
-    async fn destroy_groups(&self, conn: &mut MultiplexedConnection) -> anyhow::Result<()> {
-        let mut pipe = redis::pipe();
-        for stream in &self.streams {
-            pipe.cmd("XGROUP")
-                .arg("DESTROY")
-                .arg(stream)
-                .arg(&self.group)
-                .ignore();
+    async fn destroy_groups(&self, conn: &mut Connection) -> anyhow::Result<()> {
+        self.on_every_stream(conn, "DESTROY")
+            .await
+            .with_context(|| format!("removing group {} (XGROUP DESTROY it by hand)", self.group))
+    }
+
+    /// `XGROUP <subcommand>` of the run's group on every market stream; the first error.
+    async fn on_every_stream(
+        &self,
+        conn: &mut Connection,
+        subcommand: &str,
+    ) -> redis::RedisResult<()> {
+        let cmds = self
+            .streams
+            .iter()
+            .map(|stream| {
+                let mut cmd = redis::cmd("XGROUP");
+                cmd.arg(subcommand).arg(stream).arg(&self.group);
+                if subcommand == "CREATE" {
+                    cmd.arg("$");
+                }
+                cmd
+            })
+            .collect();
+        for reply in query_each(&*conn, cmds).await {
+            reply?;
         }
-        let _: () = pipe.query_async(conn).await.with_context(|| {
-            format!("removing group {} (XGROUP DESTROY it by hand)", self.group)
-        })?;
         Ok(())
     }
 }
@@ -505,31 +600,24 @@ async fn publish(ingest: Ingest, events: Vec<v1::Event>, rate: u64) -> anyhow::R
 /// Checks that analytics reads the market stream of every partition `keys` names, and that
 /// the pipeline has no more partitions than that. Returns the bench groups found on them
 /// (`stream group`), which earlier runs left behind.
-async fn check_partitions(
-    conn: &mut MultiplexedConnection,
-    keys: &KeySpace,
-) -> anyhow::Result<Vec<String>> {
+async fn check_partitions(conn: &mut Connection, keys: &KeySpace) -> anyhow::Result<Vec<String>> {
     let partitions = keys.partitions();
-    let mut pipe = redis::pipe();
     // One past the last: it must not be read, or the pipeline has more partitions.
-    for p in 0..=partitions {
-        pipe.add_command(GroupInfo::command(&keys.stream(topology::MARKET, p)));
-    }
-    let replies: Vec<redis::RedisResult<Value>> = pipe.ignore_errors().query_async(conn).await?;
-    let groups: Vec<Vec<String>> = replies
-        .into_iter()
-        .map(|reply| {
-            reply.map_or_else(
-                |_| Vec::new(),
-                |groups| {
-                    GroupInfo::parse(groups)
-                        .into_iter()
-                        .map(|g| g.name)
-                        .collect()
-                },
-            )
-        })
+    let cmds = (0..=partitions)
+        .map(|p| GroupInfo::command(&keys.stream(topology::MARKET, p)))
         .collect();
+    let mut groups: Vec<Vec<String>> = Vec::new();
+    for reply in query_each(&*conn, cmds).await {
+        groups.push(match reply {
+            Ok(reply) => GroupInfo::parse(reply)
+                .into_iter()
+                .map(|g| g.name)
+                .collect(),
+            // A stream nobody wrote to: no group reads it.
+            Err(e) if e.to_string().contains("no such key") => Vec::new(),
+            Err(e) => return Err(e).context("asking which groups read the market streams"),
+        });
+    }
     let read_by_analytics = |p: u32| {
         groups[p as usize]
             .iter()
@@ -565,8 +653,8 @@ async fn check_partitions(
 /// around the engine's reference price (its last trade or tick: what its price band is
 /// centred on).
 async fn markets(
-    conn: &mut MultiplexedConnection,
-    redis_url: &str,
+    conn: &mut Connection,
+    redis: &streams_core::Redis,
     keys: &KeySpace,
     count: usize,
 ) -> anyhow::Result<Vec<Market>> {
@@ -581,7 +669,6 @@ async fn markets(
             keys.global("instruments")
         );
     }
-    let redis = streams_core::Redis::new(redis_url, 1)?;
     let mut books = HashMap::new();
     let mut markets = Vec::new();
     for instrument in instruments.into_values().take(count) {
@@ -589,7 +676,7 @@ async fn markets(
         let books = match books.entry(partition) {
             std::collections::hash_map::Entry::Occupied(loaded) => loaded.into_mut(),
             std::collections::hash_map::Entry::Vacant(slot) => slot.insert(
-                engine::stage::load_books(&redis, keys, partition)
+                engine::stage::load_books(redis, keys, partition)
                     .await
                     .map_err(|e| anyhow::anyhow!("reading the engine's books: {e}"))?,
             ),
@@ -740,7 +827,7 @@ mod tests {
                 1 <= m.low && m.low <= m.reference && m.reference <= m.high,
                 "{m:?}"
             );
-            let events = crate::bench::flow::flow(std::slice::from_ref(&m), 100, 1, "x");
+            let events = crate::bench::flow::flow(std::slice::from_ref(&m), 100, 1, 1.0, "x");
             for event in events {
                 if let Some(v1::event::Kind::NewOrder(o)) = event.kind {
                     assert!(o.price > 0.0 && o.price <= 1e9, "{o:?}");

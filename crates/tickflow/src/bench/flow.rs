@@ -46,14 +46,26 @@ impl Market {
 pub(crate) const PRICE_SPREAD_TICKS: i64 = 5;
 /// Most lots per order.
 pub(crate) const MAX_LOTS: u64 = 9;
+/// Price levels of the resting orders on each side of a book.
+#[cfg(any(test, feature = "local-bench"))]
+pub(crate) const RESTING_LEVELS: i64 = 20;
+
 /// A deterministic flow over `markets`: limit orders between each market's low and high,
-/// about half of them crossing, and one tick in ten at the reference price. Order `i` is
+/// about half of them crossing, and one tick in ten at the reference price; which market
+/// each event goes to is [`SymbolPicker`]'s choice with exponent `skew`. Order `i` is
 /// `{id_prefix}{i}`.
-pub(crate) fn flow(markets: &[Market], events: u64, seed: u64, id_prefix: &str) -> Vec<v1::Event> {
+pub(crate) fn flow(
+    markets: &[Market],
+    events: u64,
+    seed: u64,
+    skew: f64,
+    id_prefix: &str,
+) -> Vec<v1::Event> {
     let mut rng = StdRng::seed_from_u64(seed);
+    let mut picker = SymbolPicker::new(markets.len(), skew, seed);
     (0..events)
         .map(|i| {
-            let market = &markets[i as usize % markets.len()];
+            let market = &markets[picker.pick(i)];
             let kind = if i % 10 == 9 {
                 Kind::Tick(v1::MarketTick {
                     symbol: market.symbol.clone(),
@@ -76,6 +88,101 @@ pub(crate) fn flow(markets: &[Market], events: u64, seed: u64, id_prefix: &str) 
             v1::Event { kind: Some(kind) }
         })
         .collect()
+}
+
+/// Which market each event of a flow goes to. With a skew S > 0, a Zipf distribution over
+/// the markets' ranks, the first the hottest: the market of rank k (1-based) is picked with
+/// probability proportional to 1/k^S (S = 1, the default of `--skew`, gives 16 markets'
+/// first 30 % of the events and 10,000 markets' first 10 %, their first 100 half); the
+/// draws come from a random stream of their own, so the orders' sides, prices and sizes do
+/// not depend on the skew. With S = 0, every market in turn (round robin), as the flow
+/// always did. (`rand_distr`'s Zipf is not in the tree; the inverse of the cumulative
+/// distribution over at most 10,000 ranks is exact, and a binary search per event.)
+pub(crate) struct SymbolPicker {
+    count: usize,
+    /// Cumulative weights by rank (empty: round robin).
+    cumulative: Vec<f64>,
+    rng: StdRng,
+}
+
+impl SymbolPicker {
+    /// A picker over `count` (≥ 1) markets with exponent `skew` (finite, ≥ 0).
+    pub(crate) fn new(count: usize, skew: f64, seed: u64) -> Self {
+        let cumulative = if skew > 0.0 {
+            let mut total = 0.0;
+            (1..=count)
+                .map(|rank| {
+                    total += (rank as f64).powf(-skew);
+                    total
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Self {
+            count,
+            cumulative,
+            // Its own stream: a fixed odd constant apart from the flow's seed.
+            rng: StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
+        }
+    }
+
+    /// The market (index) of event `i`.
+    pub(crate) fn pick(&mut self, i: u64) -> usize {
+        let Some(total) = self.cumulative.last() else {
+            return (i % self.count as u64) as usize;
+        };
+        let u = self.rng.random::<f64>() * total;
+        self.cumulative
+            .partition_point(|c| *c <= u)
+            .min(self.count - 1)
+    }
+}
+
+/// `count` resting limit orders `{id_prefix}{j}`, spread over `markets` in turn, buys and
+/// sells alternating on each, priced outside every price the flow uses (buys from the
+/// market's `low` - 1 down, sells from its `high` + 1 up, over [`RESTING_LEVELS`] levels):
+/// they never trade, with each other or with the flow, and make the books deep.
+#[cfg(any(test, feature = "local-bench"))]
+pub(crate) fn resting_orders(markets: &[Market], count: u64, id_prefix: &str) -> Vec<v1::Event> {
+    let n = markets.len() as u64;
+    (0..count)
+        .map(|j| {
+            let market = &markets[(j % n) as usize];
+            let round = j / n;
+            let buy = (round + j % n).is_multiple_of(2);
+            let level = (round / 2) as i64 % RESTING_LEVELS;
+            let ticks = if buy {
+                (market.low - 1 - level).max(1)
+            } else {
+                market.high + 1 + level
+            };
+            v1::Event {
+                kind: Some(Kind::NewOrder(v1::NewOrder {
+                    symbol: market.symbol.clone(),
+                    side: if buy { v1::Side::Buy } else { v1::Side::Sell } as i32,
+                    r#type: v1::OrderType::Limit as i32,
+                    price: market.price(ticks),
+                    qty: market.lot as f64,
+                    client_order_id: format!("{id_prefix}{j}"),
+                })),
+            }
+        })
+        .collect()
+}
+
+/// What a latency histogram (bucket floor → count) gained from `before` to `after`.
+pub(crate) fn histogram_since(
+    before: &std::collections::BTreeMap<u64, u64>,
+    mut after: std::collections::BTreeMap<u64, u64>,
+) -> std::collections::BTreeMap<u64, u64> {
+    for (bucket, count) in before {
+        if let Some(now) = after.get_mut(bucket) {
+            *now = now.saturating_sub(*count);
+        }
+    }
+    after.retain(|_, count| *count > 0);
+    after
 }
 
 /// The client order ids of the orders in `events`.
@@ -305,19 +412,6 @@ pub fn reports_in(entry: &streams_core::RawEntry) -> anyhow::Result<Vec<v1::Exec
     })
 }
 
-/// Redis's CPU seconds (user + system) so far.
-pub(crate) async fn redis_cpu(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<f64> {
-    let info: String = redis::cmd("INFO").arg("cpu").query_async(conn).await?;
-    Ok(info
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix("used_cpu_sys:")
-                .or_else(|| l.strip_prefix("used_cpu_user:"))
-        })
-        .filter_map(|v| v.trim().parse::<f64>().ok())
-        .sum())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,7 +427,7 @@ mod tests {
             lot: 10,
             max_lots: 3,
         };
-        let events = flow(std::slice::from_ref(&market), 1_000, 7, "bench-r-");
+        let events = flow(std::slice::from_ref(&market), 1_000, 7, 1.0, "bench-r-");
         let mut ticks = 0;
         for event in &events {
             match event.kind.as_ref().unwrap() {
@@ -352,5 +446,122 @@ mod tests {
         }
         assert_eq!(ticks, 100);
         assert_eq!(order_ids(&events).len(), 900);
+    }
+
+    fn markets(count: usize) -> Vec<Market> {
+        (0..count)
+            .map(|i| Market {
+                symbol: format!("M{i}"),
+                tick_e6: 10_000,
+                reference: 10_000 + i as i64 * 1_000,
+                low: 10_000 + i as i64 * 1_000 - PRICE_SPREAD_TICKS,
+                high: 10_000 + i as i64 * 1_000 + PRICE_SPREAD_TICKS,
+                lot: 1,
+                max_lots: MAX_LOTS,
+            })
+            .collect()
+    }
+
+    /// How many of `draws` picks land on each market.
+    fn picks(count: usize, skew: f64, draws: u64) -> Vec<u64> {
+        let mut picker = SymbolPicker::new(count, skew, 42);
+        let mut seen = vec![0u64; count];
+        for i in 0..draws {
+            seen[picker.pick(i)] += 1;
+        }
+        seen
+    }
+
+    #[test]
+    fn without_skew_every_symbol_gets_its_turn() {
+        assert_eq!(picks(4, 0.0, 10), [3, 3, 2, 2]);
+    }
+
+    #[test]
+    fn the_zipf_picker_follows_one_over_rank_to_the_skew() {
+        let draws = 400_000;
+        for (count, skew) in [(16, 1.0), (10_000, 1.0), (50, 2.0)] {
+            let seen = picks(count, skew, draws);
+            let norm: f64 = (1..=count).map(|k| (k as f64).powf(-skew)).sum();
+            // The hottest ranks within 3 % of their expected share (each expected count is
+            // thousands, its standard deviation ~1 %).
+            for rank in [1usize, 2, 3, 10] {
+                let expected = draws as f64 * (rank as f64).powf(-skew) / norm;
+                let got = seen[rank - 1] as f64;
+                assert!(
+                    (got - expected).abs() < 0.03 * expected,
+                    "{count} symbols, skew {skew}, rank {rank}: {got} against {expected}"
+                );
+            }
+            assert_eq!(seen.iter().sum::<u64>(), draws);
+        }
+        // The default over 10,000 symbols: a long tail, most symbols picked at all.
+        let seen = picks(10_000, 1.0, draws);
+        assert!(seen.iter().filter(|c| **c > 0).count() > 9_000);
+        assert!(seen[9_999] < seen[0] / 1_000);
+    }
+
+    #[test]
+    fn the_flow_is_the_same_for_the_same_seed_and_its_prices_do_not_depend_on_the_skew() {
+        let markets = markets(100);
+        let a = flow(&markets, 1_000, 3, 1.0, "o");
+        assert_eq!(a, flow(&markets, 1_000, 3, 1.0, "o"));
+        let b = flow(&markets, 1_000, 3, 0.0, "o");
+        let offsets = |events: &[v1::Event]| -> Vec<(i32, i64)> {
+            events
+                .iter()
+                .filter_map(|e| match &e.kind {
+                    Some(Kind::NewOrder(o)) => {
+                        let m = markets.iter().find(|m| m.symbol == o.symbol).unwrap();
+                        Some((o.side, (o.price * 100.0).round() as i64 - m.reference))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(offsets(&a), offsets(&b));
+        assert_ne!(a, b, "the symbols differ");
+    }
+
+    #[test]
+    fn resting_orders_spread_over_the_symbols_and_never_cross_the_flow_or_each_other() {
+        let markets = markets(3);
+        let resting = resting_orders(&markets, 300, "r");
+        assert_eq!(order_ids(&resting).len(), 300);
+        let mut per_symbol = HashMap::<String, (i64, i64, u32, u32)>::new();
+        for event in &resting {
+            let Some(Kind::NewOrder(o)) = &event.kind else {
+                panic!("only orders")
+            };
+            let m = markets.iter().find(|m| m.symbol == o.symbol).unwrap();
+            let ticks = (o.price * 100.0).round() as i64;
+            let entry = per_symbol
+                .entry(o.symbol.clone())
+                .or_insert((i64::MIN, i64::MAX, 0, 0));
+            if o.side == v1::Side::Buy as i32 {
+                assert!(ticks < m.low, "{o:?}");
+                entry.0 = entry.0.max(ticks);
+                entry.2 += 1;
+            } else {
+                assert!(ticks > m.high, "{o:?}");
+                entry.1 = entry.1.min(ticks);
+                entry.3 += 1;
+            }
+        }
+        assert_eq!(per_symbol.len(), 3);
+        for (symbol, (best_bid, best_ask, buys, sells)) in per_symbol {
+            assert!(best_bid < best_ask, "{symbol}");
+            assert_eq!((buys, sells), (50, 50), "{symbol}");
+        }
+    }
+
+    #[test]
+    fn a_histogram_since_is_what_it_gained() {
+        let before = std::collections::BTreeMap::from([(100, 5), (200, 1)]);
+        let after = std::collections::BTreeMap::from([(100, 7), (200, 1), (400, 3)]);
+        assert_eq!(
+            histogram_since(&before, after),
+            std::collections::BTreeMap::from([(100, 2), (400, 3)])
+        );
     }
 }
