@@ -467,7 +467,7 @@ impl Report {
             if !local.read_wait_exposed {
                 let _ = writeln!(
                     out,
-                    "  read wait       not exposed by the services (no tickflow_*wait*_seconds timing)"
+                    "  read wait       not exposed by the services (no tickflow_stage_arrival_seconds)"
                 );
             }
         }

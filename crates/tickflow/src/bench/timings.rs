@@ -1,7 +1,8 @@
 //! The stages' own timings over a local run: every histogram of seconds with a `stage`
 //! label on the services' `/metrics` (`tickflow_ack_forward_duration_seconds`: a commit,
-//! `tickflow_handler_duration_seconds`: handling a batch, and any such timing a later
-//! release adds, a read's wait among them), read before and after the measured flow.
+//! `tickflow_handler_duration_seconds`: handling a batch, `tickflow_stage_arrival_seconds`:
+//! from an event's origin to the stage's read, whose growth from stage to stage is the
+//! wait of each hop), read before and after the measured flow.
 
 use std::collections::BTreeMap;
 
@@ -133,12 +134,13 @@ pub(crate) fn since(
     timings
 }
 
-/// Whether a stage timing measures a wait (its name says so).
+/// Whether a stage timing measures a wait: the origin-to-read arrival, or a timing whose
+/// name says so.
 pub(crate) fn has_wait(timings: &BTreeMap<String, BTreeMap<String, Timing>>) -> bool {
     timings
         .values()
         .flat_map(|metrics| metrics.keys())
-        .any(|metric| metric.contains("wait"))
+        .any(|metric| metric.contains("wait") || metric == "stage_arrival")
 }
 
 /// Every service's stage histograms now, from `/metrics` under each base URL.
@@ -206,6 +208,14 @@ mod tests {
         parse(text, &mut after);
         let timings = since(&StageSeries::new(), &after);
         assert_eq!(timings["transform"]["read_wait"].count, 3);
+        assert!(has_wait(&timings));
+
+        let text = "tickflow_stage_arrival_seconds_count{stage=\"engine\"} 2\n\
+                    tickflow_stage_arrival_seconds_sum{stage=\"engine\"} 0.002\n";
+        let mut after = StageSeries::new();
+        parse(text, &mut after);
+        let timings = since(&StageSeries::new(), &after);
+        assert_eq!(timings["engine"]["stage_arrival"].count, 2);
         assert!(has_wait(&timings));
     }
 }
