@@ -355,7 +355,11 @@ impl<H: Handler> Stage<H> {
                     outcome.stale.push(source);
                 }
             }
-            SourceReply::Fenced => outcome.fenced.push(source),
+            SourceReply::Fenced => {
+                self.stats
+                    .record_fenced(&self.sources[source], commit.entries.len() as u64);
+                outcome.fenced.push(source);
+            }
             SourceReply::OutOfOrder => outcome.stale.push(source),
             SourceReply::Failed(error) => {
                 // A check failed (a key of another type, ...): nothing of the source was
