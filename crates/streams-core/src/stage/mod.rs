@@ -38,9 +38,13 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use self::{
     commit::Commit,
-    handler::Op,
     readers::{PartitionReaders, ReadSettings},
     spec::Source,
+};
+/// For replays across slots (`admin_ops`): the commit's call, its dedupe gate and effects.
+pub(crate) use self::{
+    commit::{AckForward, Gate, SourceCommit, SourceReply},
+    handler::Op,
 };
 pub use self::{
     handler::{Delivery, EFFECT_COMMANDS, Handler, HandlerError, Outputs},
