@@ -1,6 +1,8 @@
 //! End-to-end test harness: a whole tickflow pipeline in one process.
 //!
-//! [`Pipeline::start`] starts a private `redis-server` ([`RedisServer`]), loads the demo
+//! [`Pipeline::start`] starts a private `redis-server` ([`RedisServer`]; or, as
+//! [`Options::backend`] says, uses the test binary's shared Redis Cluster or starts one of
+//! its own: [`RedisKind`]), loads the demo
 //! reference data (`demo/instruments.json`) into it, and runs the four services, each with
 //! its own [`App`], cancellation token, consumer name and listeners on `127.0.0.1:0`, as
 //! tasks of the calling tokio runtime:
