@@ -5,14 +5,21 @@
 # loads the demo reference data, starts ingest, transform, engine and analytics and a
 # demo load, prints where to look, and stops everything on Ctrl-C.
 #
-# Overrides: REDIS_URL, TICKFLOW_NAMESPACE, INGEST_HTTP (8080), TRANSFORM_HTTP (8081),
-# ENGINE_HTTP (8082), ANALYTICS_HTTP (8083), INGEST_GRPC_PORT (50051), LOAD_RATE (200).
+# On a Redis Cluster: TICKFLOW_REDIS_MODE=cluster with REDIS_URL listing seed nodes uses
+# that cluster; TICKFLOW_REDIS_MODE=cluster without REDIS_URL starts a local one first
+# (3 masters and 3 replicas on the first free ports from 7000, whose bus ports, +10000,
+# are free too; redis-cli creates it).
+#
+# Overrides: REDIS_URL, TICKFLOW_REDIS_MODE, TICKFLOW_NAMESPACE, INGEST_HTTP (8080),
+# TRANSFORM_HTTP (8081), ENGINE_HTTP (8082), ANALYTICS_HTTP (8083), INGEST_GRPC_PORT
+# (50051), LOAD_RATE (200).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 run_dir=".run"
 mkdir -p "$run_dir/logs"
 pids=()
+redis_pids=()
 
 cleanup() {
     trap - INT TERM EXIT
@@ -20,10 +27,8 @@ cleanup() {
     echo "stopping..."
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-    if [ -n "${redis_pid:-}" ]; then
-        kill -TERM "$redis_pid" 2>/dev/null || true
-        wait "$redis_pid" 2>/dev/null || true
-    fi
+    for pid in "${redis_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${redis_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
     echo "stopped; logs are in $run_dir/logs"
 }
 trap cleanup INT TERM EXIT
@@ -33,17 +38,54 @@ port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 echo "==> building release binaries"
 cargo build --release -p ingest -p transform -p engine -p analytics -p tickflow
 
-if [ -z "${REDIS_URL:-}" ]; then
-    if ! command -v redis-server >/dev/null 2>&1; then
-        echo "redis-server is not installed: apt-get install redis-server, or set REDIS_URL" >&2
-        exit 1
-    fi
+# A local Redis Cluster: six nodes, three masters with a replica each.
+start_cluster() {
+    local ports=() port=7000 node
+    while [ "${#ports[@]}" -lt 6 ]; do
+        if port_free "$port" && port_free $((port + 10000)); then ports+=("$port"); fi
+        port=$((port + 1))
+    done
+    for port in "${ports[@]}"; do
+        node="$PWD/$run_dir/cluster/$port"
+        rm -rf "$node"
+        mkdir -p "$node"
+        redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
+            --cluster-config-file nodes.conf --cluster-node-timeout 5000 --save "" \
+            --appendonly no --dir "$node" --logfile "$PWD/$run_dir/logs/redis-$port.log" &
+        redis_pids+=($!)
+    done
+    for port in "${ports[@]}"; do
+        for _ in $(seq 50); do
+            redis-cli -p "$port" ping >/dev/null 2>&1 && break
+            sleep 0.1
+        done
+    done
+    redis-cli --cluster create $(printf '127.0.0.1:%s ' "${ports[@]}") --cluster-replicas 1 \
+        --cluster-yes >"$run_dir/logs/cluster-create.log" 2>&1
+    for port in "${ports[@]}"; do
+        for _ in $(seq 100); do
+            redis-cli -p "$port" cluster info 2>/dev/null | grep -q cluster_state:ok && break
+            sleep 0.1
+        done
+    done
+    REDIS_URL=$(printf 'redis://127.0.0.1:%s,' "${ports[@]}")
+    export REDIS_URL="${REDIS_URL%,}"
+    echo "==> started a Redis Cluster on ports ${ports[*]} (3 masters, 3 replicas)"
+}
+
+if [ -z "${REDIS_URL:-}" ] && ! command -v redis-server >/dev/null 2>&1; then
+    echo "redis-server is not installed: apt-get install redis-server, or set REDIS_URL" >&2
+    exit 1
+fi
+if [ -z "${REDIS_URL:-}" ] && [ "${TICKFLOW_REDIS_MODE:-standalone}" = cluster ]; then
+    start_cluster
+elif [ -z "${REDIS_URL:-}" ]; then
     port=6380
     while ! port_free "$port"; do port=$((port + 1)); done
     mkdir -p "$run_dir/redis"
     redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
         --dir "$run_dir/redis" --logfile "$PWD/$run_dir/logs/redis.log" &
-    redis_pid=$!
+    redis_pids+=($!)
     export REDIS_URL="redis://127.0.0.1:$port"
     for _ in $(seq 50); do
         redis-cli -p "$port" ping >/dev/null 2>&1 && break
@@ -76,7 +118,7 @@ pids+=($!)
 
 cat <<INFO
 
-tickflow is running (Redis: $REDIS_URL, namespace: $TICKFLOW_NAMESPACE), with a demo load.
+tickflow is running (Redis: $REDIS_URL, ${TICKFLOW_REDIS_MODE:-standalone}; namespace: $TICKFLOW_NAMESPACE), with a demo load.
 
   send an order    curl -s -XPOST localhost:$ingest_http/v1/orders -H 'content-type: application/json' -d '{"symbol":"AAPL","side":"buy","type":"market","qty":5}'
   stats            curl -s localhost:${ANALYTICS_HTTP:-8083}/v1/symbols/AAPL/stats

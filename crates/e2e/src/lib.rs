@@ -1,6 +1,8 @@
 //! End-to-end test harness: a whole tickflow pipeline in one process.
 //!
-//! [`Pipeline::start`] starts a private `redis-server` ([`RedisServer`]), loads the demo
+//! [`Pipeline::start`] starts a private `redis-server` ([`RedisServer`]; or, as
+//! [`Options::backend`] says, uses the test binary's shared Redis Cluster or starts one of
+//! its own: [`RedisKind`]), loads the demo
 //! reference data (`demo/instruments.json`) into it, and runs the four services, each with
 //! its own [`App`], cancellation token, consumer name and listeners on `127.0.0.1:0`, as
 //! tasks of the calling tokio runtime:
@@ -41,7 +43,7 @@ use serde_json::Value as Json;
 use streams_core::connection::Connection;
 use streams_core::{
     App, Env, Envelope, KeySpace, Partition, Redis,
-    testing::{RedisOptions, RedisServer, unique_namespace},
+    testing::{RedisCluster, RedisOptions, RedisServer, unique_namespace},
 };
 use tickflow_proto::{
     event_type, topology,
@@ -126,9 +128,30 @@ pub struct Options {
     pub ingest_env: Vec<(String, String)>,
     /// Prefix of the namespace (`t-<prefix>-…`).
     pub name: String,
-    /// Run on a real 3-master Redis Cluster (`TICKFLOW_REDIS_MODE=cluster`) instead of a
-    /// single redis-server.
-    pub cluster: bool,
+    /// Where Redis runs (default: a redis-server of the pipeline's own).
+    pub backend: RedisKind,
+}
+
+/// Where a harness's Redis runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RedisKind {
+    /// A redis-server of its own.
+    #[default]
+    Server,
+    /// The test binary's shared Redis Cluster (3 masters, 3 replicas:
+    /// [`RedisCluster::shared`](streams_core::testing::RedisCluster::shared)), in a
+    /// namespace of its own, with `TICKFLOW_REDIS_MODE=cluster`. Never failed over.
+    SharedCluster,
+    /// A Redis Cluster of its own, for a test that kills or restarts its nodes
+    /// ([`Backend::cluster_mut`]).
+    OwnCluster,
+}
+
+impl RedisKind {
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(self) -> bool {
+        self != RedisKind::Server
+    }
 }
 
 impl Default for Options {
@@ -141,52 +164,187 @@ impl Default for Options {
             env: Vec::new(),
             ingest_env: Vec::new(),
             name: "e2e".into(),
-            cluster: false,
+            backend: RedisKind::Server,
         }
     }
 }
 
-/// Where a harness's Redis runs: one redis-server, or a Redis Cluster of six.
+/// Where a harness's Redis runs: one redis-server, or a Redis Cluster of six (its own, or
+/// the test binary's shared one).
 #[derive(Debug)]
 pub enum Backend {
     /// One redis-server.
     Server(RedisServer),
-    /// Three masters with a replica each.
-    Cluster(streams_core::testing::RedisCluster),
+    /// Three masters with a replica each, the harness's own.
+    Cluster(RedisCluster),
+    /// The test binary's shared cluster ([`RedisKind::SharedCluster`]).
+    SharedCluster(&'static RedisCluster),
 }
 
 impl Backend {
+    /// Starts what `kind` names (for a server, with `options`).
+    pub fn start(kind: RedisKind, options: RedisOptions) -> Self {
+        match kind {
+            RedisKind::Server => Backend::Server(RedisServer::start_with(options)),
+            RedisKind::SharedCluster => Backend::SharedCluster(RedisCluster::shared()),
+            RedisKind::OwnCluster => Backend::Cluster(RedisCluster::start()),
+        }
+    }
+
     /// `REDIS_URL` for the services: the server's URL, or the cluster's seeds.
     pub fn url(&self) -> String {
         match self {
             Backend::Server(server) => server.url(),
             Backend::Cluster(cluster) => cluster.seeds(),
+            Backend::SharedCluster(cluster) => cluster.seeds(),
         }
+    }
+
+    /// Whether it is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        !matches!(self, Backend::Server(_))
     }
 
     /// The variables that point a service at it.
-    fn env(&self) -> Vec<(&'static str, String)> {
-        match self {
-            Backend::Server(server) => vec![("REDIS_URL", server.url())],
-            Backend::Cluster(cluster) => vec![
-                ("REDIS_URL", cluster.seeds()),
-                ("TICKFLOW_REDIS_MODE", "cluster".into()),
-            ],
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![("REDIS_URL", self.url())];
+        if self.is_cluster() {
+            env.push(("TICKFLOW_REDIS_MODE", "cluster".into()));
         }
+        env
+    }
+
+    /// A handle on it as the services open one (a pool of `pool_size` on a server).
+    pub fn redis(&self, pool_size: usize) -> Redis {
+        match self {
+            Backend::Server(server) => Redis::new(&server.url(), pool_size),
+            Backend::Cluster(_) | Backend::SharedCluster(_) => Redis::new_cluster(&self.url()),
+        }
+        .expect("redis handle")
+    }
+
+    /// The cluster, if it is one.
+    fn cluster(&self) -> Option<&RedisCluster> {
+        match self {
+            Backend::Server(_) => None,
+            Backend::Cluster(cluster) => Some(cluster),
+            Backend::SharedCluster(cluster) => Some(cluster),
+        }
+    }
+
+    /// A connection to each master (the server itself, or each master of the cluster): for
+    /// what Redis answers per node (`SCAN`, `INFO`).
+    async fn masters(&self) -> Vec<redis::aio::MultiplexedConnection> {
+        let Some(cluster) = self.cluster() else {
+            return vec![connect(&self.url()).await];
+        };
+        let mut masters = Vec::new();
+        for port in cluster.ports() {
+            if !cluster.is_running(port) {
+                continue;
+            }
+            let mut conn = connect(&format!("redis://127.0.0.1:{port}")).await;
+            let role: Vec<Value> = redis::cmd("ROLE")
+                .query_async(&mut conn)
+                .await
+                .expect("ROLE");
+            if role.first() == Some(&Value::BulkString(b"master".to_vec())) {
+                masters.push(conn);
+            }
+        }
+        masters
+    }
+
+    /// Every key matching `pattern` (`SCAN`, on every master of a cluster).
+    pub async fn scan(&self, pattern: &str) -> Vec<String> {
+        let mut keys = Vec::new();
+        for mut conn in self.masters().await {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1_000)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("SCAN");
+                keys.extend(page);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        keys
+    }
+
+    /// Bytes of memory Redis uses for a pipeline whose keys all match `pattern`: on a
+    /// redis-server of its own, its whole `used_memory` (`INFO memory`); on a cluster,
+    /// which other tests share, the `MEMORY USAGE` of every key matching `pattern` on
+    /// every master.
+    pub async fn memory_used(&self, pattern: &str) -> u64 {
+        if self.cluster().is_none() {
+            let info: String = redis::cmd("INFO")
+                .arg("memory")
+                .query_async(&mut connect(&self.url()).await)
+                .await
+                .expect("INFO memory");
+            return info
+                .lines()
+                .find_map(|line| line.strip_prefix("used_memory:"))
+                .and_then(|value| value.trim().parse().ok())
+                .expect("used_memory in INFO");
+        }
+        let mut bytes = 0;
+        for mut conn in self.masters().await {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1_000)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("SCAN");
+                for key in page {
+                    let used: Option<u64> = redis::cmd("MEMORY")
+                        .arg("USAGE")
+                        .arg(&key)
+                        .arg("SAMPLES")
+                        .arg(0)
+                        .query_async(&mut conn)
+                        .await
+                        .expect("MEMORY USAGE");
+                    bytes += used.unwrap_or(0);
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        bytes
     }
 
     /// The redis-server (the process harness and the chaos test kill and restart it).
-    pub fn into_server(self) -> RedisServer {
+    pub fn server_mut(&mut self) -> &mut RedisServer {
         match self {
             Backend::Server(server) => server,
-            Backend::Cluster(_) => panic!("this harness runs on one redis-server"),
+            _ => panic!("this harness runs on a Redis Cluster, not one redis-server"),
         }
     }
 
-    /// The Redis Cluster (the cluster chaos test kills and restarts its nodes).
-    pub fn cluster_mut(&mut self) -> &mut streams_core::testing::RedisCluster {
+    /// The Redis Cluster of its own (the cluster chaos test kills and restarts its nodes).
+    pub fn cluster_mut(&mut self) -> &mut RedisCluster {
         match self {
             Backend::Cluster(cluster) => cluster,
+            Backend::SharedCluster(_) => {
+                panic!("the shared cluster is never failed over: use RedisKind::OwnCluster")
+            }
             Backend::Server(_) => panic!("this harness runs on one redis-server, not a cluster"),
         }
     }
@@ -212,13 +370,9 @@ impl Ground {
         partitions: u32,
         extra_env: &[(String, String)],
         redis_options: RedisOptions,
-        cluster: bool,
+        kind: RedisKind,
     ) -> Self {
-        let server = if cluster {
-            Backend::Cluster(streams_core::testing::RedisCluster::start())
-        } else {
-            Backend::Server(RedisServer::start_with(redis_options))
-        };
+        let server = Backend::start(kind, redis_options);
         let namespace = unique_namespace(name);
         let keys = KeySpace::new(namespace.clone(), partitions);
         let external_stream = format!("{namespace}:ingest_stream");
@@ -242,11 +396,7 @@ impl Ground {
             .map(|(k, v)| (k.to_owned(), v))
             .collect();
         base_env.extend(extra_env.iter().cloned());
-        let redis = match &server {
-            Backend::Server(server) => Redis::new(&server.url(), 4),
-            Backend::Cluster(cluster) => Redis::new_cluster(&cluster.seeds()),
-        }
-        .expect("redis handle");
+        let redis = server.redis(4);
         let loaded = transform::refdata::load_file(&redis, &keys, DEMO_INSTRUMENTS)
             .await
             .expect("load demo/instruments.json into Redis");
@@ -397,7 +547,7 @@ impl Pipeline {
             options.partitions,
             &options.env,
             RedisOptions::default(),
-            options.cluster,
+            options.backend,
         )
         .await;
 
@@ -563,6 +713,11 @@ impl Pipeline {
     /// The redis-server's URL.
     pub fn redis_url(&self) -> String {
         self.server.url()
+    }
+
+    /// Where the pipeline's Redis runs.
+    pub fn backend(&self) -> &Backend {
+        &self.server
     }
 
     /// Where the pipeline's Redis runs; [`Backend::cluster_mut`] to fail a cluster over.
@@ -1044,6 +1199,13 @@ async fn read_response(response: reqwest::Response) -> (u16, Json) {
 
 fn decode<M: Message + Default>(payload: &[u8], entry: &StreamEntry) -> M {
     M::decode(payload).unwrap_or_else(|e| panic!("undecodable payload in {entry:?}: {e}"))
+}
+
+/// A test connection to one node, `url` ([`streams_core::testing::connect`]).
+async fn connect(url: &str) -> redis::aio::MultiplexedConnection {
+    streams_core::testing::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
 }
 
 /// A gRPC client of ingest at `addr`.

@@ -31,14 +31,11 @@ use std::{
 
 use serde_json::Value as Json;
 use streams_core::connection::Connection;
-use streams_core::{
-    KeySpace,
-    testing::{RedisOptions, RedisServer},
-};
+use streams_core::{KeySpace, testing::RedisOptions};
 use tempfile::TempDir;
 use tickflow_proto::v1::ingest_service_client::IngestServiceClient;
 
-use crate::{POLL, Role, StreamEntry, read_response};
+use crate::{Backend, POLL, RedisKind, Role, StreamEntry, read_response};
 
 /// How long every process gets to answer `/readyz`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -97,6 +94,8 @@ pub struct ProcessOptions {
     pub replicas: [usize; 4],
     /// How the redis-server runs (e.g. with AOF, to survive being killed).
     pub redis: RedisOptions,
+    /// Where Redis runs (default: a redis-server of the pipeline's own, with `redis`).
+    pub backend: RedisKind,
 }
 
 impl Default for ProcessOptions {
@@ -107,6 +106,7 @@ impl Default for ProcessOptions {
             name: "proc".into(),
             replicas: [1; 4],
             redis: RedisOptions::default(),
+            backend: RedisKind::Server,
         }
     }
 }
@@ -217,7 +217,7 @@ pub struct ProcessPipeline {
     conn: Connection,
     logs: TempDir,
     // Last, so that it is killed after the processes.
-    server: RedisServer,
+    server: Backend,
 }
 
 impl fmt::Debug for ProcessPipeline {
@@ -248,10 +248,9 @@ impl ProcessPipeline {
             options.partitions,
             &options.env,
             options.redis,
-            false,
+            options.backend,
         )
         .await;
-        let server = server.into_server();
         let env: BTreeMap<String, String> = base_env.into_iter().collect();
         let logs = tempfile::Builder::new()
             .prefix("tickflow-e2e-logs-")
@@ -363,6 +362,11 @@ impl ProcessPipeline {
         self.server.url()
     }
 
+    /// Where the pipeline's Redis runs.
+    pub fn backend(&self) -> &Backend {
+        &self.server
+    }
+
     /// A connection to the pipeline's Redis.
     pub fn conn(&self) -> Connection {
         self.conn.clone()
@@ -405,13 +409,13 @@ impl ProcessPipeline {
 
     /// Kills the redis-server with SIGKILL.
     pub fn kill_redis(&mut self) {
-        self.server.kill();
+        self.server.server_mut().kill();
     }
 
     /// Starts the redis-server again on its port and data (with AOF, what it had), and
     /// reconnects [`Self::conn`].
     pub async fn restart_redis(&mut self) {
-        self.server.restart();
+        self.server.server_mut().restart();
         self.conn = streams_core::Redis::new(&self.server.url(), 1)
             .expect("redis handle")
             .pooled()

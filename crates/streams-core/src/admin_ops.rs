@@ -7,8 +7,9 @@ use serde::Serialize;
 
 use crate::{
     connection::Redis,
-    error::Result,
+    error::{Result, StreamsError},
     inspect::{ConsumerInfo, GroupInfo},
+    keys::{dedupe_set, slot_tag},
     scripts::{as_int, as_string, scripts},
     stage::spec::Source,
 };
@@ -248,6 +249,13 @@ pub fn xinfo_records(reply: Value) -> Vec<std::collections::HashMap<String, Stri
 
 /// Moves up to `count` dead-lettered entries of `source` back into its stream.
 pub(crate) async fn replay_dead_letters(redis: &Redis, source: &Source, count: u64) -> Result<u64> {
+    if replays_across_slots(redis, source) {
+        let (replayed, kept) = replay_across_slots(redis, source, Replay::Oldest(count)).await?;
+        if kept > 0 {
+            tracing::warn!(dead_letter = %source.dead_letter, kept, "dead letters with too many fields to replay were kept");
+        }
+        return Ok(replayed);
+    }
     let mut conn = redis.pooled().await?;
     let reply = scripts()
         .replay_dead_letters
@@ -266,6 +274,117 @@ pub(crate) async fn replay_dead_letters(redis: &Redis, source: &Source, count: u
         tracing::warn!(dead_letter = %source.dead_letter, kept, "dead letters with too many fields to replay were kept");
     }
     Ok(replayed.max(0) as u64)
+}
+
+/// Whether `source`'s dead letters and its stream are in two slots of a Redis Cluster (an
+/// external stream and its `<name>:dlq`), which one script cannot touch together.
+pub(crate) fn replays_across_slots(redis: &Redis, source: &Source) -> bool {
+    redis.is_cluster() && slot_tag(&source.dead_letter) != slot_tag(&source.stream)
+}
+
+/// Which dead letters [`replay_across_slots`] moves.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Replay<'a> {
+    /// Up to this many, oldest first.
+    Oldest(u64),
+    /// The one with this id.
+    One(&'a str),
+}
+
+/// The pseudo consumer group that names replays' dedupe sets.
+const REPLAY_GROUP: &str = "tickflow-replay";
+/// How long a replayed dead letter's id is remembered in its stream's slot: far longer
+/// than a replay takes from its append to its delete.
+const REPLAY_DEDUPE_WINDOW_MS: u64 = 3_600_000;
+
+/// Replays dead letters of `source` whose stream is in another slot than its dead-letter
+/// stream ([`replays_across_slots`]), exactly once: they are read, appended back (their
+/// fields without `dlq.*`) through the commit's dedupe gate in the stream's slot, which
+/// applies each dead letter's id once within [`REPLAY_DEDUPE_WINDOW_MS`], and only then
+/// deleted from the dead-letter stream. A replay cut short between the two steps leaves
+/// the dead letters where they were; the next one appends nothing twice and deletes them.
+/// The same rules as the script's: a dead letter that kept only the first fields of its
+/// entry, or has more than one XADD takes, stays. Returns (replayed, kept).
+pub(crate) async fn replay_across_slots(
+    redis: &Redis,
+    source: &Source,
+    which: Replay<'_>,
+) -> Result<(u64, u64)> {
+    use crate::stage::{AckForward, Gate, Op, SourceCommit, SourceReply};
+    let mut conn = redis.pooled().await?;
+    let mut read = redis::cmd("XRANGE");
+    read.arg(&source.dead_letter);
+    match which {
+        Replay::Oldest(count) => read.arg("-").arg("+").arg("COUNT").arg(count),
+        Replay::One(id) => read.arg(id).arg(id),
+    };
+    let entries = crate::scripts::parse_entries(read.query_async(&mut *conn).await?)?;
+    let mut plan: Vec<(String, Vec<Op>)> = Vec::new();
+    let mut kept = 0;
+    for entry in entries {
+        let truncated = entry
+            .fields
+            .iter()
+            .any(|(name, _)| name == b"dlq.fields_dropped");
+        let fields: Vec<(std::borrow::Cow<'static, [u8]>, Vec<u8>)> = entry
+            .fields
+            .into_iter()
+            .filter(|(name, _)| !name.starts_with(b"dlq."))
+            .map(|(name, value)| (std::borrow::Cow::Owned(name), value))
+            .collect();
+        if truncated || fields.len() > crate::scripts::MAX_ENTRY_FIELDS {
+            kept += 1;
+            continue;
+        }
+        let ops = if fields.is_empty() {
+            Vec::new()
+        } else {
+            vec![Op::Append {
+                key: source.stream.to_string(),
+                fields,
+            }]
+        };
+        plan.push((entry.id, ops));
+    }
+    if plan.is_empty() {
+        return Ok((0, kept));
+    }
+    let dedupe = dedupe_set(slot_tag(&source.stream), REPLAY_GROUP, &source.dead_letter);
+    let call = AckForward::new(
+        REPLAY_GROUP,
+        vec![SourceCommit {
+            stream: &dedupe,
+            fence: None,
+            gate: Gate::Dedupe {
+                window_ms: REPLAY_DEDUPE_WINDOW_MS,
+            },
+            entries: &plan,
+            batch_ops: &[],
+        }],
+    )?;
+    match call
+        .run(&mut *conn, true, redis.replica_wait())
+        .await?
+        .into_iter()
+        .next()
+    {
+        Some(SourceReply::Acked(_)) => {}
+        Some(SourceReply::Failed(why)) => return Err(StreamsError::Protocol(why)),
+        other => {
+            return Err(StreamsError::Protocol(format!(
+                "unexpected replay reply {other:?}"
+            )));
+        }
+    }
+    for ids in plan.chunks(1_000) {
+        let mut delete = redis::cmd("XDEL");
+        delete.arg(&source.dead_letter);
+        for (id, _) in ids {
+            delete.arg(id);
+        }
+        let _: u64 = delete.query_async(&mut *conn).await?;
+    }
+    Ok((plan.len() as u64, kept))
 }
 
 /// Deletes `consumer` from `group` on every source; returns how many pending entries it

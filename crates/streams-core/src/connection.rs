@@ -60,7 +60,12 @@
 //!
 //! [`Connection::wait_replicas`] sends `WAIT n timeout`. Redis counts, for the connection
 //! that sends `WAIT`, the replicas that acknowledged that connection's own latest write;
-//! a `WAIT` on another connection says nothing about it. So it is a method of the
+//! a `WAIT` on another connection says nothing about it. (More exactly, measured on Redis
+//! 7.0.15: after every command but `WAIT` itself, Redis notes the master's replication
+//! offset for the connection, so a `WAIT` behind a script that wrote nothing, such as a
+//! commit's retry whose first try went through, still waits for every write the master
+//! made before it, the first try's and the lease's included. A `WAIT` that is a fresh
+//! socket's first command waits for nothing.) So it is a method of the
 //! connection the writes went through, not of [`Redis`]: in standalone mode it goes on
 //! that very multiplexed connection (which never reconnects: one that failed stays
 //! failed, so a `WAIT` cannot land on a fresh socket that wrote nothing); in cluster mode

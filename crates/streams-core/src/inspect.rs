@@ -212,13 +212,26 @@ pub async fn replay_dead_letters(redis: &Redis, input: &StageInput, count: u64) 
 /// Moves the one dead letter `id` of `input` back into its stream, as
 /// [`replay_dead_letters`] moves the oldest: its fields without `dlq.*`, appended with a
 /// new id, and deleted from the dead-letter stream, in one `MULTI`/`EXEC` that does
-/// nothing if the entry changed meanwhile (`WATCH`). `conn` must be the caller's own
-/// (`WATCH` belongs to a connection).
-pub async fn replay_dead_letter(
-    conn: &mut redis::aio::MultiplexedConnection,
-    input: &StageInput,
-    id: &str,
-) -> Result<OneReplay> {
+/// nothing if the entry changed meanwhile (`WATCH`, on a connection of its own to the
+/// slot's master). On a Redis Cluster, an external stream and its dead letters are in two
+/// slots: there the dead letter is appended once through a dedupe gate in the stream's
+/// slot, then deleted, as [`replay_dead_letters`] does.
+pub async fn replay_dead_letter(redis: &Redis, input: &StageInput, id: &str) -> Result<OneReplay> {
+    let source = input.source();
+    if admin_ops::replays_across_slots(redis, &source) {
+        let (replayed, kept) =
+            admin_ops::replay_across_slots(redis, &source, admin_ops::Replay::One(id)).await?;
+        return Ok(match (replayed, kept) {
+            (0, 0) => OneReplay::Missing,
+            (0, _) => OneReplay::Kept,
+            _ => OneReplay::Moved,
+        });
+    }
+    // WATCH belongs to a connection: one of our own, to the master of the slot.
+    let mut conn = redis
+        .dedicated_for(&input.dead_letter, std::time::Duration::ZERO)
+        .await?;
+    let conn = &mut conn;
     let _: () = redis::cmd("WATCH")
         .arg(&input.dead_letter)
         .query_async(conn)
@@ -233,6 +246,14 @@ pub async fn replay_dead_letter(
         let _: () = redis::cmd("UNWATCH").query_async(conn).await?;
         return Ok(OneReplay::Missing);
     };
+    if entry
+        .fields
+        .iter()
+        .any(|(name, _)| name == b"dlq.fields_dropped")
+    {
+        let _: () = redis::cmd("UNWATCH").query_async(conn).await?;
+        return Ok(OneReplay::Kept);
+    }
     let fields: Vec<&(Vec<u8>, Vec<u8>)> = entry
         .fields
         .iter()
@@ -269,6 +290,9 @@ pub enum OneReplay {
     Missing,
     /// The dead-letter stream changed meanwhile; nothing was done (try again).
     Changed,
+    /// It cannot go back whole (it kept only the first fields of its entry, or on a
+    /// cluster has more than one append takes): it stays.
+    Kept,
 }
 
 /// The `dlq.*` fields of a dead letter: why, and where it came from.

@@ -36,6 +36,10 @@ pub struct StageStats {
     pub duplicates_skipped: AtomicU64,
     /// Entries claimed from other consumers.
     pub claimed: AtomicU64,
+    /// Entries handled whose commit was refused because this consumer no longer held
+    /// their partition's lease (taken over, expired, or lost in a failover): nothing of
+    /// them was written.
+    pub fenced: AtomicU64,
     /// Times the blocking read connection was re-established.
     pub reconnects: AtomicU64,
     /// Entries trimmed after every group acknowledged them.
@@ -64,6 +68,8 @@ pub struct StageCounters {
     pub duplicates_skipped: u64,
     /// See [`StageStats::claimed`].
     pub claimed: u64,
+    /// See [`StageStats::fenced`].
+    pub fenced: u64,
     /// See [`StageStats::reconnects`].
     pub reconnects: u64,
     /// See [`StageStats::trimmed`].
@@ -86,6 +92,7 @@ impl Stats {
             dead_lettered: AtomicU64::new(0),
             duplicates_skipped: AtomicU64::new(0),
             claimed: AtomicU64::new(0),
+            fenced: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             trimmed: AtomicU64::new(0),
             trimmed_unacknowledged: AtomicU64::new(0),
@@ -125,11 +132,32 @@ impl StageStats {
             dead_lettered: load(&self.dead_lettered),
             duplicates_skipped: load(&self.duplicates_skipped),
             claimed: load(&self.claimed),
+            fenced: load(&self.fenced),
             reconnects: load(&self.reconnects),
             trimmed: load(&self.trimmed),
             trimmed_unacknowledged: load(&self.trimmed_unacknowledged),
             dead_letters_dropped: load(&self.dead_letters_dropped),
         }
+    }
+
+    /// Records that a commit of `entries` entries of `source` was refused because this
+    /// consumer's lease of the partition is gone: in the counter, the metric
+    /// `tickflow_fenced_total{stage,partition}` and the log, in one place.
+    pub(crate) fn record_fenced(&self, source: &Source, entries: u64) {
+        self.fenced.fetch_add(entries, Ordering::Relaxed);
+        metrics::counter!(
+            "tickflow_fenced_total",
+            "stage" => self.group.clone(),
+            "partition" => source.partition.to_string()
+        )
+        .increment(entries);
+        tracing::warn!(
+            group = %self.group,
+            partition = source.partition,
+            entries,
+            "commit refused: this consumer's lease of the partition is gone (taken over, \
+             expired, or lost in a failover); nothing of the batch was written"
+        );
     }
 
     /// Records that the cap `max_len` dropped `dropped` of the oldest entries of

@@ -400,6 +400,50 @@ impl RedisCluster {
         cluster
     }
 
+    /// The process's shared cluster, started on first use and kept until the process
+    /// exits: for tests that need a cluster but neither kill nor restart its nodes, each in
+    /// a namespace of its own ([`unique_namespace`]), so that a test binary starts one
+    /// cluster rather than one per test. Its methods that take `&mut self` (killing,
+    /// restarting) are out of reach: a test that fails a node over starts its own.
+    ///
+    /// A static is never dropped, so its nodes would outlive the process: a watchdog
+    /// (`sh`, reading a pipe whose only writer is this process) kills them and removes
+    /// their directory when the process exits, however it exits.
+    ///
+    /// # Panics
+    ///
+    /// As [`Self::start`], or if `sh` cannot be run.
+    pub fn shared() -> &'static Self {
+        static SHARED: std::sync::OnceLock<(RedisCluster, Mutex<Child>)> =
+            std::sync::OnceLock::new();
+        let (cluster, _watchdog) = SHARED.get_or_init(|| {
+            let cluster = Self::start();
+            let pids: Vec<String> = cluster
+                .nodes
+                .iter()
+                .filter_map(|node| node.child.as_ref())
+                .map(|child| child.id().to_string())
+                .collect();
+            // `cat` returns when the pipe's write end closes: when this process is gone
+            // (the pipe is close-on-exec, so no other child holds it open).
+            let watchdog = Command::new("sh")
+                .arg("-c")
+                .arg(
+                    r#"cat > /dev/null; kill -9 "$@" 2> /dev/null; sleep 1; rm -rf "$CLUSTER_DIR""#,
+                )
+                .arg("tickflow-cluster-watchdog")
+                .args(&pids)
+                .env("CLUSTER_DIR", cluster.dir.path())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("start the shared cluster's watchdog (sh): {e}"));
+            (cluster, Mutex::new(watchdog))
+        });
+        cluster
+    }
+
     /// `REDIS_URL` for cluster mode: every node's URL, comma-separated.
     pub fn seeds(&self) -> String {
         self.nodes

@@ -3,7 +3,10 @@
 
 use anyhow::bail;
 use clap::{Args, Subcommand};
-use streams_core::inspect::{self, OneReplay, StageInput};
+use streams_core::{
+    connection::Connection,
+    inspect::{self, OneReplay, StageInput},
+};
 
 use crate::{
     entries::{Read, range},
@@ -133,7 +136,7 @@ fn resolve(target: &DlqTarget) -> anyhow::Result<(Pipeline, Stage)> {
 
 async fn list(target: &DlqTarget, count: usize, json: bool) -> anyhow::Result<()> {
     let (pipeline, stage) = resolve(target)?;
-    let mut conn = pipeline.connection(std::time::Duration::ZERO).await?;
+    let mut conn = pipeline.connection().await?;
     let inputs = stage.inputs_of(target.partition)?;
     let mut reads = Vec::new();
     let mut total = 0u64;
@@ -198,7 +201,7 @@ async fn list(target: &DlqTarget, count: usize, json: bool) -> anyhow::Result<()
 
 /// Finds dead letter `id` among `inputs`.
 async fn find(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut Connection,
     inputs: &[&StageInput],
     id: &str,
 ) -> anyhow::Result<Option<(StageInput, Read)>> {
@@ -224,7 +227,7 @@ async fn find(
 
 async fn show(target: &DlqTarget, id: &str, json: bool) -> anyhow::Result<()> {
     let (pipeline, stage) = resolve(target)?;
-    let mut conn = pipeline.connection(std::time::Duration::ZERO).await?;
+    let mut conn = pipeline.connection().await?;
     let Some((_, read)) = find(&mut conn, &stage.inputs_of(target.partition)?, id).await? else {
         bail!("stage {} has no dead letter {id}", stage.name());
     };
@@ -286,11 +289,11 @@ async fn replay(target: &DlqTarget, count: Option<u64>, id: Option<String>) -> a
     let (pipeline, stage) = resolve(target)?;
     let inputs = stage.inputs_of(target.partition)?;
     if let Some(id) = id {
-        let mut conn = pipeline.connection(std::time::Duration::ZERO).await?;
+        let mut conn = pipeline.connection().await?;
         let Some((input, _)) = find(&mut conn, &inputs, &id).await? else {
             bail!("stage {} has no dead letter {id}", stage.name());
         };
-        match inspect::replay_dead_letter(&mut conn, &input, &id).await? {
+        match inspect::replay_dead_letter(&pipeline.redis, &input, &id).await? {
             OneReplay::Moved => {
                 crate::format::line(format_args!("replayed {id} into {}", input.stream))
             }
@@ -301,6 +304,10 @@ async fn replay(target: &DlqTarget, count: Option<u64>, id: Option<String>) -> a
                     input.dead_letter
                 )
             }
+            OneReplay::Kept => bail!(
+                "dead letter {id} cannot go back whole (it kept only the first fields of its \
+                 entry): it stays; `dlq show` has what it kept"
+            ),
         }
         return Ok(());
     }
@@ -328,7 +335,7 @@ async fn purge(
 ) -> anyhow::Result<()> {
     let (pipeline, stage) = resolve(target)?;
     let inputs = stage.inputs_of(target.partition)?;
-    let mut conn = pipeline.connection(std::time::Duration::ZERO).await?;
+    let mut conn = pipeline.connection().await?;
     if let Some(id) = id {
         let Some((input, read)) = find(&mut conn, &inputs, &id).await? else {
             bail!("stage {} has no dead letter {id}", stage.name());

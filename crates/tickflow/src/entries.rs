@@ -126,7 +126,7 @@ pub fn id_order(id: &str) -> (u64, u64) {
 /// Reads entries of `stream` from `start` to `end` (XRANGE; `reverse`: XREVRANGE from
 /// `end` down to `start`), at most `count`.
 pub async fn range(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
     stream: &str,
     start: &str,
     end: &str,

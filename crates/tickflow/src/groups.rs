@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use redis::Value;
 use streams_core::{
     ConsumeMode,
+    connection::{Connection, query_each},
     inspect::{ConsumerInfo, GroupInfo},
 };
 
@@ -130,7 +131,7 @@ async fn reset(args: ResetArgs) -> anyhow::Result<()> {
     let pipeline = args.pipeline.pipeline()?;
     let stage = pipeline.stage(&args.stage)?;
     let inputs = stage.inputs_of(args.partition)?;
-    let mut conn = pipeline.connection(std::time::Duration::ZERO).await?;
+    let mut conn = pipeline.connection().await?;
     let paint = Paint::stdout();
 
     let live = live_consumers(&pipeline, stage, &mut conn).await?;
@@ -194,16 +195,33 @@ async fn reset(args: ResetArgs) -> anyhow::Result<()> {
     if !args.yes {
         return Ok(());
     }
-    let mut pipe = redis::pipe();
-    for input in &present {
-        pipe.cmd("XGROUP")
-            .arg("SETID")
-            .arg(&input.stream)
-            .arg(stage.name())
-            .arg(position.setid_args())
-            .ignore();
+    // One request per partition (each is a slot of its own on a cluster), sent at once.
+    let moves = present
+        .iter()
+        .map(|input| {
+            redis::cmd("XGROUP")
+                .arg("SETID")
+                .arg(&input.stream)
+                .arg(stage.name())
+                .arg(position.setid_args())
+                .clone()
+        })
+        .collect();
+    let failed: Vec<String> = query_each(&conn, moves)
+        .await
+        .into_iter()
+        .zip(&present)
+        .filter_map(|(reply, input)| {
+            Some(format!("partition {}: {}", input.partition, reply.err()?))
+        })
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "moving stage {}'s partitions failed, the others moved: {}",
+            stage.name(),
+            failed.join("; ")
+        );
     }
-    let _: () = pipe.query_async(&mut conn).await?;
     crate::format::line(format_args!(
         "moved {} partitions of stage {} to {}",
         present.len(),
@@ -219,12 +237,11 @@ async fn reset(args: ResetArgs) -> anyhow::Result<()> {
 async fn live_consumers(
     pipeline: &crate::pipeline::Pipeline,
     stage: &Stage,
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut Connection,
 ) -> anyhow::Result<Vec<String>> {
     match stage.spec.mode {
         ConsumeMode::Owned => {
-            let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
-            let now_ms = seconds * 1000 + micros / 1000;
+            let now_ms = crate::pipeline::redis_now_ms(conn).await?;
             let members: Vec<String> = redis::cmd("ZRANGE")
                 .arg(pipeline.keys().members(stage.name()))
                 .arg(format!("({now_ms}"))

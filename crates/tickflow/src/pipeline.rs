@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use streams_core::{
     Config, ConsumeMode, Env, InputFormat, Inputs, KeySpace, Redis, StageSpec,
+    connection::Connection,
     inspect::{StageInput, stage_inputs},
 };
 use tickflow_proto::topology;
@@ -15,7 +16,8 @@ use tickflow_proto::topology;
 #[derive(Debug, Clone, Default, Args)]
 pub struct PipelineArgs {
     /// The pipeline's Redis: redis://[user:pass@]host:port[/db], or rediss:// for TLS
-    /// [default: redis://127.0.0.1:6379].
+    /// [default: redis://127.0.0.1:6379]; with TICKFLOW_REDIS_MODE=cluster, a
+    /// comma-separated list of the cluster's seed nodes.
     #[arg(long, env = "REDIS_URL", hide_env_values = true, value_name = "URL")]
     pub redis_url: Option<String>,
     /// The pipeline's key prefix [default: tickflow].
@@ -158,19 +160,49 @@ impl Pipeline {
         self.stages.iter().map(Stage::name).collect()
     }
 
-    /// A connection for the commands: its own, with a response timeout long enough for a
-    /// blocking read of `block` (`tail --follow`), so that nothing else waits behind it.
-    pub async fn connection(
+    /// A connection for the commands, checked with a `PING`: the pool's, or on a Redis
+    /// Cluster (`TICKFLOW_REDIS_MODE=cluster`) the cluster connection, which sends each
+    /// command to the master of its key's slot. A command that touches several partitions
+    /// sends one request per key (`query_each`), never one pipeline or script across slots.
+    pub async fn connection(&self) -> anyhow::Result<Connection> {
+        let context = || {
+            format!(
+                "connecting to {} (REDIS_URL or --redis-url, TICKFLOW_REDIS_MODE)",
+                self.redis.display_url()
+            )
+        };
+        self.redis
+            .ping(streams_core::connection::CONNECT_TIMEOUT * 2)
+            .await
+            .with_context(context)?;
+        Ok(self.redis.pooled().await.with_context(context)?.clone())
+    }
+
+    /// A connection of its own for blocking reads of `block` over several streams at once
+    /// (`tail --follow`), on a single Redis; `None` on a Redis Cluster, where streams of
+    /// several slots cannot be read by one command.
+    pub async fn blocking_connection(
         &self,
         block: std::time::Duration,
-    ) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-        self.redis.dedicated(block).await.with_context(|| {
+    ) -> anyhow::Result<Option<redis::aio::MultiplexedConnection>> {
+        if self.redis.is_cluster() {
+            return Ok(None);
+        }
+        let conn = self.redis.dedicated(block).await.with_context(|| {
             format!(
                 "connecting to {} (REDIS_URL or --redis-url)",
                 self.redis.display_url()
             )
-        })
+        })?;
+        Ok(Some(conn))
     }
+}
+
+/// Redis's clock, ms since the Unix epoch (ages are measured against it, so that the
+/// reader's clock does not matter). On a cluster, one node's.
+pub async fn redis_now_ms(conn: &mut Connection) -> anyhow::Result<u64> {
+    let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
+    Ok(seconds * 1000 + micros / 1000)
 }
 
 #[cfg(test)]

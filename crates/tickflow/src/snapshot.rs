@@ -9,6 +9,7 @@ use redis::Value;
 use serde::Serialize;
 use streams_core::{
     ConsumeMode,
+    connection::{Connection, query_each},
     inspect::{ConsumerInfo, GroupInfo},
 };
 
@@ -126,15 +127,14 @@ pub struct Totals {
 /// Takes a snapshot of `stages` (every stage of `pipeline` when `None`).
 pub async fn take(
     pipeline: &Pipeline,
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut Connection,
     only: Option<&str>,
 ) -> anyhow::Result<Snapshot> {
     let stages: Vec<&Stage> = match only {
         Some(name) => vec![pipeline.stage(name)?],
         None => pipeline.stages.iter().collect(),
     };
-    let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
-    let now_ms = seconds * 1000 + micros / 1000;
+    let now_ms = crate::pipeline::redis_now_ms(conn).await?;
     let mut snapshots = Vec::new();
     for stage in stages {
         snapshots.push(stage_snapshot(stage, conn, now_ms).await?);
@@ -150,26 +150,38 @@ pub async fn take(
 
 async fn stage_snapshot(
     stage: &Stage,
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &Connection,
     now_ms: u64,
 ) -> anyhow::Result<StageSnapshot> {
     let group = stage.name();
-    // Six commands per partition, all in one round trip; a stream or group that does not
-    // exist yet makes its XINFO and XPENDING fail, which reads as "nothing there".
+    // Six commands per partition, all sent at once (one request each, since partitions are
+    // slots of their own on a cluster; a multiplexed connection still writes them together,
+    // one round trip per node); a stream or group that does not exist yet makes its XINFO
+    // and XPENDING fail, which reads as "nothing there".
     const PER_INPUT: usize = 6;
-    let mut pipe = redis::pipe();
+    let mut cmds = Vec::with_capacity(stage.inputs.len() * PER_INPUT);
     for input in &stage.inputs {
-        pipe.cmd("XLEN").arg(&input.stream);
-        pipe.cmd("XLEN").arg(&input.dead_letter);
-        match &input.lease {
-            Some(lease) => pipe.cmd("GET").arg(lease),
-            None => pipe.cmd("ECHO").arg(""),
-        };
-        pipe.add_command(GroupInfo::command(&input.stream));
-        pipe.add_command(ConsumerInfo::command(&input.stream, group));
-        pipe.cmd("XPENDING").arg(&input.stream).arg(group);
+        cmds.push(redis::cmd("XLEN").arg(&input.stream).clone());
+        // An external stream's dead letters may be in another slot: no pipeline.
+        cmds.push(redis::cmd("XLEN").arg(&input.dead_letter).clone());
+        cmds.push(match &input.lease {
+            Some(lease) => redis::cmd("GET").arg(lease).clone(),
+            // A keyless placeholder, so that every input has six replies.
+            None => redis::cmd("XLEN").arg(&input.stream).clone(),
+        });
+        cmds.push(GroupInfo::command(&input.stream));
+        cmds.push(ConsumerInfo::command(&input.stream, group));
+        cmds.push(redis::cmd("XPENDING").arg(&input.stream).arg(group).clone());
     }
-    let replies: Vec<redis::RedisResult<Value>> = pipe.ignore_errors().query_async(conn).await?;
+    let replies = query_each(conn, cmds).await;
+    // Other errors read as "nothing there", as they did in a pipeline; an unreachable Redis
+    // is not nothing.
+    if let Some(Err(e)) = replies
+        .iter()
+        .find(|reply| reply.as_ref().is_err_and(is_unreachable))
+    {
+        anyhow::bail!("reading stage {}'s streams: {e}", stage.name());
+    }
     let mut partitions = Vec::new();
     let mut consumers: BTreeMap<String, ConsumerSnapshot> = BTreeMap::new();
     for (input, replies) in stage.inputs.iter().zip(replies.chunks(PER_INPUT)) {
@@ -248,6 +260,15 @@ async fn stage_snapshot(
         totals,
         slowest_partition,
     })
+}
+
+/// Whether `e` says Redis (or the node of a slot) could not be reached.
+fn is_unreachable(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_cluster_error()
 }
 
 fn totals(partitions: &[PartitionSnapshot]) -> Totals {

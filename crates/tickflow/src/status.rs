@@ -35,7 +35,7 @@ pub struct StatusArgs {
 /// Prints the pipeline's status.
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     let pipeline = args.pipeline.pipeline()?;
-    let mut conn = pipeline.connection(std::time::Duration::ZERO).await?;
+    let mut conn = pipeline.connection().await?;
     let snapshot = snapshot::take(&pipeline, &mut conn, args.stage.as_deref()).await?;
     if args.json {
         crate::format::line(format_args!("{}", serde_json::to_string(&snapshot)?));

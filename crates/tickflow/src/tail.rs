@@ -16,6 +16,8 @@ use crate::{
 
 /// How long one blocking read of `--follow` waits (Ctrl-C is noticed between reads).
 const FOLLOW_BLOCK: Duration = Duration::from_secs(1);
+/// How often `--follow` reads again on a Redis Cluster, when nothing came.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
 /// The most entries one read of `--follow` brings.
 const FOLLOW_COUNT: usize = 500;
 /// The most entries `--count` or `--from -N` may ask for at once.
@@ -159,7 +161,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     let from = From::parse(&args.from)?;
     let pipeline = args.pipeline.pipeline()?;
     let streams = resolve(&pipeline, &args.stream, args.partition)?;
-    let mut conn = pipeline.connection(FOLLOW_BLOCK).await?;
+    let mut conn = pipeline.connection().await?;
     if let [(key, None)] = streams.as_slice() {
         let exists: bool = redis::cmd("EXISTS").arg(key).query_async(&mut conn).await?;
         if !exists {
@@ -218,26 +220,61 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     if !args.follow {
         return Ok(());
     }
+    // One blocking read over every stream on a single Redis; on a cluster, whose streams
+    // are in several slots, a read of each that does not block, every FOLLOW_POLL.
+    let mut blocking = pipeline.blocking_connection(FOLLOW_BLOCK).await?;
     loop {
         if limit.is_some_and(|l| printed >= l) {
             return Ok(());
         }
-        let mut cmd = redis::cmd("XREAD");
-        cmd.arg("COUNT")
-            .arg(FOLLOW_COUNT)
-            .arg("BLOCK")
-            .arg(FOLLOW_BLOCK.as_millis() as u64)
-            .arg("STREAMS");
-        for (stream, _) in &streams {
-            cmd.arg(stream);
-        }
-        cmd.arg(&cursors);
-        let reply: Value = tokio::select! {
-            reply = cmd.query_async(&mut conn) => reply?,
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+        let read = |streams: &[&String], cursors: &[&String], block: bool| {
+            let mut cmd = redis::cmd("XREAD");
+            cmd.arg("COUNT").arg(FOLLOW_COUNT);
+            if block {
+                cmd.arg("BLOCK").arg(FOLLOW_BLOCK.as_millis() as u64);
+            }
+            cmd.arg("STREAMS").arg(streams).arg(cursors);
+            cmd
+        };
+        let replies: Vec<Value> = match &mut blocking {
+            Some(blocking) => {
+                let cmd = read(
+                    &streams.iter().map(|(s, _)| s).collect::<Vec<_>>(),
+                    &cursors.iter().collect::<Vec<_>>(),
+                    true,
+                );
+                tokio::select! {
+                    reply = cmd.query_async(blocking) => vec![reply?],
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+            }
+            None => {
+                let cmds = streams
+                    .iter()
+                    .zip(&cursors)
+                    .map(|((stream, _), cursor)| read(&[stream], &[cursor], false))
+                    .collect();
+                let replies = streams_core::connection::query_each(&conn, cmds)
+                    .await
+                    .into_iter()
+                    .collect::<Result<Vec<Value>, _>>()?;
+                if replies.iter().all(|r| *r == Value::Nil) {
+                    tokio::select! {
+                        _ = tokio::time::sleep(FOLLOW_POLL) => {}
+                        _ = tokio::signal::ctrl_c() => return Ok(()),
+                    }
+                }
+                replies
+            }
         };
         let mut batch = Vec::new();
-        for (key, entries) in streams_core::parse_read_reply(reply)? {
+        for (key, entries) in replies
+            .into_iter()
+            .map(streams_core::parse_read_reply)
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .flatten()
+        {
             let Some(index) = streams.iter().position(|(s, _)| *s == key) else {
                 continue;
             };

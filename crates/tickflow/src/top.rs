@@ -127,7 +127,7 @@ fn push(history: &mut VecDeque<u64>, value: u64) {
 /// Runs the live view until `q`.
 pub async fn run(args: TopArgs) -> anyhow::Result<()> {
     let pipeline = args.pipeline.pipeline()?;
-    let mut conn = pipeline.connection(Duration::ZERO).await?;
+    let mut conn = pipeline.connection().await?;
     let latency = AnalyticsKeys::new(pipeline.keys().clone());
     let colour = colour_on_stdout();
     let interval = Duration::from_millis(args.interval_ms);

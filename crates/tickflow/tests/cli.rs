@@ -21,7 +21,12 @@ use std::{
 };
 
 use serde_json::Value as Json;
-use streams_core::{KeySpace, inspect::GroupInfo, testing::RedisServer};
+use streams_core::{
+    KeySpace,
+    connection::Connection,
+    inspect::GroupInfo,
+    testing::{RedisCluster, RedisServer},
+};
 use tickflow::local::LocalPipeline;
 use tickflow_proto::topology;
 use transform::refdata::Instrument;
@@ -232,12 +237,51 @@ fn instruments() -> Vec<Instrument> {
     ]
 }
 
-/// A running pipeline: four `tickflow serve` processes on a private Redis.
+/// The variables that point the services and `tickflow` at a pipeline on `url` (a Redis
+/// Cluster's seeds when `cluster`) with `keys`, read as having `partitions`.
+fn pipeline_env(
+    url: &str,
+    cluster: bool,
+    keys: &KeySpace,
+    partitions: u32,
+) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("REDIS_URL", url.to_owned()),
+        ("TICKFLOW_NAMESPACE", keys.namespace().to_owned()),
+        ("TICKFLOW_PARTITIONS", partitions.to_string()),
+        ("INGEST_STREAMS", external_stream(keys)),
+    ];
+    if cluster {
+        env.push(("TICKFLOW_REDIS_MODE", "cluster".to_owned()));
+    }
+    env
+}
+
+/// The external stream ingest reads: one of the namespace's own, so that pipelines sharing
+/// a cluster do not share it.
+fn external_stream(keys: &KeySpace) -> String {
+    format!("{}:ingest_stream", keys.namespace())
+}
+
+/// A handle on the Redis at `url`, as the services open one.
+fn handle(url: &str, cluster: bool) -> streams_core::Redis {
+    if cluster {
+        streams_core::Redis::new_cluster(url).unwrap()
+    } else {
+        streams_core::Redis::new(url, 2).unwrap()
+    }
+}
+
+/// A running pipeline: four `tickflow serve` processes on a private Redis, or on the test
+/// binary's shared Redis Cluster (`TICKFLOW_REDIS_MODE=cluster`, a namespace and an
+/// external stream of its own).
 struct Running {
     // Dropped first (fields drop in order): the services stop before their Redis does.
     pipeline: LocalPipeline,
-    _redis: RedisServer,
+    /// `None` on the shared cluster (which outlives the test).
+    _redis: Option<RedisServer>,
     url: String,
+    cluster: bool,
     keys: KeySpace,
     _logs: tempfile::TempDir,
 }
@@ -249,51 +293,71 @@ impl Running {
 
     /// A pipeline with `extra` variables besides the Redis, namespace and partitions.
     async fn start_with(partitions: u32, extra: &[(&str, &str)]) -> Self {
-        let redis = RedisServer::start();
-        let url = redis.url();
+        Self::start_on(false, partitions, extra).await
+    }
+
+    /// [`Self::start_with`] on a redis-server of its own, or (`cluster`) on the shared
+    /// Redis Cluster.
+    async fn start_on(cluster: bool, partitions: u32, extra: &[(&str, &str)]) -> Self {
+        let (redis, url) = if cluster {
+            (None, RedisCluster::shared().seeds())
+        } else {
+            let redis = RedisServer::start();
+            let url = redis.url();
+            (Some(redis), url)
+        };
         let keys = KeySpace::new(
             streams_core::testing::unique_namespace("attach"),
             partitions,
         );
-        let handle = streams_core::Redis::new(&url, 2).unwrap();
+        let handle = handle(&url, cluster);
         transform::refdata::store(&handle, &keys, &instruments())
             .await
             .unwrap();
-        let env: Vec<(String, String)> = [
-            ("REDIS_URL", url.clone()),
-            ("TICKFLOW_NAMESPACE", keys.namespace().to_owned()),
-            ("TICKFLOW_PARTITIONS", partitions.to_string()),
-            ("RUST_LOG", "warn".to_owned()),
-        ]
-        .into_iter()
-        .chain(extra.iter().map(|(k, v)| (*k, (*v).to_owned())))
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
+        let env: Vec<(String, String)> = pipeline_env(&url, cluster, &keys, partitions)
+            .into_iter()
+            .chain([("RUST_LOG", "warn".to_owned())])
+            .chain(extra.iter().map(|(k, v)| (*k, (*v).to_owned())))
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
         let logs = tempfile::tempdir().unwrap();
         let pipeline =
             LocalPipeline::start(env!("CARGO_BIN_EXE_tickflow").as_ref(), &env, logs.path())
                 .await
                 .unwrap();
         Self {
-            _redis: redis,
             pipeline,
+            _redis: redis,
             url,
+            cluster,
             keys,
             _logs: logs,
         }
     }
 
+    /// The variables that point `tickflow` at this pipeline, read as having `partitions`.
     fn env(&self, partitions: u32) -> Vec<(&'static str, String)> {
-        vec![
-            ("REDIS_URL", self.url.clone()),
-            ("TICKFLOW_NAMESPACE", self.keys.namespace().to_owned()),
-            ("TICKFLOW_PARTITIONS", partitions.to_string()),
-        ]
+        pipeline_env(&self.url, self.cluster, &self.keys, partitions)
+    }
+
+    /// The external stream ingest reads: one of the pipeline's own.
+    fn external_stream(&self) -> String {
+        external_stream(&self.keys)
+    }
+
+    /// A handle on the pipeline's Redis, as the services open one.
+    fn redis(&self) -> streams_core::Redis {
+        handle(&self.url, self.cluster)
+    }
+
+    /// A connection to the pipeline's Redis (on a cluster, routed by key).
+    async fn conn(&self) -> Connection {
+        self.redis().pooled().await.unwrap().clone()
     }
 
     /// Each market stream's consumer groups.
     async fn market_groups(&self) -> Vec<Vec<String>> {
-        let mut conn = streams_core::testing::connect(&self.url).await.unwrap();
+        let mut conn = self.conn().await;
         let mut groups = Vec::new();
         for p in self.keys.all_partitions() {
             let stream = self.keys.stream(topology::MARKET, p);
@@ -306,7 +370,7 @@ impl Running {
     /// The orders resting in the engine's books (as of its last commit) whose id starts
     /// with `prefix`.
     async fn resting(&self, prefix: &str) -> Vec<String> {
-        let redis = streams_core::Redis::new(&self.url, 1).unwrap();
+        let redis = self.redis();
         let mut resting = Vec::new();
         for p in self.keys.all_partitions() {
             let books = engine::stage::load_books(&redis, &self.keys, p)
@@ -424,7 +488,7 @@ async fn an_attached_bench_pointed_at_the_wrong_partitions_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attached_bench_stopped_by_sigterm_removes_its_group_and_warns_of_stale_ones() {
     let running = Running::start(4).await;
-    let mut conn = streams_core::testing::connect(&running.url).await.unwrap();
+    let mut conn = running.conn().await;
     let market0 = running.keys.stream(topology::MARKET, 0);
     let _: () = redis::cmd("XGROUP")
         .arg("CREATE")
@@ -584,8 +648,19 @@ impl Running {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_see_a_backlog_read_orders_and_dead_letters_and_replay_them() {
+    operators_see_a_backlog_read_orders_and_dead_letters_and_replay_them_on(false).await;
+}
+
+/// The same commands against a pipeline on a Redis Cluster: every partition a slot of its
+/// own, the external stream and its dead letters in two more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_see_a_backlog_read_orders_and_dead_letters_and_replay_them_on_a_redis_cluster() {
+    operators_see_a_backlog_read_orders_and_dead_letters_and_replay_them_on(true).await;
+}
+
+async fn operators_see_a_backlog_read_orders_and_dead_letters_and_replay_them_on(cluster: bool) {
     // No trimming: the entries the test reads stay in their streams.
-    let mut running = Running::start_with(4, &[("TICKFLOW_TRIM_INTERVAL_MS", "0")]).await;
+    let mut running = Running::start_on(cluster, 4, &[("TICKFLOW_TRIM_INTERVAL_MS", "0")]).await;
 
     // The engine is stopped: what transform validates piles up in front of it.
     running.pipeline.stop_service("engine").await.unwrap();
@@ -669,7 +744,7 @@ async fn operators_see_a_backlog_read_orders_and_dead_letters_and_replay_them() 
     );
 
     // A garbage entry and a flat one in front of the engine are dead-lettered, with why.
-    let mut conn = streams_core::testing::connect(&running.url).await.unwrap();
+    let mut conn = running.conn().await;
     let validated0 = running.keys.stream(topology::VALIDATED, 0);
     for fields in [
         &[("h", "2 order.validated AAA 1"), ("p", "garbage")][..],
@@ -758,6 +833,66 @@ async fn operators_see_a_backlog_read_orders_and_dead_letters_and_replay_them() 
     text(&running.tickflow(&["dlq", "purge", "--stage", "engine", "--yes"]));
     assert_eq!(running.stage_status("engine")["totals"]["dead_letters"], 0);
 
+    // An external entry without a symbol is dead-lettered by ingest; replayed (one, then
+    // all), it goes back into the external stream once each time and is dead-lettered
+    // again (on a cluster, across the two slots, through the dedupe gate).
+    let external = running.external_stream();
+    let _: String = redis::cmd("XADD")
+        .arg(&external)
+        .arg("*")
+        .arg(&[("side", "buy"), ("qty", "1")])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let ingest_dead = |count: usize| {
+        let running = &running;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let dead =
+                    json_lines(&running.tickflow(&["dlq", "list", "--stage", "ingest", "--json"]));
+                if dead.len() == count {
+                    return dead;
+                }
+                assert!(Instant::now() < deadline, "ingest's dead letters: {dead:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let dead = ingest_dead(1).await;
+    assert_eq!(dead[0]["fields"]["side"], "buy", "{}", dead[0]);
+    assert!(
+        dead[0]["dlq"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("symbol"),
+        "{}",
+        dead[0]
+    );
+    let id = dead[0]["id"].as_str().unwrap();
+    text(&running.tickflow(&["dlq", "replay", "--stage", "ingest", "--id", id]));
+    let again = ingest_dead(1).await;
+    assert_ne!(
+        again[0]["id"], dead[0]["id"],
+        "dead-lettered again, as a new entry"
+    );
+    let replayed = text(&running.tickflow(&["dlq", "replay", "--stage", "ingest"]));
+    assert!(replayed.contains("replayed 1 dead letters"), "{replayed}");
+    ingest_dead(1).await;
+    let external_entries =
+        json_lines(&running.tickflow(&["tail", &external, "--from", "start", "--json"]));
+    assert_eq!(
+        external_entries.len(),
+        3,
+        "the entry and its two replays: {external_entries:?}"
+    );
+    assert!(
+        external_entries
+            .iter()
+            .all(|e| e["fields"]["side"] == "buy" && e.get("dlq").is_none()),
+        "{external_entries:?}"
+    );
+
     // A group reset is refused while the stage runs, a dry run without --yes, and then
     // the stage reads its whole input again.
     let analytics = running
@@ -789,7 +924,16 @@ async fn operators_see_a_backlog_read_orders_and_dead_letters_and_replay_them() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_shows_the_stages_in_a_real_terminal_and_q_quits() {
-    let mut running = Running::start_with(4, &[("TICKFLOW_TRIM_INTERVAL_MS", "0")]).await;
+    top_shows_the_stages_in_a_real_terminal_and_q_quits_on(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_shows_the_stages_in_a_real_terminal_and_q_quits_on_a_redis_cluster() {
+    top_shows_the_stages_in_a_real_terminal_and_q_quits_on(true).await;
+}
+
+async fn top_shows_the_stages_in_a_real_terminal_and_q_quits_on(cluster: bool) {
+    let mut running = Running::start_on(cluster, 4, &[("TICKFLOW_TRIM_INTERVAL_MS", "0")]).await;
     running.publish_orders(20).await;
     running
         .wait_for_stage("analytics", "the orders analysed", |s| {
@@ -805,7 +949,7 @@ async fn top_shows_the_stages_in_a_real_terminal_and_q_quits() {
     // tmux: an 80×24 terminal, without colour; the exit status lands in a file.
     let dir = tempfile::tempdir().unwrap();
     let exit_file = dir.path().join("exit");
-    let session = format!("tickflow-top-{}", std::process::id());
+    let session = format!("tickflow-top-{}-{cluster}", std::process::id());
     let env: String = running
         .env(4)
         .iter()

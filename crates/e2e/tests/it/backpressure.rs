@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{Options, Pipeline, Role};
+use e2e::{Options, Pipeline, RedisKind, Role};
 use serde_json::json;
 use tickflow_proto::v1;
 
@@ -12,9 +12,13 @@ fn order(id: &str) -> serde_json::Value {
     json!({"symbol": "AAPL", "side": "buy", "price": 100.0, "qty": 1, "client_order_id": id})
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ingest_refuses_while_transform_is_behind_and_accepts_once_it_caught_up() {
+on_both_backends!(ingest_refuses_while_transform_is_behind_and_accepts_once_it_caught_up);
+
+async fn ingest_refuses_while_transform_is_behind_and_accepts_once_it_caught_up(
+    backend: RedisKind,
+) {
     let mut p = Pipeline::start_with(Options {
+        backend,
         ingest_env: vec![("INGEST_MAX_BACKLOG".into(), "5".into())],
         name: "backpressure".into(),
         ..Options::default()

@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use e2e::{Options, Pipeline, Role, stage_status};
+use e2e::{Options, Pipeline, RedisKind, Role, stage_status};
 use prost::Message;
 use serde_json::{Value, json};
 use streams_core::{Envelope, Partition, envelope::now_micros};
@@ -690,9 +690,13 @@ fn other_partition(p: &Pipeline, partition: Partition) -> Partition {
 
 // ----- the stages ----------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn transform_dead_letters_every_malformed_inbound_entry_and_keeps_trading() {
+on_both_backends!(transform_dead_letters_every_malformed_inbound_entry_and_keeps_trading);
+
+async fn transform_dead_letters_every_malformed_inbound_entry_and_keeps_trading(
+    backend: RedisKind,
+) {
     let p = Pipeline::start_with(Options {
+        backend,
         name: "sweep-transform".into(),
         ..Options::default()
     })
@@ -915,9 +919,13 @@ async fn transform_dead_letters_every_malformed_inbound_entry_and_keeps_trading(
     p.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn engine_dead_letters_every_malformed_validated_entry_and_keeps_matching() {
+on_both_backends!(engine_dead_letters_every_malformed_validated_entry_and_keeps_matching);
+
+async fn engine_dead_letters_every_malformed_validated_entry_and_keeps_matching(
+    backend: RedisKind,
+) {
     let p = Pipeline::start_with(Options {
+        backend,
         name: "sweep-engine".into(),
         ..Options::default()
     })
@@ -980,13 +988,15 @@ async fn engine_dead_letters_every_malformed_validated_entry_and_keeps_matching(
     p.shutdown().await;
 }
 
+on_both_backends!(engine_dead_letters_validated_payloads_that_decode_but_are_invalid);
+
 /// Validated entries that decode, but as nothing the engine should act on: without the
 /// checks in `engine::stage::apply` it would open a book for an empty or 1 MiB symbol,
 /// move the reference price to 0, and match an order in a partition its symbol does not
 /// belong to (a second book of the same symbol).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn engine_dead_letters_validated_payloads_that_decode_but_are_invalid() {
+async fn engine_dead_letters_validated_payloads_that_decode_but_are_invalid(backend: RedisKind) {
     let p = Pipeline::start_with(Options {
+        backend,
         name: "sweep-engine-semantics".into(),
         ..Options::default()
     })
@@ -1094,9 +1104,13 @@ async fn engine_dead_letters_validated_payloads_that_decode_but_are_invalid() {
     p.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn analytics_dead_letters_every_malformed_market_entry_and_keeps_counting() {
+on_both_backends!(analytics_dead_letters_every_malformed_market_entry_and_keeps_counting);
+
+async fn analytics_dead_letters_every_malformed_market_entry_and_keeps_counting(
+    backend: RedisKind,
+) {
     let p = Pipeline::start_with(Options {
+        backend,
         name: "sweep-analytics".into(),
         ..Options::default()
     })
@@ -1309,9 +1323,13 @@ async fn analytics_dead_letters_every_malformed_market_entry_and_keeps_counting(
     p.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ingest_dead_letters_every_malformed_external_entry_and_keeps_ingesting() {
+on_both_backends!(ingest_dead_letters_every_malformed_external_entry_and_keeps_ingesting);
+
+async fn ingest_dead_letters_every_malformed_external_entry_and_keeps_ingesting(
+    backend: RedisKind,
+) {
     let p = Pipeline::start_with(Options {
+        backend,
         name: "sweep-external".into(),
         ..Options::default()
     })

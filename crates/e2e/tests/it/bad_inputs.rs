@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use e2e::{Options, Pipeline, ValidatedEvent};
+use e2e::{Options, Pipeline, RedisKind, ValidatedEvent};
 use serde_json::{Value, json};
 use tickflow_proto::{topology, v1};
 
@@ -26,9 +26,11 @@ fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bad_inputs_are_refused_or_dead_lettered_and_never_reach_the_engine() {
+on_both_backends!(bad_inputs_are_refused_or_dead_lettered_and_never_reach_the_engine);
+
+async fn bad_inputs_are_refused_or_dead_lettered_and_never_reach_the_engine(backend: RedisKind) {
     let p = Pipeline::start_with(Options {
+        backend,
         ingest_env: vec![("INGEST_MAX_BODY_BYTES".into(), "2048".into())],
         name: "bad".into(),
         ..Options::default()

@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use e2e::{Options, Pipeline};
+use e2e::{Options, Pipeline, RedisKind};
 use serde_json::Value;
 
 use crate::support::{WAIT, limit_json};
@@ -41,9 +41,11 @@ async fn bars(p: &Pipeline, interval: &str) -> (Vec<Value>, u64, u64) {
     (bars, trades, volume)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bars_are_replaced_in_place_and_age_out_when_a_newer_one_opens() {
+on_both_backends!(bars_are_replaced_in_place_and_age_out_when_a_newer_one_opens);
+
+async fn bars_are_replaced_in_place_and_age_out_when_a_newer_one_opens(backend: RedisKind) {
     let p = Pipeline::start_with(Options {
+        backend,
         name: "bars".into(),
         env: vec![("ANALYTICS_RETENTION_1S_MS".into(), "1000".into())],
         ..Options::default()

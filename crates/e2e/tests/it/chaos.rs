@@ -265,6 +265,7 @@ async fn nothing_is_lost_or_doubled_when_stages_and_redis_crash() {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),
+            ..ProcessOptions::default()
         },
     )
     .await;

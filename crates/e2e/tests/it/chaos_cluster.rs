@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use e2e::{Options, Pipeline, Role, processes::metric_sum};
+use e2e::{Options, Pipeline, RedisKind, Role, processes::metric_sum};
 use tickflow_proto::{
     topology,
     v1::{self, event::Kind},
@@ -147,7 +147,7 @@ async fn cluster_pipeline(name: &str, wait_replicas: u32, long_leases: bool) -> 
         env.push(("TICKFLOW_LEASE_TTL_MS".into(), "30000".into()));
     }
     Pipeline::start_with(Options {
-        cluster: true,
+        backend: RedisKind::OwnCluster,
         name: name.into(),
         env,
         ..Options::default()

@@ -1,7 +1,7 @@
 //! A client that retries with the same `Idempotency-Key` (HTTP header or gRPC metadata)
 //! gets the ids of its first request back, and nothing is appended twice.
 
-use e2e::Pipeline;
+use e2e::{Options, Pipeline, RedisKind};
 use serde_json::{Value, json};
 use tickflow_proto::{topology, v1};
 
@@ -22,9 +22,14 @@ async fn post(p: &Pipeline, key: &str, body: &Value) -> (u16, Value) {
     (status, response.json().await.expect("a JSON answer"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_retry_with_the_same_idempotency_key_is_not_appended_twice() {
-    let p = Pipeline::start().await;
+on_both_backends!(a_retry_with_the_same_idempotency_key_is_not_appended_twice);
+
+async fn a_retry_with_the_same_idempotency_key_is_not_appended_twice(backend: RedisKind) {
+    let p = Pipeline::start_with(Options {
+        backend,
+        ..Options::default()
+    })
+    .await;
     let inbound = |p: &Pipeline| {
         let keys = p.keys().clone();
         let mut conn = p.conn();

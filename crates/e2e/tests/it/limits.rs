@@ -13,7 +13,7 @@
 //! Entries are read raw (the `h` field as stored): the envelope decoder drops an oversize
 //! `tracestate` on read, which would hide one that was stored.
 
-use e2e::{Options, Pipeline};
+use e2e::{Options, Pipeline, RedisKind};
 use serde_json::{Value, json};
 use tickflow_proto::{topology, v1};
 use tokio::{
@@ -48,16 +48,12 @@ fn ticks_json(count: usize) -> Value {
     )
 }
 
+/// What Redis uses for the pipeline: its whole memory on a redis-server of its own, the
+/// size of its keys on the shared cluster (every key of a pipeline names its namespace).
 async fn used_memory(p: &Pipeline) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query_async(&mut p.conn())
+    p.backend()
+        .memory_used(&format!("*{}*", p.namespace()))
         .await
-        .expect("INFO memory");
-    info.lines()
-        .find_map(|line| line.strip_prefix("used_memory:"))
-        .and_then(|value| value.trim().parse().ok())
-        .expect("used_memory in INFO")
 }
 
 /// A stream entry's fields as `XRANGE` gives them: names as text, values as bytes.
@@ -122,9 +118,11 @@ async fn assert_no_oversize_tracestate(p: &Pipeline, kept: &str, expected_events
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_oversize_tracestate_is_stored_nowhere_whatever_the_path() {
+on_both_backends!(an_oversize_tracestate_is_stored_nowhere_whatever_the_path);
+
+async fn an_oversize_tracestate_is_stored_nowhere_whatever_the_path(backend: RedisKind) {
     let p = Pipeline::start_with(Options {
+        backend,
         name: "tracestate".into(),
         ..Options::default()
     })
@@ -280,9 +278,11 @@ async fn half_sent_requests_to_ingest_are_closed_while_orders_are_still_taken() 
     p.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ingest_refuses_forms_oversize_messages_and_overlong_streams() {
+on_both_backends!(ingest_refuses_forms_oversize_messages_and_overlong_streams);
+
+async fn ingest_refuses_forms_oversize_messages_and_overlong_streams(backend: RedisKind) {
     let p = Pipeline::start_with(Options {
+        backend,
         name: "ingest-limits".into(),
         ingest_env: vec![
             ("INGEST_GRPC_MAX_MESSAGE_BYTES".into(), "65536".into()),

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use e2e::{
-    Role,
+    RedisKind, Role,
     processes::{ProcessOptions, ProcessPipeline, metric_sum},
     service_binaries,
 };
@@ -55,11 +55,13 @@ async fn read(p: &ProcessPipeline, wanted: &[(Role, &'static str, &'static str)]
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_services_metrics_count_what_went_through_it() {
+on_both_backends!(every_services_metrics_count_what_went_through_it);
+
+async fn every_services_metrics_count_what_went_through_it(backend: RedisKind) {
     let mut p = ProcessPipeline::start(
         service_binaries!(),
         ProcessOptions {
+            backend,
             name: "metrics".into(),
             ..ProcessOptions::default()
         },

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use e2e::{MarketEvent, Options, Pipeline, Role, stage_status};
+use e2e::{MarketEvent, Options, Pipeline, RedisKind, Role, stage_status};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tickflow_proto::{topology, v1};
 
@@ -130,8 +130,9 @@ pub(crate) async fn reference(events: &[v1::Event]) -> Outcome {
     outcome
 }
 
-fn two_of_everything(name: &str) -> Options {
+fn two_of_everything(name: &str, backend: RedisKind) -> Options {
     Options {
+        backend,
         engines: 2,
         transforms: 2,
         analytics: 2,
@@ -200,14 +201,15 @@ pub(crate) fn assert_same(actual: &Outcome, expected: &Outcome) {
     assert_sequences(actual);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_engine_replicas_split_the_partitions_and_trade_like_one() {
+on_both_backends!(two_engine_replicas_split_the_partitions_and_trade_like_one);
+
+async fn two_engine_replicas_split_the_partitions_and_trade_like_one(backend: RedisKind) {
     let events = flow(7, 400);
     let expected = reference(&events).await;
     assert_busy(&expected);
     assert_sequences(&expected);
 
-    let p = Pipeline::start_with(two_of_everything("two-engines")).await;
+    let p = Pipeline::start_with(two_of_everything("two-engines", backend)).await;
     // Both replicas own partitions (start_with waited for the assignment to settle).
     let mut owned = BTreeSet::new();
     for index in 0..2 {
@@ -246,14 +248,17 @@ async fn two_engine_replicas_split_the_partitions_and_trade_like_one() {
     p.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_engine_replica_stopped_mid_flow_hands_over_without_changing_a_trade() {
+on_both_backends!(an_engine_replica_stopped_mid_flow_hands_over_without_changing_a_trade);
+
+async fn an_engine_replica_stopped_mid_flow_hands_over_without_changing_a_trade(
+    backend: RedisKind,
+) {
     let events = flow(11, 400);
     let expected = reference(&events).await;
     assert_busy(&expected);
     assert_sequences(&expected);
 
-    let mut p = Pipeline::start_with(two_of_everything("handover")).await;
+    let mut p = Pipeline::start_with(two_of_everything("handover", backend)).await;
     let (first, second) = events.split_at(events.len() / 2);
     send(&p, first).await;
     p.wait_settled(WAIT).await;

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use e2e::{Options, Pipeline, Role, stage_status};
+use e2e::{Options, Pipeline, RedisKind, Role, stage_status};
 use serde_json::json;
 use tickflow_proto::{topology, v1};
 
@@ -13,19 +13,15 @@ use crate::support::{
     wait_report, wait_trades,
 };
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_scripted_session_through_every_ingest_path_gives_the_expected_results() {
-    scripted_session(Pipeline::start().await).await;
-}
+on_both_backends!(a_scripted_session_through_every_ingest_path_gives_the_expected_results);
 
-/// The same session on a real Redis Cluster (3 masters, 3 replicas): partitions spread over
-/// the masters, the external stream in a slot of its own (forwarded through the dedupe
-/// gate), requests appended slot by slot.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_scripted_session_gives_the_same_results_on_a_redis_cluster() {
+/// On a Redis Cluster: partitions spread over the masters, the external stream in a slot
+/// of its own (forwarded through the dedupe gate), requests appended slot by slot.
+async fn a_scripted_session_through_every_ingest_path_gives_the_expected_results(
+    backend: RedisKind,
+) {
     let p = Pipeline::start_with(Options {
-        cluster: true,
-        name: "cluster".into(),
+        backend,
         ..Options::default()
     })
     .await;

@@ -7,7 +7,7 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use e2e::{
-    MarketEvent, Role, market_events,
+    MarketEvent, RedisKind, Role, market_events,
     processes::{ProcessOptions, ProcessPipeline, metric_sum},
     service_binaries,
 };
@@ -25,10 +25,11 @@ const DEMO_SYMBOLS: [&str; 8] = [
     "AAPL", "MSFT", "NVDA", "TSLA", "AMZN", "ES", "BTC-USD", "EURUSD",
 ];
 
-async fn start(name: &str) -> ProcessPipeline {
+async fn start(name: &str, backend: RedisKind) -> ProcessPipeline {
     ProcessPipeline::start(
         service_binaries!(),
         ProcessOptions {
+            backend,
             name: name.into(),
             ..ProcessOptions::default()
         },
@@ -98,9 +99,12 @@ async fn hset_instruments(p: &ProcessPipeline, fields: &[(&str, &str)]) {
         .expect("HSET instruments");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_malformed_instrument_in_redis_leaves_transform_alive_and_other_symbols_trading() {
-    let mut p = start("refdata").await;
+on_both_backends!(a_malformed_instrument_in_redis_leaves_transform_alive_and_other_symbols_trading);
+
+async fn a_malformed_instrument_in_redis_leaves_transform_alive_and_other_symbols_trading(
+    backend: RedisKind,
+) {
+    let mut p = start("refdata", backend).await;
 
     // A resting MSFT sell from before its instrument breaks.
     let (status, body) = p
@@ -223,9 +227,12 @@ async fn a_malformed_instrument_in_redis_leaves_transform_alive_and_other_symbol
     p.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn orders_of_5000_unknown_symbols_are_counted_and_leave_no_key_or_memory_per_symbol() {
-    let mut p = start("unknown").await;
+on_both_backends!(orders_of_5000_unknown_symbols_are_counted_and_leave_no_key_or_memory_per_symbol);
+
+async fn orders_of_5000_unknown_symbols_are_counted_and_leave_no_key_or_memory_per_symbol(
+    backend: RedisKind,
+) {
+    let mut p = start("unknown", backend).await;
     const UNKNOWN: usize = 5_000;
     let mut rng = StdRng::seed_from_u64(17);
     let mut unknown = BTreeSet::new();
@@ -269,26 +276,15 @@ async fn orders_of_5000_unknown_symbols_are_counted_and_leave_no_key_or_memory_p
         .collect();
     assert_eq!(rejected, unknown);
 
-    // No key names one of them: every key of the namespace, segment by segment.
+    // No key names one of them: every key of the namespace (on every master of a
+    // cluster), segment by segment.
     let mut conn = p.conn();
-    let mut keys = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{}:*", p.namespace()))
-            .arg("COUNT")
-            .arg(1_000)
-            .query_async(&mut conn)
-            .await
-            .expect("SCAN");
-        keys.extend(page);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+    let keys = p.backend().scan(&format!("{}:*", p.namespace())).await;
+    assert!(
+        keys.contains(&p.keys().stream(topology::MARKET, 0)),
+        "the scan sees the pipeline's keys: {} of them",
+        keys.len()
+    );
     let keyed: Vec<&String> = keys
         .iter()
         .filter(|key| key.split(':').any(|segment| unknown.contains(segment)))

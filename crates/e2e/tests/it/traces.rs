@@ -4,7 +4,7 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use e2e::{
-    Role,
+    RedisKind, Role,
     otlp::{OtlpReceiver, ReceivedSpan},
     processes::{ProcessOptions, ProcessPipeline},
     service_binaries,
@@ -128,12 +128,14 @@ fn assert_consumer_span(span: &ReceivedSpan, stream: &str, group: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_order_that_trades_is_one_trace_through_the_four_services() {
+on_both_backends!(an_order_that_trades_is_one_trace_through_the_four_services);
+
+async fn an_order_that_trades_is_one_trace_through_the_four_services(backend: RedisKind) {
     let receiver = OtlpReceiver::start().await;
     let mut p = ProcessPipeline::start(
         service_binaries!(),
         ProcessOptions {
+            backend,
             env: env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint())]),
             name: "traces".into(),
             ..ProcessOptions::default()
@@ -279,12 +281,14 @@ async fn an_order_that_trades_is_one_trace_through_the_four_services() {
     receiver.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_zero_ratio_sampler_exports_nothing_and_the_pipeline_still_works() {
+on_both_backends!(a_zero_ratio_sampler_exports_nothing_and_the_pipeline_still_works);
+
+async fn a_zero_ratio_sampler_exports_nothing_and_the_pipeline_still_works(backend: RedisKind) {
     let receiver = OtlpReceiver::start().await;
     let mut p = ProcessPipeline::start(
         service_binaries!(),
         ProcessOptions {
+            backend,
             env: env(&[
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint()),
                 ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
@@ -343,17 +347,19 @@ async fn a_zero_ratio_sampler_exports_nothing_and_the_pipeline_still_works() {
     receiver.stop().await;
 }
 
+on_both_backends!(an_entry_on_the_external_stream_continues_the_trace_it_carries);
+
 /// Fails today: `Stage::entry_span` (streams-core `stage.rs`) parents the span only on an
 /// envelope's context, so the `process` span of a raw external entry is a root, and
 /// `Outputs::append` then replaces the producer's `traceparent` with that new trace's.
 /// The fix is to parent raw entries on their `traceparent`/`tracestate` fields
 /// (`trace_context::set_parent_from`); un-ignore this test with it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_entry_on_the_external_stream_continues_the_trace_it_carries() {
+async fn an_entry_on_the_external_stream_continues_the_trace_it_carries(backend: RedisKind) {
     let receiver = OtlpReceiver::start().await;
     let mut p = ProcessPipeline::start(
         service_binaries!(),
         ProcessOptions {
+            backend,
             env: env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint())]),
             name: "traces-ext".into(),
             ..ProcessOptions::default()

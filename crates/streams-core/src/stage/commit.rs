@@ -340,6 +340,10 @@ impl<H: Handler> Stage<H> {
         match reply {
             SourceReply::Acked(acked) => {
                 let not_pending = acked.iter().any(|acked| !acked);
+                if owned {
+                    self.committed
+                        .record(source, commit.entries.iter().map(|(id, _)| id.as_str()));
+                }
                 self.record_commit(source, &commit, acked);
                 // Entries of an owned partition that were no longer pending: an earlier try
                 // of this commit went through (its reply lost, or not confirmed by the
@@ -355,7 +359,11 @@ impl<H: Handler> Stage<H> {
                     outcome.stale.push(source);
                 }
             }
-            SourceReply::Fenced => outcome.fenced.push(source),
+            SourceReply::Fenced => {
+                self.stats
+                    .record_fenced(&self.sources[source], commit.entries.len() as u64);
+                outcome.fenced.push(source);
+            }
             SourceReply::OutOfOrder => outcome.stale.push(source),
             SourceReply::Failed(error) => {
                 // A check failed (a key of another type, ...): nothing of the source was

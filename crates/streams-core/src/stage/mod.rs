@@ -38,9 +38,13 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use self::{
     commit::Commit,
-    handler::Op,
     readers::{PartitionReaders, ReadSettings},
     spec::Source,
+};
+/// For replays across slots (`admin_ops`): the commit's call, its dedupe gate and effects.
+pub(crate) use self::{
+    commit::{AckForward, Gate, SourceCommit, SourceReply},
+    handler::Op,
 };
 pub use self::{
     handler::{Delivery, EFFECT_COMMANDS, Handler, HandlerError, Outputs},
@@ -75,6 +79,8 @@ pub struct Stage<H> {
     readers: tokio::sync::Mutex<Option<PartitionReaders>>,
     /// When a commit last found each key it writes of the right type (`commit::TYPE_RECHECK`).
     type_checks: std::sync::Mutex<HashMap<String, Instant>>,
+    /// Owned mode: the newest entry committed of each partition since its state was loaded.
+    committed: owned::Committed,
 }
 
 /// The metrics a stage records for every batch, registered once (not looked up, labels
@@ -158,6 +164,7 @@ impl<H: Handler> Stage<H> {
             metrics,
             readers: tokio::sync::Mutex::new(None),
             type_checks: std::sync::Mutex::new(HashMap::new()),
+            committed: owned::Committed::default(),
         }
     }
 
@@ -465,6 +472,17 @@ impl<H: Handler> Stage<H> {
                     return DrainOutcome::Halted;
                 }
             };
+            if token.is_some()
+                && claimed
+                    .batch
+                    .iter()
+                    .any(|p| self.committed.handed_out_again(source, &p.entry.id))
+            {
+                // What the claim took stays pending to this consumer, for the drain that
+                // follows the reload.
+                self.warn_handed_out_again(source);
+                return DrainOutcome::Stale;
+            }
             if !claimed.batch.is_empty() {
                 if mode == ClaimMode::Idle {
                     self.stats
@@ -489,6 +507,13 @@ impl<H: Handler> Stage<H> {
             }
             cursor = claimed.next;
         }
+    }
+
+    /// Logs that Redis handed out entries of `source` that this consumer had committed.
+    fn warn_handed_out_again(&self, source: usize) {
+        tracing::warn!(group = %self.spec.group, partition = self.sources[source].partition,
+            "Redis handed out again entries this consumer had committed (a failover lost \
+             acknowledged writes, or Redis loaded older data); reloading the partition's state");
     }
 
     async fn claim(

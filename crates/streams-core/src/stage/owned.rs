@@ -135,6 +135,52 @@ impl OwnedPartitions {
     }
 }
 
+/// The newest entry of each owned partition that this consumer has committed since it last
+/// loaded the partition's state (took the partition, or reloaded it).
+///
+/// A commit of an entry goes through only while no older entry of the partition is
+/// pending, and a read hands out only entries newer than every one delivered before; so
+/// Redis hands out an entry at or below this mark again only if it lost writes this
+/// consumer saw succeed: a failover to a replica that had not received them
+/// (`TICKFLOW_WAIT_REPLICAS=0`), or a Redis that reloaded older data. The handler's state
+/// then holds what Redis no longer does, and must be reloaded before such an entry is
+/// handled, or it would be applied to that state twice.
+#[derive(Debug, Default)]
+pub(super) struct Committed(std::sync::Mutex<HashMap<usize, (u64, u64)>>);
+
+impl Committed {
+    /// Notes that `ids` of `source` were committed.
+    pub(super) fn record<'a>(&self, source: usize, ids: impl Iterator<Item = &'a str>) {
+        let Some(newest) = ids.map(id_order).max() else {
+            return;
+        };
+        let mut marks = self.0.lock().expect("committed marks");
+        let mark = marks.entry(source).or_insert(newest);
+        *mark = (*mark).max(newest);
+    }
+
+    /// Forgets `source`'s mark: its state was (re)loaded from Redis, or it was given up.
+    pub(super) fn forget(&self, source: usize) {
+        self.0.lock().expect("committed marks").remove(&source);
+    }
+
+    /// Whether Redis handed out `id` of `source` although this consumer had committed it
+    /// (or a newer entry) since the partition's state was loaded.
+    pub(super) fn handed_out_again(&self, source: usize, id: &str) -> bool {
+        self.0
+            .lock()
+            .expect("committed marks")
+            .get(&source)
+            .is_some_and(|mark| id_order(id) <= *mark)
+    }
+}
+
+/// `ms-seq` as a pair that orders as Redis orders stream ids.
+fn id_order(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
 impl<H: Handler> Stage<H> {
     pub(super) async fn run_owned(&mut self) -> Result<()> {
         let ownership = Ownership::start(
@@ -225,6 +271,12 @@ impl<H: Handler> Stage<H> {
             match read {
                 Ok(batch) if batch.is_empty() => {}
                 Ok(batch) => {
+                    let batch = self
+                        .set_aside_handed_out_again(batch, &ownership, &mut owned)
+                        .await;
+                    if batch.is_empty() {
+                        continue;
+                    }
                     let handled = self.handle(batch).await;
                     let (outcome, next) = self
                         .commit_and_read_ahead(handled, &readable, &mut reader, &sources)
@@ -285,6 +337,7 @@ impl<H: Handler> Stage<H> {
             let Some(source) = self.source_index(partition) else {
                 continue;
             };
+            self.committed.forget(source);
             if let Some(token) = owned.remove(source) {
                 self.handler.partition_released(partition);
                 ownership.release(partition, &token).await;
@@ -299,6 +352,7 @@ impl<H: Handler> Stage<H> {
                 // Lost and taken again since the loop last looked: the old ownership ended.
                 self.handler.partition_released(partition);
             }
+            self.committed.forget(source);
             match self.handler.partition_acquired(partition).await {
                 Ok(()) => {
                     tracing::info!(group = %self.spec.group, partition, "partition acquired");
@@ -310,6 +364,33 @@ impl<H: Handler> Stage<H> {
                 }
             }
         }
+    }
+
+    /// Takes out of `batch` the partitions of which Redis handed out an entry this consumer
+    /// had committed already ([`Committed`]): their state is reloaded from Redis and they
+    /// drain, which hands those entries (now pending to this consumer) out again, in order.
+    async fn set_aside_handed_out_again(
+        &mut self,
+        mut batch: Vec<Pending>,
+        ownership: &Ownership,
+        owned: &mut OwnedPartitions,
+    ) -> Vec<Pending> {
+        let again: std::collections::BTreeSet<usize> = batch
+            .iter()
+            .filter(|p| self.committed.handed_out_again(p.source, &p.entry.id))
+            .map(|p| p.source)
+            .collect();
+        if again.is_empty() {
+            return batch;
+        }
+        batch.retain(|p| !again.contains(&p.source));
+        for source in again {
+            self.warn_handed_out_again(source);
+            if self.reload(ownership, source, owned).await {
+                owned.drain_from(source, Instant::now());
+            }
+        }
+        batch
     }
 
     /// Reloads the handler's state of an owned partition whose commit did not go through
@@ -326,6 +407,7 @@ impl<H: Handler> Stage<H> {
         let Some(token) = owned.token(source).map(str::to_owned) else {
             return false;
         };
+        self.committed.forget(source);
         self.handler.partition_released(partition);
         match self.handler.partition_acquired(partition).await {
             Ok(()) => true,
@@ -340,6 +422,7 @@ impl<H: Handler> Stage<H> {
 
     fn lose(&mut self, ownership: &Ownership, source: usize, owned: &mut OwnedPartitions) {
         let partition = self.sources[source].partition;
+        self.committed.forget(source);
         if let Some(token) = owned.remove(source) {
             tracing::warn!(group = %self.spec.group, partition, "lease lost; dropping partition");
             self.handler.partition_released(partition);
@@ -434,6 +517,36 @@ mod tests {
         assert_eq!(owned.acquire(2, "new".into(), now), Some("old".to_owned()));
         assert_eq!(owned.token(2), Some("new"));
         assert!(!owned.is_readable(2), "a new ownership drains first");
+    }
+
+    #[test]
+    fn an_entry_at_or_below_the_newest_committed_is_handed_out_again() {
+        let committed = Committed::default();
+        assert!(
+            !committed.handed_out_again(0, "5-0"),
+            "nothing committed yet"
+        );
+        committed.record(0, ["10-2", "9-7", "10-1"].into_iter());
+        committed.record(0, std::iter::empty());
+        for (id, again) in [
+            ("10-2", true),
+            ("10-1", true),
+            ("9-99", true),
+            ("10-3", false),
+        ] {
+            assert_eq!(committed.handed_out_again(0, id), again, "{id}");
+        }
+        assert!(!committed.handed_out_again(1, "1-0"), "per partition");
+        committed.record(0, ["3-0"].into_iter());
+        assert!(
+            committed.handed_out_again(0, "10-2"),
+            "the mark never goes back"
+        );
+        committed.forget(0);
+        assert!(
+            !committed.handed_out_again(0, "10-2"),
+            "forgotten on a reload"
+        );
     }
 
     #[test]

@@ -324,6 +324,7 @@ async fn status_shows_the_stage_its_counters_and_every_partition() {
             "dead_lettered": 1,
             "duplicates_skipped": 0,
             "claimed": 0,
+            "fenced": 0,
             "reconnects": 0,
             "trimmed": 0,
             "trimmed_unacknowledged": 0,

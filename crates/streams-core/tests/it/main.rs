@@ -2,6 +2,7 @@
 //! One test binary (see ARCHITECTURE.md): each module is one area.
 
 mod admin;
+mod failover;
 mod forwarding;
 mod http_server;
 mod outages;

@@ -447,71 +447,6 @@ async fn a_graceful_stop_releases_every_lease_even_one_taken_during_the_last_bat
     assert_eq!(redis.total_pending(INPUT, GROUP).await, 0);
 }
 
-/// A stateful handler, as the engine is: per partition, how many entries it has counted,
-/// held in memory, stored whole with each commit, loaded when the partition is acquired.
-/// Every entry is also forwarded, so the order it was handled in shows.
-#[derive(Clone)]
-struct Tally {
-    keys: streams_core::KeySpace,
-    redis: streams_core::Redis,
-    counts: std::collections::HashMap<Partition, u64>,
-    touched: std::collections::BTreeSet<Partition>,
-}
-
-fn tally_key(keys: &streams_core::KeySpace, partition: Partition) -> String {
-    keys.partition_state(GROUP, "tally", partition)
-}
-
-impl streams_core::Handler for Tally {
-    async fn handle(
-        &mut self,
-        delivery: &streams_core::Delivery,
-        out: &mut streams_core::Outputs,
-    ) -> Result<(), streams_core::HandlerError> {
-        *self.counts.entry(delivery.partition).or_default() += 1;
-        self.touched.insert(delivery.partition);
-        let envelope = delivery.envelope.as_ref().expect("envelope stage");
-        out.append(
-            self.keys.stream(OUTPUT, delivery.partition),
-            &envelope.derive("forwarded", envelope.payload.clone()),
-        );
-        Ok(())
-    }
-
-    async fn partition_acquired(
-        &mut self,
-        partition: Partition,
-    ) -> Result<(), streams_core::HandlerError> {
-        let mut conn = self
-            .redis
-            .pooled()
-            .await
-            .map_err(|e| streams_core::HandlerError::Retry(e.to_string()))?;
-        let stored: Option<u64> = conn
-            .get(tally_key(&self.keys, partition))
-            .await
-            .map_err(|e| streams_core::HandlerError::Retry(e.to_string()))?;
-        self.counts.insert(partition, stored.unwrap_or(0));
-        Ok(())
-    }
-
-    fn partition_released(&mut self, partition: Partition) {
-        self.counts.remove(&partition);
-        self.touched.remove(&partition);
-    }
-
-    fn batch_effects(&mut self, partition: Partition, out: &mut streams_core::Outputs) {
-        if self.touched.remove(&partition) {
-            let count = self.counts.get(&partition).copied().unwrap_or(0);
-            out.command(
-                "SET",
-                tally_key(&self.keys, partition),
-                vec![count.to_string().into_bytes()],
-            );
-        }
-    }
-}
-
 /// A commit refused because an older entry is pending (here one a former owner's read took,
 /// as a zombie would) is handled again after that entry, in order: a stateful handler must
 /// count what it had handled in the refused batch once, not twice, so the stage reloads its
@@ -520,16 +455,11 @@ impl streams_core::Handler for Tally {
 async fn a_commit_refused_for_an_older_pending_entry_leaves_handler_state_counted_once() {
     let redis = TestRedis::start(1);
     let config = redis.config("c1");
-    let handler = Tally {
-        keys: config.keys.clone(),
-        redis: redis.redis(),
-        counts: Default::default(),
-        touched: Default::default(),
-    };
+    let handler = Tally::new(&config, redis.redis());
     let running = spawn_stage(&config, spec(ConsumeMode::Owned), handler);
     let mut conn = redis.conn().await;
     let stored = async |conn: &mut redis::aio::MultiplexedConnection| -> u64 {
-        let value: Option<u64> = conn.get(tally_key(&config.keys, 0)).await.unwrap();
+        let value: Option<u64> = conn.get(Tally::key(&config.keys, 0)).await.unwrap();
         value.unwrap_or(0)
     };
     redis.produce(INPUT, 0, "t", 0..3).await;

@@ -336,3 +336,89 @@ pub(crate) fn assert_exactly_once(payloads: &[String], expected: impl IntoIterat
 pub(crate) fn tags(tag: &str, seqs: std::ops::Range<u64>) -> impl Iterator<Item = String> + '_ {
     seqs.map(move |s| format!("{tag}:{s}"))
 }
+
+/// A stateful handler, as the engine is: per partition, how many entries it has counted,
+/// held in memory, stored whole with each commit, loaded when the partition is acquired.
+/// Every entry is also forwarded, so the order it was handled in shows. A payload with
+/// `slow` in it takes `slow_for` to handle.
+#[derive(Clone)]
+pub(crate) struct Tally {
+    keys: streams_core::KeySpace,
+    redis: Redis,
+    counts: HashMap<Partition, u64>,
+    touched: std::collections::BTreeSet<Partition>,
+    slow_for: Duration,
+    /// Every payload handed to the handler, in order.
+    pub(crate) seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Tally {
+    pub(crate) fn new(config: &Config, redis: Redis) -> Self {
+        Self {
+            keys: config.keys.clone(),
+            redis,
+            counts: HashMap::new(),
+            touched: Default::default(),
+            slow_for: Duration::ZERO,
+            seen: Arc::default(),
+        }
+    }
+
+    pub(crate) fn slow(mut self, slow_for: Duration) -> Self {
+        self.slow_for = slow_for;
+        self
+    }
+
+    /// Where partition `partition`'s count is stored.
+    pub(crate) fn key(keys: &streams_core::KeySpace, partition: Partition) -> String {
+        keys.partition_state(GROUP, "tally", partition)
+    }
+}
+
+impl Handler for Tally {
+    async fn handle(&mut self, delivery: &Delivery, out: &mut Outputs) -> Result<(), HandlerError> {
+        let envelope = delivery.envelope.as_ref().expect("envelope stage");
+        let payload = String::from_utf8_lossy(&envelope.payload).into_owned();
+        self.seen.lock().unwrap().push(payload.clone());
+        if payload.contains("slow") {
+            tokio::time::sleep(self.slow_for).await;
+        }
+        *self.counts.entry(delivery.partition).or_default() += 1;
+        self.touched.insert(delivery.partition);
+        out.append(
+            self.keys.stream(OUTPUT, delivery.partition),
+            &envelope.derive("forwarded", envelope.payload.clone()),
+        );
+        Ok(())
+    }
+
+    async fn partition_acquired(&mut self, partition: Partition) -> Result<(), HandlerError> {
+        let mut conn = self
+            .redis
+            .pooled()
+            .await
+            .map_err(|e| HandlerError::Retry(e.to_string()))?;
+        let stored: Option<u64> = conn
+            .get(Self::key(&self.keys, partition))
+            .await
+            .map_err(|e| HandlerError::Retry(e.to_string()))?;
+        self.counts.insert(partition, stored.unwrap_or(0));
+        Ok(())
+    }
+
+    fn partition_released(&mut self, partition: Partition) {
+        self.counts.remove(&partition);
+        self.touched.remove(&partition);
+    }
+
+    fn batch_effects(&mut self, partition: Partition, out: &mut Outputs) {
+        if self.touched.remove(&partition) {
+            let count = self.counts.get(&partition).copied().unwrap_or(0);
+            out.command(
+                "SET",
+                Self::key(&self.keys, partition),
+                vec![count.to_string().into_bytes()],
+            );
+        }
+    }
+}
