@@ -6,7 +6,7 @@
 //!
 //! Per partition, under its hash tag ([`KeySpace::partition_state`], `…:state:analytics:`):
 //! - `stats` hash: symbol → the symbol's [`SymbolStats`] as JSON: counts, last prices, and
-//!   its newest bar at each interval (the bar in progress);
+//!   its newest bar at each interval (the bar in progress); and a field [`HEADER`];
 //! - `closed_bars:{1s|1m}:{epoch}` sorted sets: every other bar of the partition's symbols
 //!   whose start falls in the epoch (`epoch = start / interval's epoch length`,
 //!   [`Interval::epoch_ms`]: 10 min of 1 s bars, a day of 1 min bars), all scored 0 and
@@ -49,6 +49,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 use streams_core::{KeySpace, Partition};
 use tickflow_proto::topology::ANALYTICS_GROUP;
+
+/// The field every HSET of `stats` also writes, with the layout described in its value,
+/// longer than Redis's `hash-max-listpack-value` (64 bytes): Redis then keeps the hash as a
+/// hash table, where an HSET of a batch's symbols costs a lookup each, not a scan of the
+/// whole hash each (its compact encoding, used for up to 512 short fields).
+pub const HEADER: &str = "~layout";
+
+pub(crate) const STATS_LAYOUT: &[u8] =
+    b"tickflow analytics layout 2: {symbol} -> its figures and bars in progress, as JSON";
 
 /// A bar interval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -608,6 +617,9 @@ pub(crate) async fn load(
         ..Loaded::default()
     };
     for (symbol, text) in stats {
+        if symbol == HEADER {
+            continue;
+        }
         let stats = SymbolStats::decode(&text)
             .map_err(|e| format!("the stored statistics of {symbol} are invalid: {e}"))?;
         loaded.symbols.insert(symbol, stats);
