@@ -147,7 +147,12 @@ pub async fn load(redis: &Redis, keys: &KeySpace, partition: Partition) -> Resul
             .ok_or_else(|| format!("a stored order named {field:?} has no symbol"))?;
         let order = decode_order(id, &value)
             .map_err(|e| format!("the stored order {id:?} of {symbol} is invalid: {e}"))?;
-        orders.entry(symbol.to_owned()).or_default().push(order);
+        match orders.get_mut(symbol) {
+            Some(book) => book.push(order),
+            None => {
+                orders.insert(symbol.to_owned(), vec![order]);
+            }
+        }
     }
     for symbol in &legacy {
         let book = orders.entry(symbol.clone()).or_default();
