@@ -179,12 +179,18 @@ pub async fn load(redis: &Redis, keys: &KeySpace, partition: Partition) -> Resul
 }
 
 /// Every field and value of the hash `key`, read by HSCAN in pages of about [`PAGE`]
-/// fields (a field HSCAN returns twice, as it may while the hash is rehashed, is kept once).
+/// fields. A field may come twice (HSCAN returns a field again if the hash was rehashed
+/// between two pages): the callers keep one.
 async fn hscan(
     conn: &mut streams_core::connection::Connection,
     key: &str,
 ) -> Result<Vec<(String, String)>, String> {
-    let mut all: HashMap<String, String> = HashMap::new();
+    let bad = |what: &str| format!("HSCAN {key}: {what}");
+    let text = |value: Value| match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes).map_err(|_| bad("not UTF-8")),
+        other => Err(bad(&format!("{other:?} is not a string"))),
+    };
+    let mut all = Vec::new();
     let mut cursor = String::from("0");
     loop {
         let reply: Value = redis::cmd("HSCAN")
@@ -195,15 +201,24 @@ async fn hscan(
             .query_async(conn)
             .await
             .map_err(|e| e.to_string())?;
-        let (next, page): (String, Vec<(String, String)>) =
-            redis::from_redis_value(reply).map_err(|e| format!("HSCAN {key}: {e}"))?;
-        all.extend(page);
-        if next == "0" {
+        let Value::Array(mut reply) = reply else {
+            return Err(bad("the reply is not an array"));
+        };
+        let (Some(Value::Array(page)), Some(next), None) = (reply.pop(), reply.pop(), reply.pop())
+        else {
+            return Err(bad("the reply is not [cursor, page]"));
+        };
+        all.reserve(page.len() / 2);
+        let mut page = page.into_iter();
+        while let (Some(field), Some(value)) = (page.next(), page.next()) {
+            all.push((text(field)?, text(value)?));
+        }
+        cursor = text(next)?;
+        if cursor == "0" {
             break;
         }
-        cursor = next;
     }
-    Ok(all.into_iter().collect())
+    Ok(all)
 }
 
 /// A book's band, last price and sequence.
@@ -348,6 +363,9 @@ fn restore(meta: &Meta, resting: Vec<Resting>) -> Result<OrderBook, String> {
             .cmp(&b.price)
             .then(a.accepted_seq.cmp(&b.accepted_seq))
     });
+    // An order HSCAN returned twice is the same order twice, next to itself once sorted.
+    bids.dedup();
+    asks.dedup();
     OrderBook::from_parts(meta.band_bps, meta.last_price, meta.sequence, bids, asks)
         .map_err(|e| e.to_string())
 }
@@ -480,6 +498,16 @@ mod tests {
             })
             .collect();
         orders.reverse();
+        // HSCAN may return an order twice: kept once. Two orders of one id are refused.
+        let mut twice = orders.clone();
+        twice.push(orders[2].clone());
+        assert_eq!(restore(&meta, twice).unwrap(), book);
+        let mut clash = orders.clone();
+        clash.push(Resting {
+            qty: orders[2].qty + 1,
+            ..orders[2].clone()
+        });
+        assert!(restore(&meta, clash).unwrap_err().contains("twice"));
         let restored = restore(&meta, orders).unwrap();
         assert_eq!(restored, book);
         // And it continues identically.
