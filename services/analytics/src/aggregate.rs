@@ -621,6 +621,8 @@ impl Handler for Aggregator {
                     args.push(stats.encode());
                 }
             }
+            args.push(store::HEADER.as_bytes().to_vec());
+            args.push(store::STATS_LAYOUT.to_vec());
             out.command("HSET", keys.stats(partition), args);
         }
 

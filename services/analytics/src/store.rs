@@ -5,8 +5,8 @@
 //! # Layout
 //!
 //! Per partition, under its hash tag ([`KeySpace::partition_state`], `…:state:analytics:`):
-//! - `stats` hash: symbol → the symbol's [`SymbolStats`] as JSON: counts, last prices, and
-//!   its newest bar at each interval (the bar in progress);
+//! - `stats` hash: symbol → the symbol's [`SymbolStats`] ([`SymbolStats::encode`]): counts, last prices, and
+//!   its newest bar at each interval (the bar in progress); and a field [`HEADER`];
 //! - `closed_bars:{1s|1m}:{epoch}` sorted sets: every other bar of the partition's symbols
 //!   whose start falls in the epoch (`epoch = start / interval's epoch length`,
 //!   [`Interval::epoch_ms`]: 10 min of 1 s bars, a day of 1 min bars), all scored 0 and
@@ -49,6 +49,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 use streams_core::{KeySpace, Partition};
 use tickflow_proto::topology::ANALYTICS_GROUP;
+
+/// The field every HSET of `stats` also writes, with the layout described in its value,
+/// longer than Redis's `hash-max-listpack-value` (64 bytes): Redis then keeps the hash as a
+/// hash table, where an HSET of a batch's symbols costs a lookup each, not a scan of the
+/// whole hash each (its compact encoding, used for up to 512 short fields).
+pub const HEADER: &str = "~layout";
+
+pub(crate) const STATS_LAYOUT: &[u8] =
+    b"tickflow analytics layout 2: {symbol} -> its figures and bars in progress, as JSON";
 
 /// A bar interval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -195,35 +204,26 @@ impl Bar {
     }
 }
 
-/// One symbol's figures (a field of the partition's `stats` hash).
-#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+/// One symbol's figures (a field of the partition's `stats` hash, [`SymbolStats::encode`]).
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct SymbolStats {
     /// Trades counted.
-    #[serde(default)]
     pub trades: u64,
     /// Their summed quantity.
-    #[serde(default)]
     pub volume: u64,
     /// Their summed price × quantity.
-    #[serde(default)]
     pub notional: f64,
     /// The last trade's price.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_price_e6: Option<i64>,
     /// Ticks counted.
-    #[serde(default)]
     pub ticks: u64,
     /// The last tick's price.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_tick_price_e6: Option<i64>,
     /// Execution reports counted, by status (`filled`, ...).
-    #[serde(default, rename = "exec", skip_serializing_if = "BTreeMap::is_empty")]
     pub executions: BTreeMap<String, u64>,
     /// The symbol's newest 1 s bar (in progress; older ones are closed bars).
-    #[serde(default, rename = "bar_1s", skip_serializing_if = "Option::is_none")]
     pub second: Option<Bar>,
     /// The symbol's newest 1 min bar.
-    #[serde(default, rename = "bar_1m", skip_serializing_if = "Option::is_none")]
     pub minute: Option<Bar>,
 }
 
@@ -283,12 +283,97 @@ impl SymbolStats {
         }
     }
 
+    /// `{trades} {volume} {notional} {last price or -} {ticks} {last tick price or -};
+    /// {status}={count},…;{1 s bar};{1 min bar}`, a bar as `{start} {open} {high} {low}
+    /// {close} {volume} {trades}` or empty. Compact, because every batch writes the value of
+    /// every symbol it changed, and the bytes of a commit cost Redis time (~1.4 ns a byte,
+    /// measured: this is half as long as the same as JSON).
     pub(crate) fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("statistics serialize")
+        use std::fmt::Write;
+        let price = |p: Option<i64>| p.map_or_else(|| "-".to_owned(), |p| p.to_string());
+        let mut text = format!(
+            "{} {} {} {} {} {};",
+            self.trades,
+            self.volume,
+            self.notional,
+            price(self.last_price_e6),
+            self.ticks,
+            price(self.last_tick_price_e6)
+        );
+        for (i, (status, count)) in self.executions.iter().enumerate() {
+            let comma = if i == 0 { "" } else { "," };
+            let _ = write!(text, "{comma}{status}={count}");
+        }
+        for bar in [&self.second, &self.minute] {
+            text.push(';');
+            if let Some(b) = bar {
+                let _ = write!(
+                    text,
+                    "{} {} {} {} {} {} {}",
+                    b.t, b.o, b.h, b.l, b.c, b.v, b.n
+                );
+            }
+        }
+        text.into_bytes()
     }
 
     pub(crate) fn decode(text: &[u8]) -> Result<Self, String> {
-        serde_json::from_slice(text).map_err(|e| e.to_string())
+        let text = std::str::from_utf8(text).map_err(|e| e.to_string())?;
+        let bad = || format!("{text:?} is not `counts;executions;bar;bar`");
+        let mut sections = text.split(';');
+        let (Some(counts), Some(executions), Some(second), Some(minute), None) = (
+            sections.next(),
+            sections.next(),
+            sections.next(),
+            sections.next(),
+            sections.next(),
+        ) else {
+            return Err(bad());
+        };
+        let counts: Vec<&str> = counts.split(' ').collect();
+        let [trades, volume, notional, last, ticks, last_tick] = counts[..] else {
+            return Err(bad());
+        };
+        let number = |t: &str| t.parse::<u64>().map_err(|_| bad());
+        let price = |t: &str| match t {
+            "-" => Ok(None),
+            p => p.parse::<i64>().map(Some).map_err(|_| bad()),
+        };
+        let bar = |t: &str| -> Result<Option<Bar>, String> {
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let n: Vec<&str> = t.split(' ').collect();
+            let [t, o, h, l, c, v, n] = n[..] else {
+                return Err(bad());
+            };
+            let int = |x: &str| x.parse::<i64>().map_err(|_| bad());
+            Ok(Some(Bar {
+                t: number(t)?,
+                o: int(o)?,
+                h: int(h)?,
+                l: int(l)?,
+                c: int(c)?,
+                v: number(v)?,
+                n: number(n)?,
+            }))
+        };
+        let mut counted = BTreeMap::new();
+        for pair in executions.split(',').filter(|p| !p.is_empty()) {
+            let (status, count) = pair.split_once('=').ok_or_else(bad)?;
+            counted.insert(status.to_owned(), number(count)?);
+        }
+        Ok(SymbolStats {
+            trades: number(trades)?,
+            volume: number(volume)?,
+            notional: notional.parse().map_err(|_| bad())?,
+            last_price_e6: price(last)?,
+            ticks: number(ticks)?,
+            last_tick_price_e6: price(last_tick)?,
+            executions: counted,
+            second: bar(second)?,
+            minute: bar(minute)?,
+        })
     }
 }
 
@@ -608,6 +693,9 @@ pub(crate) async fn load(
         ..Loaded::default()
     };
     for (symbol, text) in stats {
+        if symbol == HEADER {
+            continue;
+        }
         let stats = SymbolStats::decode(&text)
             .map_err(|e| format!("the stored statistics of {symbol} are invalid: {e}"))?;
         loaded.symbols.insert(symbol, stats);
@@ -852,9 +940,34 @@ mod tests {
             stats.executions,
             [("accepted".to_owned(), 4), ("filled".to_owned(), 3)].into()
         );
-        let round_trip = SymbolStats::decode(&stats.encode()).unwrap();
-        assert_eq!(round_trip, stats);
-        assert_eq!(SymbolStats::decode(b"{}").unwrap(), SymbolStats::default());
+        stats.second = Some(Bar {
+            t: 1_000,
+            o: 5,
+            h: 9,
+            l: -1,
+            c: 7,
+            v: 12,
+            n: 3,
+        });
+        for figures in [stats, SymbolStats::default()] {
+            let text = figures.encode();
+            assert_eq!(SymbolStats::decode(&text).unwrap(), figures, "{text:?}");
+        }
+        assert_eq!(
+            String::from_utf8(SymbolStats::default().encode()).unwrap(),
+            "0 0 0 - 0 -;;;"
+        );
+        for bad in [
+            "",
+            "{}",
+            "0 0 0 - 0 -;;",
+            "0 0 0 - 0;;;",
+            "0 0 x - 0 -;;;",
+            "0 0 0 - 0 -;a;;",
+            "0 0 0 - 0 -;;1 2;",
+        ] {
+            assert!(SymbolStats::decode(bad.as_bytes()).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

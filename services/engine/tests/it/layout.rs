@@ -182,7 +182,17 @@ async fn books_in_the_per_symbol_layout_are_moved_whole_with_the_first_commit() 
         .await
         .unwrap();
     let books = |symbol: &str| expected.get(symbol).unwrap().len() as u64;
-    assert_eq!(resting, books(&traded) + books(&untouched));
+    // And the field that describes the layout.
+    assert_eq!(resting, books(&traded) + books(&untouched) + 1);
+    for hash in ["resting", "meta"] {
+        let encoding: String = redis::cmd("OBJECT")
+            .arg("ENCODING")
+            .arg(state(&keys, hash, partition))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(encoding, "hashtable", "{hash}");
+    }
     let loaded = stage::load_books(&server_redis(&server), &keys, partition)
         .await
         .unwrap();
