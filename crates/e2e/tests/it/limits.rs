@@ -271,9 +271,17 @@ async fn half_sent_requests_to_ingest_are_closed_while_orders_are_still_taken() 
             "{text}"
         );
     }
-    let (status, body) = p
-        .post_json("/v1/orders", &limit_json("AAPL", "sell", 172.5, 1, "after"))
-        .await;
+    // On a new connection: the client's pooled one has been idle longer than the header
+    // read timeout too, which closes it (README), maybe just as this request is sent.
+    let fresh = reqwest::Client::builder().no_proxy().build().unwrap();
+    let response = fresh
+        .post(p.ingest_url("/v1/orders"))
+        .json(&limit_json("AAPL", "sell", 172.5, 1, "after"))
+        .send()
+        .await
+        .expect("POST after the half-sent requests were closed");
+    let status = response.status().as_u16();
+    let body = response.text().await.unwrap_or_default();
     assert_eq!(status, 202, "{body}");
     p.shutdown().await;
 }
