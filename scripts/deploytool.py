@@ -95,8 +95,6 @@ EXTRA_VARIABLES: set[str] = set()
 # Issue 18 (Redis Cluster): the services learn these on another branch while the manifests
 # (k8s/components/redis-cluster-mode) already set them. Tolerated only while the code does not
 # read them yet; check-k8s says so once it does, and then this set should go.
-ISSUE_18_VARIABLES = {"TICKFLOW_REDIS_MODE", "TICKFLOW_WAIT_REPLICAS", "TICKFLOW_WAIT_TIMEOUT_MS"}
-
 SERVICE_BINARIES = {"ingest", "transform", "engine", "analytics", "tickflow"}
 
 
@@ -308,19 +306,8 @@ def code_variables() -> set[str]:
 
 def check_variables(where: str, names, known: set[str], problems: Problems) -> None:
     for name in names:
-        if name not in known and name not in EXTRA_VARIABLES and name not in ISSUE_18_VARIABLES:
+        if name not in known and name not in EXTRA_VARIABLES:
             problems.add(f"{where}: variable {name} is read by no tickflow code (misspelt?)")
-
-
-def issue_18_note(known: set[str]) -> None:
-    """Says when the code reads every variable of ISSUE_18_VARIABLES, so that the exception
-    is removed rather than left to hide a misspelling."""
-    if ISSUE_18_VARIABLES <= known:
-        print(
-            "deploytool: note: the code now reads " + ", ".join(sorted(ISSUE_18_VARIABLES))
-            + "; remove ISSUE_18_VARIABLES from scripts/deploytool.py",
-            file=sys.stderr,
-        )
 
 
 def check_code_assumptions(problems: Problems) -> None:
@@ -389,7 +376,6 @@ def check_k8s(rendered: Path, out_dir: Path, name: str | None = None) -> int:
     problems = Problems(name or str(rendered))
     docs = load_yaml_documents(rendered)
     known = code_variables()
-    issue_18_note(known)
     by_kind: dict[str, dict[str, dict]] = {}
     for doc in docs:
         by_kind.setdefault(doc.get("kind", "?"), {})[doc.get("metadata", {}).get("name", "?")] = doc
