@@ -259,23 +259,7 @@ impl Backend {
     pub async fn scan(&self, pattern: &str) -> Vec<String> {
         let mut keys = Vec::new();
         for mut conn in self.masters().await {
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(pattern)
-                    .arg("COUNT")
-                    .arg(1_000)
-                    .query_async(&mut conn)
-                    .await
-                    .expect("SCAN");
-                keys.extend(page);
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
+            keys.extend(scan_node(&mut conn, pattern).await);
         }
         keys
     }
@@ -299,32 +283,16 @@ impl Backend {
         }
         let mut bytes = 0;
         for mut conn in self.masters().await {
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(pattern)
-                    .arg("COUNT")
-                    .arg(1_000)
+            for key in scan_node(&mut conn, pattern).await {
+                let used: Option<u64> = redis::cmd("MEMORY")
+                    .arg("USAGE")
+                    .arg(&key)
+                    .arg("SAMPLES")
+                    .arg(0)
                     .query_async(&mut conn)
                     .await
-                    .expect("SCAN");
-                for key in page {
-                    let used: Option<u64> = redis::cmd("MEMORY")
-                        .arg("USAGE")
-                        .arg(&key)
-                        .arg("SAMPLES")
-                        .arg(0)
-                        .query_async(&mut conn)
-                        .await
-                        .expect("MEMORY USAGE");
-                    bytes += used.unwrap_or(0);
-                }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
+                    .expect("MEMORY USAGE");
+                bytes += used.unwrap_or(0);
             }
         }
         bytes
@@ -938,14 +906,7 @@ impl Pipeline {
     /// services record into the same recorder: a counter sums over all of them).
     pub async fn metrics(&self, role: Role, index: usize) -> String {
         let url = format!("http://{}/metrics", self.service(role, index).http);
-        let response = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-        assert_eq!(response.status().as_u16(), 200, "GET {url}");
-        response.text().await.expect("metrics text")
+        scrape_metrics(&self.http, &url).await
     }
 
     /// `POST <path>` on a replica's admin router with `Authorization: Bearer <token>`;
@@ -1187,6 +1148,39 @@ async fn bind() -> TcpListener {
     TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind 127.0.0.1:0")
+}
+
+/// Every key matching `pattern` on the one node `conn` talks to (`SCAN`).
+async fn scan_node(conn: &mut redis::aio::MultiplexedConnection, pattern: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1_000)
+            .query_async(conn)
+            .await
+            .expect("SCAN");
+        keys.extend(page);
+        if next == 0 {
+            return keys;
+        }
+        cursor = next;
+    }
+}
+
+/// The Prometheus text at `url` (a service's `GET /metrics`), which must answer 200.
+pub(crate) async fn scrape_metrics(http: &reqwest::Client, url: &str) -> String {
+    let response = http
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert_eq!(response.status().as_u16(), 200, "GET {url}");
+    response.text().await.expect("metrics text")
 }
 
 async fn read_response(response: reqwest::Response) -> (u16, Json) {

@@ -506,15 +506,7 @@ impl ProcessPipeline {
 
     /// The Prometheus text of the process of `role` (`GET /metrics`).
     pub async fn metrics(&self, role: Role) -> String {
-        let url = self.url(role, "/metrics");
-        let response = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-        assert_eq!(response.status().as_u16(), 200, "GET {url}");
-        response.text().await.expect("metrics text")
+        crate::scrape_metrics(&self.http, &self.url(role, "/metrics")).await
     }
 
     /// `GET /v1/symbols/{symbol}/stats` of analytics.

@@ -579,23 +579,7 @@ impl Redis {
             Backend::Cluster(cluster) => cluster,
         };
         let (host, port) = cluster.master_for(key).await?;
-        let addr = match cluster.seed.addr() {
-            ConnectionAddr::TcpTls {
-                insecure,
-                tls_params,
-                ..
-            } => ConnectionAddr::TcpTls {
-                host,
-                port,
-                insecure: *insecure,
-                tls_params: tls_params.clone(),
-            },
-            _ => ConnectionAddr::Tcp(host, port),
-        };
-        let info = cluster
-            .seed
-            .clone()
-            .set_addr(addr)
+        let info = node_info(&cluster.seed, host, port)
             .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
         Ok(Client::open(info)?
             .get_multiplexed_async_connection_with_config(&dedicated_config(block))
@@ -657,6 +641,25 @@ fn install_tls_provider() {
         // An error means another provider is already installed, which serves as well.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
+}
+
+/// `seed` pointed at the node `host:port`: its scheme, TLS settings and credentials kept
+/// (a connection to one node of a cluster, as the seed list names them).
+pub fn node_info(seed: &ConnectionInfo, host: String, port: u16) -> ConnectionInfo {
+    let addr = match seed.addr() {
+        ConnectionAddr::TcpTls {
+            insecure,
+            tls_params,
+            ..
+        } => ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: *insecure,
+            tls_params: tls_params.clone(),
+        },
+        _ => ConnectionAddr::Tcp(host, port),
+    };
+    seed.clone().set_addr(addr)
 }
 
 #[cfg(test)]

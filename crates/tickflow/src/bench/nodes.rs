@@ -17,7 +17,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context, bail};
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, aio::MultiplexedConnection};
-use streams_core::{KeySpace, config::RedisMode};
+use streams_core::{KeySpace, config::RedisMode, connection::node_info};
 use tickflow_proto::topology;
 
 use super::report::{CommandUsage, NodeUsage, RedisUsage, RoundTrip, RoundTripSample};
@@ -464,24 +464,6 @@ async fn connect(info: &ConnectionInfo) -> anyhow::Result<MultiplexedConnection>
         .await?)
 }
 
-/// `seed` pointed at `host:port` (its scheme, TLS settings and credentials kept).
-fn at(seed: &ConnectionInfo, host: String, port: u16) -> ConnectionInfo {
-    let addr = match seed.addr() {
-        ConnectionAddr::TcpTls {
-            insecure,
-            tls_params,
-            ..
-        } => ConnectionAddr::TcpTls {
-            host,
-            port,
-            insecure: *insecure,
-            tls_params: tls_params.clone(),
-        },
-        _ => ConnectionAddr::Tcp(host, port),
-    };
-    seed.clone().set_addr(addr)
-}
-
 /// Every live node of the cluster whose seeds `url` lists, from the first seed that
 /// answers `CLUSTER NODES`.
 async fn cluster_nodes(url: &str) -> anyhow::Result<Vec<Node>> {
@@ -511,7 +493,7 @@ async fn cluster_nodes(url: &str) -> anyhow::Result<Vec<Node>> {
     };
     let mut nodes = Vec::new();
     for listed in parse_cluster_nodes(&view) {
-        let info = at(&seed_info, listed.host.clone(), listed.port);
+        let info = node_info(&seed_info, listed.host.clone(), listed.port);
         let conn = connect(&info).await.with_context(|| {
             format!("connecting to cluster node {}:{}", listed.host, listed.port)
         })?;
