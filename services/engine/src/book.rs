@@ -613,7 +613,12 @@ impl OrderBook {
             Side::Buy => &mut self.bids,
             Side::Sell => &mut self.asks,
         };
-        levels.entry(order.price).or_default().push_back(order);
+        // A new level holds one order until a second comes (VecDeque's first push would
+        // reserve room for four: most levels of a deep book hold one or two orders).
+        levels
+            .entry(order.price)
+            .or_insert_with(|| VecDeque::with_capacity(1))
+            .push_back(order);
     }
 
     /// Rebuilds a book from its parts, checked exactly as a deserialized snapshot is: the
