@@ -280,8 +280,13 @@ impl HttpServerLimits {
 /// How a stage loop reads, recovers, dead-letters and trims.
 #[derive(Clone, Debug)]
 pub struct StageTuning {
-    /// `TICKFLOW_BATCH_SIZE`: entries read per partition per call (XREADGROUP COUNT).
+    /// `TICKFLOW_BATCH_SIZE`: the most entries read from one partition per call (its
+    /// XREADGROUP COUNT); see [`StageTuning::read_count`].
     pub batch_size: usize,
+    /// `TICKFLOW_READ_BUDGET`: the most entries one read takes from all the partitions it
+    /// reads together (each still gets at least [`MIN_READ_SHARE`], and at most the batch
+    /// size): what bounds a stage's memory when a backlog meets many partitions.
+    pub read_budget: usize,
     /// `TICKFLOW_BLOCK_MS`: how long a read waits for new entries.
     pub block: Duration,
     /// `TICKFLOW_CLAIM_IDLE_MS`: an entry pending this long is reclaimed from its consumer.
@@ -311,10 +316,27 @@ pub struct StageTuning {
     pub shutdown_grace: Duration,
 }
 
+/// The fewest entries a read takes from each partition it reads, whatever
+/// `TICKFLOW_READ_BUDGET` and the number of partitions: below this a commit's fixed cost per
+/// partition weighs on every entry (measured: 32 per partition cost Redis ~1 µs more per
+/// event than 64, BENCHMARKS.md).
+pub const MIN_READ_SHARE: usize = 64;
+
+impl StageTuning {
+    /// The XREADGROUP COUNT of a read over `partitions` streams: the read budget shared
+    /// among them, at least [`MIN_READ_SHARE`] (or the batch size, if smaller) and at most
+    /// the batch size. With the defaults: 256 for up to 4 partitions, 64 for 16.
+    pub fn read_count(&self, partitions: usize) -> usize {
+        let share = self.read_budget.div_ceil(partitions.max(1));
+        share.max(MIN_READ_SHARE).min(self.batch_size).max(1)
+    }
+}
+
 impl Default for StageTuning {
     fn default() -> Self {
         Self {
             batch_size: 256,
+            read_budget: 1024,
             block: Duration::from_millis(2000),
             claim_idle: Duration::from_millis(30_000),
             max_deliveries: 5,
@@ -363,6 +385,12 @@ impl Config {
                 defaults.batch_size as u64,
                 1,
                 10_000,
+            )? as usize,
+            read_budget: env.ranged_or(
+                "TICKFLOW_READ_BUDGET",
+                defaults.read_budget as u64,
+                1,
+                1_000_000,
             )? as usize,
             block: env.millis_or("TICKFLOW_BLOCK_MS", 2000, 1, 60_000)?,
             claim_idle: env.millis_or("TICKFLOW_CLAIM_IDLE_MS", 30_000, 10, 86_400_000)?,
@@ -427,6 +455,7 @@ impl Config {
             pool_size: 8,
             stage: StageTuning {
                 batch_size: 64,
+                read_budget: 1024,
                 block: Duration::from_millis(100),
                 claim_idle: Duration::from_millis(500),
                 max_deliveries: 3,
@@ -573,11 +602,36 @@ mod tests {
     }
 
     #[test]
+    fn a_read_shares_its_budget_among_its_partitions_within_bounds() {
+        let tuning = |batch_size, read_budget| StageTuning {
+            batch_size,
+            read_budget,
+            ..StageTuning::default()
+        };
+        let defaults = StageTuning::default();
+        assert_eq!(defaults.read_count(1), 256);
+        assert_eq!(defaults.read_count(4), 256);
+        assert_eq!(defaults.read_count(8), 128);
+        assert_eq!(defaults.read_count(16), 64);
+        // Never below the floor, however many partitions...
+        assert_eq!(defaults.read_count(1024), MIN_READ_SHARE);
+        // ...unless the batch size is smaller; never above the batch size.
+        assert_eq!(tuning(10, 1024).read_count(16), 10);
+        assert_eq!(tuning(10_000, 1_000_000).read_count(3), 10_000);
+        assert_eq!(tuning(1, 1).read_count(0), 1);
+        let env = Env::from_pairs([("TICKFLOW_READ_BUDGET", "4096")]);
+        let config = Config::from_env(&env, "0.0.0.0:1").unwrap();
+        assert_eq!(config.stage.read_budget, 4096);
+        assert_eq!(config.stage.read_count(16), 256);
+    }
+
+    #[test]
     fn bad_values_name_the_variable() {
         let cases = [
             ("TICKFLOW_PARTITIONS", "zero"),
             ("TICKFLOW_PARTITIONS", "0"),
             ("TICKFLOW_BATCH_SIZE", "-1"),
+            ("TICKFLOW_READ_BUDGET", "0"),
             ("HTTP_ADDR", "localhost"),
             ("REDIS_URL", "http://x"),
             ("TICKFLOW_NAMESPACE", "a{b}"),

@@ -289,13 +289,14 @@ impl<H: Handler> Stage<H> {
             *reader = Some(self.redis.dedicated(self.tuning.block).await?);
         }
         let conn = reader.as_mut().expect("connected above");
+        let count = self.tuning.read_count(sources.len());
         let read = |block: bool| {
             let mut cmd = redis::cmd("XREADGROUP");
             cmd.arg("GROUP")
                 .arg(&self.spec.group)
                 .arg(&self.consumer)
                 .arg("COUNT")
-                .arg(self.tuning.batch_size);
+                .arg(count);
             if block {
                 cmd.arg("BLOCK").arg(self.tuning.block.as_millis() as u64);
             }
@@ -369,7 +370,7 @@ impl<H: Handler> Stage<H> {
                 ReadSettings {
                     group: self.spec.group.clone(),
                     consumer: self.consumer.clone(),
-                    count: self.tuning.batch_size,
+                    count: self.tuning.read_count(self.sources.len()),
                     block: self.tuning.block,
                 },
                 self.sources.len(),
