@@ -20,7 +20,9 @@
 -- per source its entry count, per entry its id, op count and ops, then the source's batch
 -- op count and batch ops (applied if any of its entries was acknowledged now). An op is
 -- either 'E', key index, header, payload (XADD of an envelope) or a command name, key
--- index, argument count and the arguments ('X' = XADD key * arguments).
+-- index, argument count and the arguments ('X' = XADD key * arguments). An entry whose one
+-- op appends an envelope (most entries) is sent short: its id, 'e<key index>', header,
+-- payload.
 --
 -- An entry's effects are applied only if this call "claims" it: for a stream source, its
 -- XACK removed it from the pending list; for a dedupe gate (Redis Cluster: effects of an
@@ -29,16 +31,37 @@
 -- trimmed first). Either way an entry's effects are applied once, however often the call
 -- is repeated.
 --
--- Returns, per source, one 0/1 per entry or a status: TICKFLOW_FENCED,
--- TICKFLOW_OUT_OF_ORDER or 'TICKFLOW_FAILED <why>', each of which means that nothing of
--- that source was written.
+-- Returns, per source, one 0/1 per entry (or, when this call acknowledged every entry, their
+-- count) or a status: TICKFLOW_FENCED, TICKFLOW_OUT_OF_ORDER or 'TICKFLOW_FAILED <why>',
+-- each of which means that nothing of that source was written.
 
+local KEYS, ARGV, rcall, rpcall = KEYS, ARGV, redis.call, redis.pcall
 local group, sources, h_name, p_name = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local token_at, gate_at, offset_at, last_at = 4, 4 + sources, 4 + 2 * sources, 4 + 3 * sources
 local types = ARGV[5 + 4 * sources]
 -- Variadic commands go in chunks of this many arguments (Lua's unpack stops at ~8,000).
 local CHUNK = 1000
 local TYPE_NAMES = {s = 'stream', h = 'hash', S = 'set', z = 'zset', t = 'string'}
+-- Numbers and key indexes recur (op counts are mostly '1', a few output keys): each
+-- distinct string is converted once (a tonumber of a string runs strtod twice: about a
+-- thousand instructions, as much as the rest of an entry's Lua work).
+local num = setmetatable({}, {__index = function(t, text)
+  local v = tonumber(text)
+  t[text] = v
+  return v
+end})
+local key_at = setmetatable({}, {__index = function(t, text)
+  local v = KEYS[tonumber(text)]
+  t[text] = v
+  return v
+end})
+-- An entry's op count, or 'e<key index>' for an entry whose one op appends an envelope:
+-- that key index, else false.
+local single = setmetatable({}, {__index = function(t, text)
+  local v = string.byte(text, 1) == 101 and tonumber(string.sub(text, 2)) or false -- 'e'
+  t[text] = v
+  return v
+end})
 local status = {}
 local window = {}
 for s = 1, sources do
@@ -58,7 +81,7 @@ for s = 1, sources do
 end
 for from = 1, #leases, CHUNK do
   local to = math.min(from + CHUNK - 1, #leases)
-  local values = redis.call('MGET', unpack(leases, from, to))
+  local values = rcall('MGET', unpack(leases, from, to))
   for k = from, to do
     local s = lease_of[k]
     if values[k - from + 1] ~= ARGV[token_at + s] then status[s] = 'TICKFLOW_FENCED' end
@@ -71,7 +94,7 @@ end
 local first_effect = 2 * sources
 local wrong = nil
 local function check(key, wanted)
-  local t = redis.call('TYPE', key).ok
+  local t = rcall('TYPE', key).ok
   if t ~= 'none' and t ~= wanted then
     return 'WRONGTYPE ' .. key .. ' is a ' .. t .. ', not a ' .. wanted
   end
@@ -96,7 +119,7 @@ if string.find(types, '[^*]') then
     local args = {'COUNT', 1, 'STREAMS'}
     for j = from, to do args[#args + 1] = names[j] end
     for _ = from, to do args[#args + 1] = past_end end
-    local read = redis.pcall('XREAD', unpack(args))
+    local read = rpcall('XREAD', unpack(args))
     if type(read) == 'table' and read.err then streams_ok = false end
   end
   for k = sources + 1, #types do
@@ -114,7 +137,7 @@ end
 -- The ARGV length of the op at index i.
 local function op_size(i)
   if ARGV[i] == 'E' then return 4 end
-  return 3 + tonumber(ARGV[i + 2])
+  return 3 + num[ARGV[i + 2]]
 end
 
 for s = 1, sources do
@@ -130,12 +153,19 @@ for s = 1, sources do
     -- only on this rare path).
     local i = at + 1
     for _ = 1, n do
-      local ops = tonumber(ARGV[i + 1])
-      i = i + 2
-      for _ = 1, ops do
-        local why = wrong[tonumber(ARGV[i + 1])]
+      local k = single[ARGV[i + 1]]
+      if k then
+        local why = wrong[k]
         if why and not status[s] then status[s] = 'TICKFLOW_FAILED ' .. why end
-        i = i + op_size(i)
+        i = i + 4
+      else
+        local ops = num[ARGV[i + 1]]
+        i = i + 2
+        for _ = 1, ops do
+          local why = wrong[tonumber(ARGV[i + 1])]
+          if why and not status[s] then status[s] = 'TICKFLOW_FAILED ' .. why end
+          i = i + op_size(i)
+        end
       end
     end
     local ops = tonumber(ARGV[i])
@@ -153,15 +183,15 @@ for s = 1, sources do
     local first, last = ARGV[at + 1], ARGV[last_at + s]
     local merged = n > 1 and ARGV[gate_at + s] == '1'
     local pending = -1
-    if merged then pending = redis.call('XPENDING', stream, group)[1] end
+    if merged then pending = rcall('XPENDING', stream, group)[1] end
     if pending ~= n and pending ~= 0 then
-      if #redis.call('XPENDING', stream, group, '-', '(' .. first, 1) > 0 then
+      if #rcall('XPENDING', stream, group, '-', '(' .. first, 1) > 0 then
         -- Nothing older than this batch may still be pending.
         status[s] = 'TICKFLOW_OUT_OF_ORDER'
       elseif merged then
         -- Read twice: between the first and the last entry, only the batch's own may be
         -- pending (all of them, or none on a retry of a call that went through).
-        local rows = #redis.call('XPENDING', stream, group, first, last, n + 1)
+        local rows = #rcall('XPENDING', stream, group, first, last, n + 1)
         if rows ~= 0 and rows ~= n then status[s] = 'TICKFLOW_OUT_OF_ORDER' end
       end
     end
@@ -173,21 +203,21 @@ end
 -- last possible id is used up) stops its source where it happened and is reported.
 local i = 0
 local function apply()
-  local kind, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
+  local kind, key = ARGV[i], key_at[ARGV[i + 1]]
   local reply
   if kind == 'E' then
-    reply = redis.pcall('XADD', key, '*', h_name, ARGV[i + 2], p_name, ARGV[i + 3])
+    reply = rpcall('XADD', key, '*', h_name, ARGV[i + 2], p_name, ARGV[i + 3])
     i = i + 4
   else
-    local n = tonumber(ARGV[i + 2])
+    local n = num[ARGV[i + 2]]
     local a = i + 3
     if kind == 'X' then
-      reply = redis.pcall('XADD', key, '*', unpack(ARGV, a, a + n - 1))
+      reply = rpcall('XADD', key, '*', unpack(ARGV, a, a + n - 1))
     elseif n == 0 then
-      reply = redis.pcall(kind, key)
+      reply = rpcall(kind, key)
     else
       for from = a, a + n - 1, CHUNK do
-        reply = redis.pcall(kind, key, unpack(ARGV, from, math.min(from + CHUNK - 1, a + n - 1)))
+        reply = rpcall(kind, key, unpack(ARGV, from, math.min(from + CHUNK - 1, a + n - 1)))
         if type(reply) == 'table' and reply.err then break end
       end
     end
@@ -213,37 +243,55 @@ for s = 1, sources do
     i = tonumber(ARGV[offset_at + s])
     local n = tonumber(ARGV[i])
     i = i + 1
-    local acks, any_acked, failed = {}, false, nil
+    local acks, acked_count, failed = {}, 0, nil
     local now = nil
     if window[s] then
-      local t = redis.call('TIME')
+      local t = rcall('TIME')
       now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-      redis.call('ZREMRANGEBYSCORE', stream, '-inf', '(' .. (now - window[s]))
+      rcall('ZREMRANGEBYSCORE', stream, '-inf', '(' .. (now - window[s]))
     end
     for e = 1, n do
-      local id, ops = ARGV[i], tonumber(ARGV[i + 1])
-      i = i + 2
+      local id, ops = ARGV[i], ARGV[i + 1]
+      local k = single[ops]
       local acked
       if now then
-        acked = redis.call('ZADD', stream, 'NX', now, id)
+        acked = rcall('ZADD', stream, 'NX', now, id)
       else
-        acked = redis.call('XACK', stream, group, id)
+        acked = rcall('XACK', stream, group, id)
       end
       acks[e] = acked
-      if acked == 1 then
-        any_acked = true
-        failed = apply_ops(ops)
-        -- The rest of this source stays as it is (its entries pending).
-        if failed then break end
+      acked_count = acked_count + acked
+      if k then
+        -- The common entry, inline: one envelope appended.
+        if acked == 1 then
+          local reply = rpcall('XADD', KEYS[k], '*', h_name, ARGV[i + 2], p_name, ARGV[i + 3])
+          -- An id (a string: its .err is string.err, nil) or an error table; cheaper than
+          -- type(), which interns the type's name on every call.
+          if reply.err then
+            -- The rest of this source stays as it is (its entries pending).
+            failed = 'TICKFLOW_FAILED ' .. reply.err
+            break
+          end
+        end
+        i = i + 4
       else
-        for _ = 1, ops do i = i + op_size(i) end
+        ops = num[ops]
+        i = i + 2
+        if acked == 1 then
+          failed = apply_ops(ops)
+          if failed then break end
+        else
+          for _ = 1, ops do i = i + op_size(i) end
+        end
       end
     end
     if not failed then
       local batch_ops = tonumber(ARGV[i])
       i = i + 1
-      if any_acked then failed = apply_ops(batch_ops) end
+      if acked_count > 0 then failed = apply_ops(batch_ops) end
     end
+    -- All acknowledged (the usual case): their count, a shorter reply.
+    if not failed and acked_count == n then acks = n end
     result[s] = failed or acks
   end
 end

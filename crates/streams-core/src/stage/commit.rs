@@ -693,7 +693,10 @@ impl<'a> AckForward<'a> {
                 + source
                     .entries
                     .iter()
-                    .map(|(_, ops)| 2 + ops.iter().map(op_len).sum::<usize>())
+                    .map(|(_, ops)| match single_envelope(ops) {
+                        Some(_) => 4,
+                        None => 2 + ops.iter().map(op_len).sum::<usize>(),
+                    })
                     .sum::<usize>()
                 + source.batch_ops.iter().map(op_len).sum::<usize>();
         }
@@ -704,7 +707,16 @@ impl<'a> AckForward<'a> {
         for source in &self.sources {
             cmd.arg(source.entries.len());
             for (id, ops) in source.entries {
-                cmd.arg(id).arg(ops.len());
+                cmd.arg(id);
+                if let Some(envelope) = single_envelope(ops) {
+                    // The common entry in one value: `e<key index>`, header, payload.
+                    let key_index = self.index[ops[0].key()];
+                    cmd.arg(format!("e{key_index}"))
+                        .arg(envelope.header())
+                        .arg(&envelope.payload[..]);
+                    continue;
+                }
+                cmd.arg(ops.len());
                 for op in ops {
                     self.encode(cmd, op);
                 }
@@ -749,6 +761,14 @@ impl<'a> AckForward<'a> {
 /// left unchecked; only something else writing a key of another type in that window can
 /// still make a commit fail part-way (reported as `TICKFLOW_FAILED`).
 pub(crate) const TYPE_RECHECK: Duration = Duration::from_secs(10);
+
+/// The envelope of an entry whose one effect appends an envelope.
+fn single_envelope(ops: &[Op]) -> Option<&Envelope> {
+    match ops {
+        [Op::AppendEnvelope { envelope, .. }] => Some(envelope),
+        _ => None,
+    }
+}
 
 /// How many ARGV values `op` takes in a call.
 fn op_len(op: &Op) -> usize {
@@ -801,6 +821,11 @@ impl SourceReply {
                     .map(|v| as_int(v).map(|i| i == 1))
                     .collect::<Result<_>>()?,
             )),
+            // Every entry of the source acknowledged: their count.
+            Value::Int(count) => match usize::try_from(count) {
+                Ok(count) => Ok(SourceReply::Acked(vec![true; count])),
+                Err(_) => Err(protocol("ack_forward acknowledged count", &item)),
+            },
             Value::BulkString(_) | Value::SimpleString(_) => {
                 let status = as_string(item)?;
                 if status == FENCED {
@@ -1321,5 +1346,196 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(parse_entries(out).unwrap().len(), 2);
+    }
+
+    /// An effect: XADD an envelope whose payload is `text` to `key` (an entry with this one
+    /// effect goes in the call's short form).
+    fn envelope(key: &str, text: &str) -> Op {
+        Op::AppendEnvelope {
+            key: key.to_owned(),
+            envelope: Envelope::new("test", "k", text.as_bytes().to_vec()),
+        }
+    }
+
+    /// The payloads of the envelopes in stream `key`, in order.
+    async fn payloads(conn: &mut MultiplexedConnection, key: &str) -> Vec<String> {
+        let reply: Value = redis::cmd("XRANGE")
+            .arg(key)
+            .arg("-")
+            .arg("+")
+            .query_async(conn)
+            .await
+            .unwrap();
+        parse_entries(reply)
+            .unwrap()
+            .into_iter()
+            .map(|entry| {
+                let envelope = Envelope::from_fields(
+                    entry
+                        .fields
+                        .iter()
+                        .map(|(n, v)| (n.as_slice(), v.as_slice())),
+                )
+                .unwrap();
+                String::from_utf8(envelope.payload.to_vec()).unwrap()
+            })
+            .collect()
+    }
+
+    async fn xack(conn: &mut MultiplexedConnection, key: &str, id: &str) {
+        let acked: i64 = redis::cmd("XACK")
+            .arg(key)
+            .arg("g")
+            .arg(id)
+            .query_async(conn)
+            .await
+            .unwrap();
+        assert_eq!(acked, 1);
+    }
+
+    /// Entries in the short form (one envelope) and in the general form (several effects,
+    /// none, a dead letter) in one batch, some of which another consumer acknowledged
+    /// first (it claimed them and committed): each entry's effects are applied once, by
+    /// the call that removed it from the pending list, and a repeated call applies nothing.
+    #[tokio::test]
+    async fn each_entry_of_a_partly_acknowledged_batch_is_applied_once() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        create_group(&mut conn, "in").await;
+        let ids = delivered(&mut conn, "in", 7).await;
+        let entries: Vec<(String, Vec<Op>)> = vec![
+            (ids[0].clone(), vec![envelope("out", "e0")]),
+            (
+                ids[1].clone(),
+                vec![
+                    envelope("out", "e1"),
+                    command("HSET", "h", vec![b"e1".to_vec(), b"1".to_vec()]),
+                ],
+            ),
+            (ids[2].clone(), vec![envelope("out2", "e2")]),
+            (ids[3].clone(), vec![]),
+            (ids[4].clone(), vec![forward("dead", &ids[4])]),
+            (
+                ids[5].clone(),
+                vec![
+                    command("HSET", "h", vec![b"e5".to_vec(), b"1".to_vec()]),
+                    envelope("out", "e5"),
+                ],
+            ),
+            (ids[6].clone(), vec![envelope("out", "e6")]),
+        ];
+        let batch = [envelope("out", "batch")];
+        // Another consumer committed entries 1, 2 and 6 first.
+        for k in [1, 2, 6] {
+            xack(&mut conn, "in", &ids[k]).await;
+        }
+        let call = || vec![source("in", None, &entries, &batch)];
+        assert_eq!(
+            commit(&mut conn, call()).await.unwrap(),
+            [SourceReply::Acked(vec![
+                true, false, false, true, true, true, false
+            ])]
+        );
+        assert_eq!(payloads(&mut conn, "out").await, ["e0", "e5", "batch"]);
+        assert_eq!(len(&mut conn, "out2").await, 0);
+        assert_eq!(len(&mut conn, "dead").await, 1);
+        let fields: Vec<String> = redis::cmd("HKEYS")
+            .arg("h")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(fields, ["e5"]);
+        assert_eq!(pending(&mut conn, "in").await, 0);
+        // Repeated (a lost reply): nothing more.
+        assert_eq!(
+            commit(&mut conn, call()).await.unwrap(),
+            [SourceReply::Acked(vec![false; 7])]
+        );
+        assert_eq!(len(&mut conn, "out").await, 3);
+        assert_eq!(len(&mut conn, "dead").await, 1);
+        // A batch acknowledged whole comes back as a count, read as one `true` per entry.
+        let more = delivered(&mut conn, "in", 3).await;
+        let entries: Vec<(String, Vec<Op>)> = more
+            .iter()
+            .map(|id| (id.clone(), vec![envelope("out", id)]))
+            .collect();
+        assert_eq!(
+            commit(&mut conn, vec![source("in", None, &entries, &[])])
+                .await
+                .unwrap(),
+            [acked(3)]
+        );
+        assert_eq!(payloads(&mut conn, "out").await[3..], more[..]);
+    }
+
+    /// A source whose short-form entries append to a key of another type is refused whole;
+    /// the other source of the call is committed.
+    #[tokio::test]
+    async fn a_short_form_entry_writing_a_key_of_another_type_refuses_its_source() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        create_group(&mut conn, "a").await;
+        create_group(&mut conn, "b").await;
+        let a = delivered(&mut conn, "a", 2).await;
+        let b = delivered(&mut conn, "b", 2).await;
+        set(&mut conn, "not-a-stream", "x").await;
+        let a: Vec<(String, Vec<Op>)> = vec![
+            (a[0].clone(), vec![envelope("out", "a0")]),
+            (a[1].clone(), vec![envelope("not-a-stream", "a1")]),
+        ];
+        let b: Vec<(String, Vec<Op>)> = b
+            .iter()
+            .map(|id| (id.clone(), vec![envelope("out", id)]))
+            .collect();
+        let reply = commit(
+            &mut conn,
+            vec![source("a", None, &a, &[]), source("b", None, &b, &[])],
+        )
+        .await
+        .unwrap();
+        let SourceReply::Failed(why) = &reply[0] else {
+            panic!("{reply:?}")
+        };
+        assert!(
+            why.contains("WRONGTYPE") && why.contains("not-a-stream"),
+            "{why}"
+        );
+        assert_eq!(reply[1], acked(2));
+        assert_eq!(payloads(&mut conn, "out").await.len(), 2);
+        assert_eq!(pending(&mut conn, "a").await, 2);
+        assert_eq!(pending(&mut conn, "b").await, 0);
+    }
+
+    /// An append that fails in the writes (a stream whose last possible id is used up)
+    /// stops its source there and is reported; the entries after it stay pending.
+    #[tokio::test]
+    async fn a_short_form_append_that_fails_stops_its_source_and_is_reported() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        create_group(&mut conn, "in").await;
+        let ids = delivered(&mut conn, "in", 3).await;
+        let _: String = redis::cmd("XADD")
+            .arg("full")
+            .arg("18446744073709551615-18446744073709551615")
+            .arg("f")
+            .arg("v")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let entries: Vec<(String, Vec<Op>)> = vec![
+            (ids[0].clone(), vec![envelope("out", "e0")]),
+            (ids[1].clone(), vec![envelope("full", "e1")]),
+            (ids[2].clone(), vec![envelope("out", "e2")]),
+        ];
+        let reply = commit(&mut conn, vec![source("in", None, &entries, &[])])
+            .await
+            .unwrap();
+        let SourceReply::Failed(why) = &reply[0] else {
+            panic!("{reply:?}")
+        };
+        assert!(why.contains("last possible ID"), "{why}");
+        assert_eq!(payloads(&mut conn, "out").await, ["e0"]);
+        assert_eq!(len(&mut conn, "full").await, 1);
+        assert_eq!(pending(&mut conn, "in").await, 1, "the third entry");
     }
 }
