@@ -11,8 +11,10 @@
 -- its lease key (the stream again when unfenced); the keys after those are the keys
 -- effects write.
 -- ARGV: group, source count S, the envelope's header and payload field names, then S
--- values each of: fencing tokens ('' = unfenced); gates ('0', or '1' when the source's
--- entries came from two reads: the gap check, or 'D<window ms>': a dedupe gate); the ARGV
+-- values each of: fencing tokens ('' = unfenced); gates ('0', '1' when the source's
+-- entries came from two reads: the gap check, 'W' when they are whole, 'W<id> <id>' when
+-- they are whole from two reads, with the seam between them: see below, or
+-- 'D<window ms>': a dedupe gate); the ARGV
 -- index where the source's section starts; the id of the source's last entry ('' if
 -- none). Then one string with the type each key must have, a character per source stream
 -- and then per effect key ('s' stream, 'h' hash, 'S' set, 'z' sorted set, 't' string, '*'
@@ -30,6 +32,18 @@
 -- there), ZADD NX added its id to the sorted set now (ids older than the window are
 -- trimmed first). Either way an entry's effects are applied once, however often the call
 -- is repeated.
+--
+-- A whole source ('W'): its entries are every entry of its stream from the first to the
+-- last, as one XREADGROUP '>' delivered them (no claim, none left out), its stream is no
+-- other source's, and no effect of the call writes it. Stream ids only grow and such a
+-- read hands out the stream's next entries, so no other entry between the first and the
+-- last id can be pending in the group: if the group's pending list is n entries, the
+-- least the first and the greatest the last, it is exactly the source's entries (all
+-- pending: one XACK per 1,000 entries instead of one per entry); if it is empty, none is.
+-- Entries of two such reads (one right after the other, but another consumer's read may
+-- come between them) qualify when no entry strictly between the seam's ids is pending. Otherwise (a retry of a call that went through while others are pending,
+-- another consumer's entries, some claimed and acknowledged by another consumer) the
+-- entries are acknowledged one by one, as any source's.
 --
 -- Returns, per source, one 0/1 per entry (or, when this call acknowledged every entry, their
 -- count) or a status: TICKFLOW_FENCED, TICKFLOW_OUT_OF_ORDER or 'TICKFLOW_FAILED <why>',
@@ -64,6 +78,9 @@ local single = setmetatable({}, {__index = function(t, text)
 end})
 local status = {}
 local window = {}
+-- Per whole source: true when all its entries are pending, false when none is (nil: not
+-- known, acknowledged one by one).
+local all_pending = {}
 for s = 1, sources do
   local gate = ARGV[gate_at + s]
   if string.byte(gate, 1) == 68 then window[s] = tonumber(string.sub(gate, 2)) end -- 'D'
@@ -176,12 +193,33 @@ for s = 1, sources do
       i = i + op_size(i)
     end
   end
-  if not status[s] and not window[s] and ARGV[token_at + s] ~= '' and n > 0 then
+  if not status[s] and n > 0 and string.byte(ARGV[gate_at + s], 1) == 87 then -- 'W'
+    -- Read before any write; nothing of the call but this source's XACK changes it.
+    local summary = rpcall('XPENDING', stream, group)
+    if not summary.err then
+      if summary[1] == n and summary[2] == ARGV[at + 1] and summary[3] == ARGV[last_at + s] then
+        local gate = ARGV[gate_at + s]
+        local space = string.find(gate, ' ', 2, true)
+        if not space then
+          all_pending[s] = true
+        else
+          local between = rpcall('XPENDING', stream, group, '(' .. string.sub(gate, 2, space - 1),
+            '(' .. string.sub(gate, space + 1), 1)
+          if not between.err and #between == 0 then all_pending[s] = true end
+        end
+      elseif summary[1] == 0 then
+        all_pending[s] = false
+      end
+    end
+  end
+  -- (A whole source with all or none of its entries pending has none older pending.)
+  if not status[s] and not window[s] and ARGV[token_at + s] ~= '' and n > 0
+      and all_pending[s] == nil then
     -- Owned partitions keep order. A batch read twice may also have a gap; but the
     -- partition's pending entries are normally the batch's own (or none, on a retry of a
     -- call that went through), and then there is neither a gap nor anything older.
     local first, last = ARGV[at + 1], ARGV[last_at + s]
-    local merged = n > 1 and ARGV[gate_at + s] == '1'
+    local merged = n > 1 and (ARGV[gate_at + s] == '1' or string.find(ARGV[gate_at + s], ' ', 2, true))
     local pending = -1
     if merged then pending = rcall('XPENDING', stream, group)[1] end
     if pending ~= n and pending ~= 0 then
@@ -238,6 +276,11 @@ local result = {}
 for s = 1, sources do
   if status[s] then
     result[s] = status[s]
+  elseif all_pending[s] == false then
+    -- None pending: nothing to acknowledge or apply.
+    local acks = {}
+    for e = 1, tonumber(ARGV[tonumber(ARGV[offset_at + s])]) do acks[e] = 0 end
+    result[s] = acks
   else
     local stream = KEYS[2 * s - 1]
     i = tonumber(ARGV[offset_at + s])
@@ -245,6 +288,10 @@ for s = 1, sources do
     i = i + 1
     local acks, acked_count, failed = {}, 0, nil
     local now = nil
+    -- All pending: each entry counts as acknowledged, and their ids are acknowledged
+    -- together below.
+    local whole = all_pending[s]
+    local ids = whole and {}
     if window[s] then
       local t = rcall('TIME')
       now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -254,7 +301,10 @@ for s = 1, sources do
       local id, ops = ARGV[i], ARGV[i + 1]
       local k = single[ops]
       local acked
-      if now then
+      if whole then
+        acked = 1
+        ids[e] = id
+      elseif now then
         acked = rcall('ZADD', stream, 'NX', now, id)
       else
         acked = rcall('XACK', stream, group, id)
@@ -283,6 +333,16 @@ for s = 1, sources do
         else
           for _ = 1, ops do i = i + op_size(i) end
         end
+      end
+    end
+    if whole then
+      -- The entries up to a failure (included), as one by one they would have been.
+      local removed = 0
+      for from = 1, #ids, CHUNK do
+        removed = removed + rcall('XACK', stream, group, unpack(ids, from, math.min(from + CHUNK - 1, #ids)))
+      end
+      if removed ~= #ids and not failed then
+        failed = 'TICKFLOW_FAILED ' .. removed .. ' of ' .. #ids .. ' whole entries were pending'
       end
     end
     if not failed then

@@ -46,6 +46,12 @@ pub(super) struct Commit {
     pub(super) dead_lettered: u64,
     /// The entries came from two reads of the stream: the commit checks for a gap.
     pub(super) merged: bool,
+    /// The entries are whole: every entry one XREADGROUP `>` delivered of the stream (or
+    /// two, `merged`, with `seam`), none left out ([`Gate::Pending`]).
+    pub(super) whole: bool,
+    /// Of entries `merged` from two reads: the id of the first read's last and of the
+    /// second read's first, space-separated.
+    pub(super) seam: Option<String>,
 }
 
 #[derive(Default)]
@@ -202,6 +208,8 @@ impl<H: Handler> Stage<H> {
         // come back, rather than acknowledged without its effects.
         let still_pending = self.pending_ids(stream, &commit.entries).await?;
         let before = commit.entries.len();
+        // Some may be left out.
+        commit.whole = false;
         commit
             .entries
             .retain(|(id, _)| still_pending.contains(id.as_str()));
@@ -398,6 +406,7 @@ impl<H: Handler> Stage<H> {
                             .map(|token| (src.lease.as_str(), token.as_str())),
                         gate: Gate::Pending {
                             merged: commit.merged,
+                            whole: commit.whole.then(|| commit.seam.as_deref().unwrap_or("")),
                         },
                         entries: &commit.entries,
                         batch_ops: &commit.batch_ops,
@@ -530,7 +539,7 @@ pub(crate) struct SourceCommit<'a> {
     /// The lease key and the fencing token the caller holds (owned partitions).
     pub(crate) fence: Option<(&'a str, &'a str)>,
     /// What decides that an entry's effects are applied now.
-    pub(crate) gate: Gate,
+    pub(crate) gate: Gate<'a>,
     /// Each entry's id and effects.
     pub(crate) entries: &'a [(String, Vec<Op>)],
     /// Effects applied if any entry is acknowledged by the call.
@@ -539,10 +548,19 @@ pub(crate) struct SourceCommit<'a> {
 
 /// What makes an entry's effects apply exactly once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Gate {
+pub(crate) enum Gate<'a> {
     /// The entry's XACK on its stream removed it from the pending list. `merged`: the
-    /// entries came from two reads of the stream, and the script checks for a gap.
-    Pending { merged: bool },
+    /// entries came from two reads of the stream, and the script checks for a gap. `whole`
+    /// (Some): they are every entry of the stream from the first to the last, as one
+    /// XREADGROUP `>` delivered them (no claim, none left out: not handled, set aside), or
+    /// as two did, merged, with the seam between them: `"<first read's last id> <second
+    /// read's first id>"` (else ""). Then the script acknowledges them together when the
+    /// group's pending list shows that all of them (and only they) are pending
+    /// (`ack_forward.lua`).
+    Pending {
+        merged: bool,
+        whole: Option<&'a str>,
+    },
     /// The entry's id was not yet in the sorted set `stream` names (ids older than the
     /// window are forgotten): effects in another slot than the entry's stream (Redis
     /// Cluster), applied before the entry is acknowledged there.
@@ -679,8 +697,14 @@ impl<'a> AckForward<'a> {
         }
         for source in &self.sources {
             match source.gate {
-                Gate::Pending { merged: false } => cmd.arg("0"),
-                Gate::Pending { merged: true } => cmd.arg("1"),
+                Gate::Pending {
+                    merged,
+                    whole: Some(seam),
+                } if merged != seam.is_empty() && self.alone(source.stream) => {
+                    cmd.arg(format!("W{seam}"))
+                }
+                Gate::Pending { merged: true, .. } => cmd.arg("1"),
+                Gate::Pending { .. } => cmd.arg("0"),
                 Gate::Dedupe { window_ms } => cmd.arg(format!("D{window_ms}")),
             };
         }
@@ -726,6 +750,14 @@ impl<'a> AckForward<'a> {
                 self.encode(cmd, op);
             }
         }
+    }
+
+    /// Whether nothing of the call but its own source's acknowledgements changes `stream`'s
+    /// pending list: no other source reads it, no effect writes it (a DEL of it would
+    /// acknowledge its entries behind the script's back).
+    fn alone(&self, stream: &str) -> bool {
+        !self.index.contains_key(stream)
+            && self.sources.iter().filter(|s| s.stream == stream).count() == 1
     }
 
     fn encode(&self, cmd: &mut Cmd, op: &Op) {
@@ -889,7 +921,10 @@ mod tests {
         SourceCommit {
             stream,
             fence,
-            gate: Gate::Pending { merged: false },
+            gate: Gate::Pending {
+                merged: false,
+                whole: None,
+            },
             entries,
             batch_ops,
         }
@@ -1308,7 +1343,10 @@ mod tests {
         let merged = |entries| SourceCommit {
             stream: "in",
             fence: Some(("lease", "me#1")),
-            gate: Gate::Pending { merged: true },
+            gate: Gate::Pending {
+                merged: true,
+                whole: None,
+            },
             entries,
             batch_ops: &[],
         };
@@ -1537,5 +1575,373 @@ mod tests {
         assert_eq!(payloads(&mut conn, "out").await, ["e0"]);
         assert_eq!(len(&mut conn, "full").await, 1);
         assert_eq!(pending(&mut conn, "in").await, 1, "the third entry");
+    }
+
+    /// `source`, declared whole (every entry one `>` read delivered, none left out).
+    fn whole<'a>(
+        stream: &'a str,
+        fence: Option<(&'a str, &'a str)>,
+        entries: &'a [(String, Vec<Op>)],
+        batch_ops: &'a [Op],
+    ) -> SourceCommit<'a> {
+        SourceCommit {
+            gate: Gate::Pending {
+                merged: false,
+                whole: Some(""),
+            },
+            ..source(stream, fence, entries, batch_ops)
+        }
+    }
+
+    /// Entries of every form: one envelope, several effects, none, a dead letter.
+    fn mixed(ids: &[String], out: &str) -> Vec<(String, Vec<Op>)> {
+        ids.iter()
+            .enumerate()
+            .map(|(k, id)| {
+                let ops = match k % 4 {
+                    0 => vec![envelope(out, id)],
+                    1 => vec![
+                        command("HSET", "h", vec![id.as_bytes().to_vec(), b"1".to_vec()]),
+                        envelope(out, id),
+                    ],
+                    2 => vec![],
+                    _ => vec![forward("dead", id)],
+                };
+                (id.clone(), ops)
+            })
+            .collect()
+    }
+
+    async fn xclaim(conn: &mut MultiplexedConnection, key: &str, consumer: &str, id: &str) {
+        let _: Value = redis::cmd("XCLAIM")
+            .arg(key)
+            .arg("g")
+            .arg(consumer)
+            .arg(0)
+            .arg(id)
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+
+    /// A whole batch, all pending, is acknowledged by one XACK (one per 1,000 entries) and
+    /// applied once; repeated, alone pending or with later entries pending, it applies
+    /// nothing more.
+    #[tokio::test]
+    async fn a_whole_batch_is_acknowledged_together_and_applied_once() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        create_group(&mut conn, "in").await;
+        let ids = delivered(&mut conn, "in", 6).await;
+        let entries = mixed(&ids, "out");
+        let batch = [envelope("out", "batch")];
+        let call = || vec![whole("in", None, &entries, &batch)];
+        assert_eq!(commit(&mut conn, call()).await.unwrap(), [acked(6)]);
+        assert_eq!(calls(&mut conn, "xack").await, 1);
+        assert_eq!(
+            payloads(&mut conn, "out").await,
+            [&ids[0], &ids[1], &ids[4], &ids[5], "batch"]
+        );
+        assert_eq!(hlen(&mut conn, "h").await, 2);
+        assert_eq!(len(&mut conn, "dead").await, 1);
+        assert_eq!(pending(&mut conn, "in").await, 0);
+        // Repeated with nothing pending: no XACK at all, nothing applied.
+        assert_eq!(
+            commit(&mut conn, call()).await.unwrap(),
+            [SourceReply::Acked(vec![false; 6])]
+        );
+        assert_eq!(calls(&mut conn, "xack").await, 1);
+        // Repeated with later entries pending (the next read): one by one, nothing applied.
+        let later = delivered(&mut conn, "in", 6).await;
+        assert_eq!(
+            commit(&mut conn, call()).await.unwrap(),
+            [SourceReply::Acked(vec![false; 6])]
+        );
+        assert_eq!(len(&mut conn, "out").await, 5);
+        assert_eq!(len(&mut conn, "dead").await, 1);
+        assert_eq!(pending(&mut conn, "in").await, 6);
+        // Larger than a chunk of XACK.
+        let later = [later, delivered(&mut conn, "in", 2494).await].concat();
+        let entries = forwarded(&later, "big");
+        let before = calls(&mut conn, "xack").await;
+        assert_eq!(
+            commit(&mut conn, vec![whole("in", None, &entries, &[])])
+                .await
+                .unwrap(),
+            [acked(2500)]
+        );
+        assert_eq!(calls(&mut conn, "xack").await, before + 3);
+        assert_eq!(len(&mut conn, "big").await, 2500);
+        assert_eq!(pending(&mut conn, "in").await, 0);
+    }
+
+    /// What a whole batch comes to when it is not all pending: another consumer claimed
+    /// some entries and committed them (the first, a middle one, the last), or claimed one
+    /// without committing it yet, with or without later or older entries pending (so that
+    /// the group's pending count is the batch's size). Each case is played on a stream
+    /// committed as whole and on one committed entry by entry: the replies and everything
+    /// written are the same, each entry's effects applied once.
+    #[tokio::test]
+    async fn a_whole_batch_not_all_pending_is_applied_as_one_entry_at_a_time() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        // (entries committed by another consumer, entries claimed by it, later entries
+        // read, an older entry left pending)
+        let cases: [(&[usize], &[usize], usize, bool); 9] = [
+            (&[0], &[], 0, false),
+            (&[3], &[], 0, false),
+            (&[7], &[], 0, false),
+            (&[1, 2, 6], &[], 0, false),
+            (&[7], &[], 1, false),
+            (&[3], &[], 1, false),
+            (&[0], &[], 0, true),
+            (&[4], &[], 0, true),
+            (&[], &[2, 7], 0, false),
+        ];
+        for (case, (committed, claimed, later, older)) in cases.into_iter().enumerate() {
+            let mut replies = Vec::new();
+            let mut written = Vec::new();
+            for declared_whole in [false, true] {
+                let stream = format!("in-{case}-{declared_whole}");
+                let out = format!("out-{case}-{declared_whole}");
+                let _: () = redis::cmd("DEL")
+                    .arg(&["h", "dead"])
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                create_group(&mut conn, &stream).await;
+                if older {
+                    delivered(&mut conn, &stream, 1).await;
+                }
+                let ids = delivered(&mut conn, &stream, 8).await;
+                delivered(&mut conn, &stream, later).await;
+                for &k in committed {
+                    xclaim(&mut conn, &stream, "other", &ids[k]).await;
+                    xack(&mut conn, &stream, &ids[k]).await;
+                }
+                for &k in claimed {
+                    xclaim(&mut conn, &stream, "other", &ids[k]).await;
+                }
+                let entries = mixed(&ids, &out);
+                let batch = [envelope(&out, "batch")];
+                let sources = if declared_whole {
+                    vec![whole(&stream, None, &entries, &batch)]
+                } else {
+                    vec![source(&stream, None, &entries, &batch)]
+                };
+                let reply = commit(&mut conn, sources).await.unwrap();
+                let expected: Vec<bool> = (0..8).map(|k| !committed.contains(&k)).collect();
+                assert_eq!(reply, [SourceReply::Acked(expected)], "case {case}");
+                // The other consumer's commit of what it claimed: nothing left to apply.
+                let theirs: Vec<(String, Vec<Op>)> = claimed
+                    .iter()
+                    .map(|&k| (ids[k].clone(), vec![envelope(&out, "twice")]))
+                    .collect();
+                if !theirs.is_empty() {
+                    assert_eq!(
+                        commit(&mut conn, vec![whole(&stream, None, &theirs, &[])])
+                            .await
+                            .unwrap(),
+                        [SourceReply::Acked(vec![false; theirs.len()])]
+                    );
+                }
+                let mut fields: Vec<String> = redis::cmd("HKEYS")
+                    .arg("h")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                fields.sort();
+                let ranks = |list: Vec<String>| -> Vec<String> {
+                    list.iter()
+                        .map(|id| {
+                            ids.iter()
+                                .position(|i| i == id)
+                                .map_or(id.clone(), |k| k.to_string())
+                        })
+                        .collect()
+                };
+                written.push((
+                    ranks(payloads(&mut conn, &out).await),
+                    ranks(fields),
+                    len(&mut conn, "dead").await,
+                    pending(&mut conn, &stream).await,
+                ));
+                replies.push(reply);
+            }
+            assert_eq!(replies[0], replies[1], "case {case}");
+            assert_eq!(written[0], written[1], "case {case}");
+            let (out, _, _, pending) = &written[1];
+            let expected: Vec<String> = (0..8)
+                .filter(|k| k % 4 < 2 && !committed.contains(k))
+                .map(|k| k.to_string())
+                .chain(["batch".to_owned()])
+                .collect();
+            assert_eq!(out, &expected, "case {case}");
+            assert_eq!(*pending, (later + usize::from(older)) as i64, "case {case}");
+        }
+    }
+
+    /// A whole batch from two reads of its stream, between which another consumer's read
+    /// took an entry (a gap), and from which that consumer committed the second read's first
+    /// entry: the group's pending list then holds as many entries as the batch, the least
+    /// its first and the greatest its last, but the gap's is one of them. The entries are
+    /// acknowledged one by one, each applied once. All pending without a gap: together.
+    #[tokio::test]
+    async fn a_whole_batch_of_two_reads_with_a_gap_is_applied_as_one_entry_at_a_time() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        for gap in [true, false] {
+            let stream = format!("in-{gap}");
+            create_group(&mut conn, &stream).await;
+            let mut ids = delivered(&mut conn, &stream, 2).await;
+            if gap {
+                xadd(&mut conn, &stream).await;
+                assert_eq!(read(&mut conn, &stream, "other").await.len(), 1);
+            }
+            let second = delivered(&mut conn, &stream, 2).await;
+            let seam = format!("{} {}", ids[1], second[0]);
+            ids.extend(second);
+            xclaim(&mut conn, &stream, "other", &ids[2]).await;
+            xack(&mut conn, &stream, &ids[2]).await;
+            let entries = mixed(&ids, "out");
+            let merged = SourceCommit {
+                gate: Gate::Pending {
+                    merged: true,
+                    whole: Some(&seam),
+                },
+                ..source(&stream, None, &entries, &[])
+            };
+            let xacks = calls(&mut conn, "xack").await;
+            assert_eq!(
+                commit(&mut conn, vec![merged]).await.unwrap(),
+                [SourceReply::Acked(vec![true, true, false, true])],
+                "gap {gap}"
+            );
+            // One by one either way (without a gap, only three are pending).
+            assert_eq!(calls(&mut conn, "xack").await, xacks + 4, "gap {gap}");
+            assert_eq!(pending(&mut conn, &stream).await, i64::from(gap));
+        }
+        // Entries 0, 1 and 3 of both streams: 0 and 1 append, 3 dead-letters.
+        assert_eq!(len(&mut conn, "out").await, 4);
+        assert_eq!(len(&mut conn, "dead").await, 2);
+        // All pending, no gap, an owned partition: together.
+        create_group(&mut conn, "in").await;
+        set(&mut conn, "lease", "me#1").await;
+        let mut ids = delivered(&mut conn, "in", 3).await;
+        ids.extend(delivered(&mut conn, "in", 3).await);
+        let seam = format!("{} {}", ids[2], ids[3]);
+        let entries = forwarded(&ids, "out2");
+        let merged = SourceCommit {
+            gate: Gate::Pending {
+                merged: true,
+                whole: Some(&seam),
+            },
+            ..source("in", Some(("lease", "me#1")), &entries, &[])
+        };
+        let xacks = calls(&mut conn, "xack").await;
+        assert_eq!(commit(&mut conn, vec![merged]).await.unwrap(), [acked(6)]);
+        assert_eq!(calls(&mut conn, "xack").await, xacks + 1);
+        assert_eq!(len(&mut conn, "out2").await, 6);
+    }
+
+    /// A whole source is still refused for a wrong token or an older pending entry, and a
+    /// whole batch whose effects delete its own stream (which acknowledges its entries
+    /// behind the script's back) is acknowledged entry by entry.
+    #[tokio::test]
+    async fn a_whole_source_keeps_every_check_of_its_source() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        create_group(&mut conn, "in").await;
+        set(&mut conn, "lease", "me#2").await;
+        let older = delivered(&mut conn, "in", 1).await;
+        let ids = delivered(&mut conn, "in", 3).await;
+        let entries = forwarded(&ids, "out");
+        assert_eq!(
+            commit(
+                &mut conn,
+                vec![whole("in", Some(("lease", "me#1")), &entries, &[])]
+            )
+            .await
+            .unwrap(),
+            [SourceReply::Fenced]
+        );
+        assert_eq!(
+            commit(
+                &mut conn,
+                vec![whole("in", Some(("lease", "me#2")), &entries, &[])]
+            )
+            .await
+            .unwrap(),
+            [SourceReply::OutOfOrder]
+        );
+        assert_eq!(len(&mut conn, "out").await, 0);
+        assert_eq!(pending(&mut conn, "in").await, 4);
+        xack(&mut conn, "in", &older[0]).await;
+        let deleting: Vec<(String, Vec<Op>)> = vec![
+            (ids[0].clone(), vec![forward("out", &ids[0])]),
+            (ids[1].clone(), vec![command("DEL", "in", vec![])]),
+            (ids[2].clone(), vec![forward("out", &ids[2])]),
+        ];
+        let call = AckForward::new(
+            "g",
+            vec![whole("in", Some(("lease", "me#2")), &deleting, &[])],
+        )
+        .unwrap();
+        assert!(!call.alone("in"));
+        assert_eq!(
+            call.run(&mut conn, true, ReplicaWait::default())
+                .await
+                .unwrap(),
+            [SourceReply::Acked(vec![true, true, false])]
+        );
+        assert_eq!(len(&mut conn, "out").await, 1);
+    }
+
+    /// A whole source whose append fails in the writes stops there, as one acknowledged
+    /// entry by entry would: the entries up to the failure are acknowledged, the rest pending.
+    #[tokio::test]
+    async fn a_whole_source_whose_append_fails_keeps_the_rest_pending() {
+        let server = RedisServer::start();
+        let mut conn = server.connect().await;
+        create_group(&mut conn, "in").await;
+        let ids = delivered(&mut conn, "in", 3).await;
+        let _: String = redis::cmd("XADD")
+            .arg("full")
+            .arg("18446744073709551615-18446744073709551615")
+            .arg("f")
+            .arg("v")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let entries: Vec<(String, Vec<Op>)> = vec![
+            (ids[0].clone(), vec![envelope("out", "e0")]),
+            (ids[1].clone(), vec![envelope("full", "e1")]),
+            (ids[2].clone(), vec![envelope("out", "e2")]),
+        ];
+        let reply = commit(&mut conn, vec![whole("in", None, &entries, &[])])
+            .await
+            .unwrap();
+        let SourceReply::Failed(why) = &reply[0] else {
+            panic!("{reply:?}")
+        };
+        assert!(why.contains("last possible ID"), "{why}");
+        assert_eq!(payloads(&mut conn, "out").await, ["e0"]);
+        assert_eq!(pending(&mut conn, "in").await, 1, "the third entry");
+        // A group that vanished: no error, nothing applied, as entry by entry.
+        let _: () = redis::cmd("XGROUP")
+            .arg("DESTROY")
+            .arg("in")
+            .arg("g")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let rest = forwarded(&ids[2..], "out");
+        assert_eq!(
+            commit(&mut conn, vec![whole("in", None, &rest, &[])])
+                .await
+                .unwrap(),
+            [SourceReply::Acked(vec![false])]
+        );
+        assert_eq!(len(&mut conn, "out").await, 1);
     }
 }

@@ -130,6 +130,11 @@ struct Pending {
     deliveries: u32,
     /// Its source's entries in this batch came from two reads (see `read_group`).
     merged: bool,
+    /// Delivered by an XREADGROUP `>` (not claimed), or by the second of the two that
+    /// `read_group` sends together.
+    fresh: bool,
+    /// Delivered by the second of those two reads, which read its source too (`merged`).
+    second: bool,
 }
 
 impl<H: Handler> Stage<H> {
@@ -334,10 +339,12 @@ impl<H: Handler> Stage<H> {
                 .map(|p| p.source)
                 .filter(|s| first.contains(s))
                 .collect();
+            let at = batch.len();
             batch.extend(more);
             if !twice.is_empty() {
-                for pending in &mut batch {
+                for (k, pending) in batch.iter_mut().enumerate() {
                     pending.merged = twice.contains(&pending.source);
+                    pending.second = pending.merged && k >= at;
                 }
             }
         }
@@ -355,6 +362,8 @@ impl<H: Handler> Stage<H> {
                 entry,
                 deliveries: 1,
                 merged: false,
+                fresh: true,
+                second: false,
             }));
         }
         Ok(batch)
@@ -396,6 +405,8 @@ impl<H: Handler> Stage<H> {
                         entry,
                         deliveries: 1,
                         merged: false,
+                        fresh: true,
+                        second: false,
                     }));
                 }
                 Err(e) => {
@@ -415,9 +426,10 @@ impl<H: Handler> Stage<H> {
         }
         if !twice.is_empty() {
             // A partition read twice may have a gap between the reads, which its commit
-            // checks for.
+            // checks for. (Its reads are not told apart: its commit is not whole.)
             for pending in &mut batch {
                 pending.merged = twice.contains(&pending.source);
+                pending.fresh &= !pending.merged;
             }
         }
         Ok(batch)
@@ -574,6 +586,8 @@ impl<H: Handler> Stage<H> {
             .enumerate()
             .map(|(i, entry)| Pending {
                 merged: false,
+                fresh: false,
+                second: false,
                 source,
                 entry,
                 deliveries: counts.get(i).copied().unwrap_or(1).max(1) as u32,
@@ -602,10 +616,17 @@ impl<H: Handler> Stage<H> {
         let owned = self.spec.mode == ConsumeMode::Owned;
         let mut commits: BTreeMap<usize, Commit> = BTreeMap::new();
         let mut halted: BTreeSet<usize> = BTreeSet::new();
+        // Sources whose commit is not whole (see `Commit::whole`): claimed or twice-read
+        // entries, or some left out.
+        let mut partial: BTreeSet<usize> = BTreeSet::new();
         let mut failed = 0u64;
         let batch_len = batch.len();
         for pending in batch {
+            if !pending.fresh {
+                partial.insert(pending.source);
+            }
             if halted.contains(&pending.source) {
+                partial.insert(pending.source);
                 continue;
             }
             let src = &self.sources[pending.source];
@@ -669,6 +690,7 @@ impl<H: Handler> Stage<H> {
                             // Later entries of this partition must wait for this one.
                             halted.insert(pending.source);
                         }
+                        partial.insert(pending.source);
                         continue;
                     }
                 },
@@ -676,6 +698,15 @@ impl<H: Handler> Stage<H> {
             };
             let commit = commits.entry(pending.source).or_default();
             commit.merged |= pending.merged;
+            if pending.second && commit.seam.is_none() {
+                // The first entry of the second read: the seam follows the first read's last.
+                match commit.entries.last() {
+                    Some((last, _)) => commit.seam = Some(format!("{last} {}", delivery.id)),
+                    None => {
+                        partial.insert(pending.source);
+                    }
+                }
+            }
             let span_context = span.context().span().span_context().clone();
             if span_context.is_valid() && commit.traces.len() < 128 {
                 commit.traces.push(span_context);
@@ -695,6 +726,7 @@ impl<H: Handler> Stage<H> {
         }
         let mut invalid = BTreeSet::new();
         for (source, commit) in commits.iter_mut() {
+            commit.whole = !partial.contains(source) && (!commit.merged || commit.seam.is_some());
             if commit.processed > 0 {
                 let mut batch = Outputs::default();
                 self.handler
