@@ -347,3 +347,113 @@ async fn an_owned_stage_with_the_largest_batch_takes_over_a_partition_with_9000_
     leave_many_pending(&redis, "dead").await;
     recover_many_pending(&redis, ConsumeMode::Owned, "alive", NEVER_IDLE).await;
 }
+
+// ----- a backlog over many partitions (TICKFLOW_READ_BUDGET) --------------------------------
+
+/// [`Forward`], and the size of each partition's share of each batch it handled (what
+/// [`Handler::batch_effects`] closes): what a stage held at once.
+struct CountingBatches {
+    inner: Forward,
+    open: std::collections::BTreeMap<streams_core::Partition, u64>,
+    shares: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+impl streams_core::Handler for CountingBatches {
+    async fn handle(
+        &mut self,
+        delivery: &streams_core::Delivery,
+        out: &mut streams_core::Outputs,
+    ) -> Result<(), streams_core::HandlerError> {
+        *self.open.entry(delivery.partition).or_default() += 1;
+        self.inner.handle(delivery, out).await
+    }
+
+    fn batch_effects(
+        &mut self,
+        partition: streams_core::Partition,
+        _out: &mut streams_core::Outputs,
+    ) {
+        let n = self.open.remove(&partition).unwrap_or(0);
+        self.shares.lock().unwrap().push(n);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_over_16_partitions_is_read_within_the_read_budget() {
+    // 16 partitions holding 300 entries each when the stage starts: with a batch size of
+    // 256, a read over all 16 took 256 from each (and the top-up read as many again); the
+    // read budget (1,024 over 16 partitions: 64 each) bounds a partition's share of a batch
+    // to the two reads' 64 + 64.
+    const PARTITIONS: u32 = 16;
+    const EACH: u64 = 300;
+    let redis = TestRedis::start(PARTITIONS);
+    let mut conn = redis.conn().await;
+    for p in 0..PARTITIONS {
+        let _: Value = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(redis.key(INPUT, p))
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        redis.produce(INPUT, p, &format!("p{p}"), 0..EACH).await;
+    }
+    let mut config = redis.config("reader");
+    config.stage.batch_size = 256;
+    config.stage.read_budget = 1024;
+    let per_read = config.stage.read_count(PARTITIONS as usize);
+    assert_eq!(per_read, 64);
+    for mode in [ConsumeMode::Shared, ConsumeMode::Owned] {
+        let shares = std::sync::Arc::default();
+        let output_before: u64 = {
+            let mut n = 0;
+            for p in 0..PARTITIONS {
+                n += redis.payloads(OUTPUT, p).await.len() as u64;
+            }
+            n
+        };
+        if output_before > 0 {
+            // Second mode: the same backlog again.
+            for p in 0..PARTITIONS {
+                redis.produce(INPUT, p, &format!("again{p}"), 0..EACH).await;
+            }
+        }
+        let handler = CountingBatches {
+            inner: Forward::new(&config),
+            open: Default::default(),
+            shares: std::sync::Arc::clone(&shares),
+        };
+        let stage = spawn_stage(&config, spec(mode), handler);
+        eventually(Duration::from_secs(30), "the backlog forwarded", || async {
+            let mut n = 0;
+            for p in 0..PARTITIONS {
+                n += redis.payloads(OUTPUT, p).await.len() as u64;
+            }
+            n >= output_before + u64::from(PARTITIONS) * EACH
+        })
+        .await;
+        stage.stop().await;
+        let shares = shares.lock().unwrap().clone();
+        let largest = shares.iter().copied().max().unwrap_or(0);
+        assert!(
+            largest <= 2 * per_read as u64,
+            "{mode:?}: a partition's share of a batch was {largest} entries (at most {} allowed)",
+            2 * per_read
+        );
+        assert_eq!(
+            shares.iter().sum::<u64>(),
+            u64::from(PARTITIONS) * EACH,
+            "{mode:?}: every entry handled once"
+        );
+    }
+    for p in 0..PARTITIONS {
+        let tag = format!("p{p}");
+        let again = format!("again{p}");
+        assert_exactly_once(
+            &redis.payloads(OUTPUT, p).await,
+            tags(&tag, 0..EACH).chain(tags(&again, 0..EACH)),
+        );
+    }
+}
