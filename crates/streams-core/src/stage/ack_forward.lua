@@ -44,6 +44,11 @@
 -- come between them) qualify when no entry strictly between the seam's ids is pending. Otherwise (a retry of a call that went through while others are pending,
 -- another consumer's entries, some claimed and acknowledged by another consumer) the
 -- entries are acknowledged one by one, as any source's.
+-- The proof fails only if ids were reused (a failover to a replica whose clock is behind
+-- the lost entries' ids, an operator's XGROUP SETID back): then the variadic XACK removes
+-- fewer than n after the effects were applied, and the source is reported as
+-- 'TICKFLOW_FAILED k of n whole entries were pending' although its effects were written
+-- (the one-by-one path would mis-acknowledge such ids too).
 --
 -- Returns, per source, one 0/1 per entry (or, when this call acknowledged every entry, their
 -- count) or a status: TICKFLOW_FENCED, TICKFLOW_OUT_OF_ORDER or 'TICKFLOW_FAILED <why>',
