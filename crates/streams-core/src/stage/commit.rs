@@ -15,7 +15,7 @@
 //! committed twice is forwarded once.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{OnceLock, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -576,6 +576,8 @@ pub(crate) struct AckForward<'a> {
     keys: Vec<&'a str>,
     /// Each effect key's index in KEYS (1-based, as the script reads it).
     index: HashMap<&'a str, usize>,
+    /// The streams more than one source of the call reads.
+    read_twice: HashSet<&'a str>,
     /// The type each key must have, a character per source stream, then per effect key
     /// (`Op::key_type`; `*`: not checked).
     types: String,
@@ -586,9 +588,14 @@ impl<'a> AckForward<'a> {
     /// script could not apply whole ([`Op::key_type`]), or a key written as two types.
     pub(crate) fn new(group: &'a str, sources: Vec<SourceCommit<'a>>) -> Result<Self> {
         let mut keys: Vec<&str> = Vec::with_capacity(sources.len() * 2 + 8);
+        let mut read = HashSet::with_capacity(sources.len());
+        let mut read_twice = HashSet::new();
         for source in &sources {
             keys.push(source.stream);
             keys.push(source.fence.map_or(source.stream, |(lease, _)| lease));
+            if !read.insert(source.stream) {
+                read_twice.insert(source.stream);
+            }
         }
         let mut index = HashMap::new();
         let mut types: String = sources
@@ -628,6 +635,7 @@ impl<'a> AckForward<'a> {
             sources,
             keys,
             index,
+            read_twice,
             types,
         })
     }
@@ -756,8 +764,7 @@ impl<'a> AckForward<'a> {
     /// pending list: no other source reads it, no effect writes it (a DEL of it would
     /// acknowledge its entries behind the script's back).
     fn alone(&self, stream: &str) -> bool {
-        !self.index.contains_key(stream)
-            && self.sources.iter().filter(|s| s.stream == stream).count() == 1
+        !self.index.contains_key(stream) && !self.read_twice.contains(stream)
     }
 
     fn encode(&self, cmd: &mut Cmd, op: &Op) {
@@ -1544,6 +1551,27 @@ mod tests {
         assert_eq!(pending(&mut conn, "b").await, 0);
     }
 
+    /// Entries `ids` appending to `out`, the second to a stream `full` whose last possible
+    /// id is used up (its XADD fails in the script's writes).
+    async fn second_append_fails(
+        conn: &mut MultiplexedConnection,
+        ids: &[String],
+    ) -> Vec<(String, Vec<Op>)> {
+        let _: String = redis::cmd("XADD")
+            .arg("full")
+            .arg("18446744073709551615-18446744073709551615")
+            .arg("f")
+            .arg("v")
+            .query_async(conn)
+            .await
+            .unwrap();
+        vec![
+            (ids[0].clone(), vec![envelope("out", "e0")]),
+            (ids[1].clone(), vec![envelope("full", "e1")]),
+            (ids[2].clone(), vec![envelope("out", "e2")]),
+        ]
+    }
+
     /// An append that fails in the writes (a stream whose last possible id is used up)
     /// stops its source there and is reported; the entries after it stay pending.
     #[tokio::test]
@@ -1552,19 +1580,7 @@ mod tests {
         let mut conn = server.connect().await;
         create_group(&mut conn, "in").await;
         let ids = delivered(&mut conn, "in", 3).await;
-        let _: String = redis::cmd("XADD")
-            .arg("full")
-            .arg("18446744073709551615-18446744073709551615")
-            .arg("f")
-            .arg("v")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let entries: Vec<(String, Vec<Op>)> = vec![
-            (ids[0].clone(), vec![envelope("out", "e0")]),
-            (ids[1].clone(), vec![envelope("full", "e1")]),
-            (ids[2].clone(), vec![envelope("out", "e2")]),
-        ];
+        let entries = second_append_fails(&mut conn, &ids).await;
         let reply = commit(&mut conn, vec![source("in", None, &entries, &[])])
             .await
             .unwrap();
@@ -1905,19 +1921,7 @@ mod tests {
         let mut conn = server.connect().await;
         create_group(&mut conn, "in").await;
         let ids = delivered(&mut conn, "in", 3).await;
-        let _: String = redis::cmd("XADD")
-            .arg("full")
-            .arg("18446744073709551615-18446744073709551615")
-            .arg("f")
-            .arg("v")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let entries: Vec<(String, Vec<Op>)> = vec![
-            (ids[0].clone(), vec![envelope("out", "e0")]),
-            (ids[1].clone(), vec![envelope("full", "e1")]),
-            (ids[2].clone(), vec![envelope("out", "e2")]),
-        ];
+        let entries = second_append_fails(&mut conn, &ids).await;
         let reply = commit(&mut conn, vec![whole("in", None, &entries, &[])])
             .await
             .unwrap();

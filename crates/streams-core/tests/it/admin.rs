@@ -168,19 +168,6 @@ async fn groups(redis: &TestRedis, key: &str) -> Vec<String> {
         .collect()
 }
 
-async fn create_group(redis: &TestRedis, key: &str, group: &str) {
-    let mut conn = redis.conn().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(key)
-        .arg(group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-}
-
 /// Reads up to `count` new entries of `key` as `consumer` of `group`; returns their ids.
 async fn read_group(
     redis: &TestRedis,
@@ -291,7 +278,7 @@ async fn status_shows_the_stage_its_counters_and_every_partition() {
     // Another consumer took three entries of partition 0 and sits on them; the claim time
     // is long enough that the stage leaves them pending for the whole test.
     let p0 = redis.key(INPUT, 0);
-    create_group(&redis, &p0, GROUP).await;
+    redis.create_group(&p0, GROUP).await;
     assert_eq!(read_group(&redis, &p0, GROUP, "ghost", 3).await.len(), 3);
 
     let mut config = redis.config("c1");
@@ -608,7 +595,7 @@ async fn deleting_a_consumer_reports_the_pending_entries_it_dropped() {
     let redis = TestRedis::start(1);
     let key = redis.key(INPUT, 0);
     redis.produce(INPUT, 0, "a", 0..5).await;
-    create_group(&redis, &key, GROUP).await;
+    redis.create_group(&key, GROUP).await;
     assert_eq!(read_group(&redis, &key, GROUP, "ghost", 3).await.len(), 3);
     // The stage is registered (so the router knows the group) but not running, so nothing
     // claims the ghost's entries.
@@ -691,14 +678,14 @@ async fn the_backlog_is_lag_plus_pending_over_every_partition() {
     redis.produce(INPUT, 1, "b", 0..4).await;
     assert_eq!(backlog.measure().await.unwrap(), 14);
     // Another group's existence changes nothing for ours.
-    create_group(&redis, &redis.key(INPUT, 1), "other").await;
+    redis.create_group(&redis.key(INPUT, 1), "other").await;
     assert_eq!(backlog.measure().await.unwrap(), 14);
 
     // Partition 0: 6 read, 2 of them acked → lag 4, pending 4. Partition 1: group
     // created, nothing read → lag 4, pending 0.
     let p0 = redis.key(INPUT, 0);
-    create_group(&redis, &p0, GROUP).await;
-    create_group(&redis, &redis.key(INPUT, 1), GROUP).await;
+    redis.create_group(&p0, GROUP).await;
+    redis.create_group(&redis.key(INPUT, 1), GROUP).await;
     let ids = read_group(&redis, &p0, GROUP, "x", 6).await;
     ack(&redis, &p0, GROUP, &ids[..2]).await;
     assert_eq!(backlog.measure().await.unwrap(), 8 + 4);

@@ -88,15 +88,7 @@ async fn entries_of_a_dead_consumer_are_claimed_and_finished() {
     // A consumer that reads entries and dies without acknowledging them.
     let mut conn = redis.conn().await;
     for p in 0..2 {
-        let _: Value = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(redis.key(INPUT, p))
-            .arg(GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        redis.create_group(&redis.key(INPUT, p), GROUP).await;
         let _: Value = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(GROUP)
@@ -262,15 +254,8 @@ const NEVER_IDLE: Duration = Duration::from_secs(3600);
 /// read them and died would.
 async fn leave_many_pending(redis: &TestRedis, consumer: &str) {
     redis.produce(INPUT, 0, "many", 0..MANY_PENDING).await;
+    redis.create_group(&redis.key(INPUT, 0), GROUP).await;
     let mut conn = redis.conn().await;
-    let _: Value = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(redis.key(INPUT, 0))
-        .arg(GROUP)
-        .arg("0")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
     let _: Value = redis::cmd("XREADGROUP")
         .arg("GROUP")
         .arg(GROUP)
@@ -387,17 +372,8 @@ async fn a_backlog_over_16_partitions_is_read_within_the_read_budget() {
     const PARTITIONS: u32 = 16;
     const EACH: u64 = 300;
     let redis = TestRedis::start(PARTITIONS);
-    let mut conn = redis.conn().await;
     for p in 0..PARTITIONS {
-        let _: Value = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(redis.key(INPUT, p))
-            .arg(GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        redis.create_group(&redis.key(INPUT, p), GROUP).await;
         redis.produce(INPUT, p, &format!("p{p}"), 0..EACH).await;
     }
     let mut config = redis.config("reader");

@@ -163,6 +163,20 @@ impl TestRedis {
         total
     }
 
+    /// Creates consumer group `group` of `key` (and the stream), reading from its start.
+    pub(crate) async fn create_group(&self, key: &str, group: &str) {
+        let mut conn = self.conn().await;
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(key)
+            .arg(group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+
     pub(crate) async fn xlen(&self, key: &str) -> u64 {
         let mut conn = self.conn().await;
         conn.xlen(key).await.unwrap()

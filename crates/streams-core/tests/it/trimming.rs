@@ -44,19 +44,6 @@ async fn ids_in(redis: &TestRedis, key: &str) -> Vec<String> {
     entries.into_iter().map(|(id, _)| id).collect()
 }
 
-async fn create_group(redis: &TestRedis, key: &str, group: &str) {
-    let mut conn = redis.conn().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(key)
-        .arg(group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-}
-
 /// Reads up to `count` new entries as `consumer` of `group`; returns their ids and `n`
 /// field values.
 async fn read_group(
@@ -142,8 +129,8 @@ async fn trimming_keeps_everything_the_slowest_group_has_not_acknowledged() {
     let redis = TestRedis::start(1);
     let key = redis.key(INPUT, 0);
     let ids = append(&redis, &key, 20).await;
-    create_group(&redis, &key, "fast").await;
-    create_group(&redis, &key, "slow").await;
+    redis.create_group(&key, "fast").await;
+    redis.create_group(&key, "slow").await;
 
     // The fast group read and acknowledged everything.
     let fast: Vec<String> = read_group(&redis, &key, "fast", "f", 100)
@@ -222,14 +209,14 @@ async fn a_group_that_has_read_nothing_holds_the_whole_stream() {
     let redis = TestRedis::start(1);
     let key = redis.key(INPUT, 0);
     let ids = append(&redis, &key, 10).await;
-    create_group(&redis, &key, "fast").await;
+    redis.create_group(&key, "fast").await;
     let fast: Vec<String> = read_group(&redis, &key, "fast", "f", 100)
         .await
         .into_iter()
         .map(|(id, _)| id)
         .collect();
     ack(&redis, &key, "fast", &fast).await;
-    create_group(&redis, &key, "idle").await;
+    redis.create_group(&key, "idle").await;
     assert_eq!(
         trim_stream(&redis.redis(), &key, 0).await.unwrap(),
         outcome(0, 0)
@@ -289,7 +276,7 @@ async fn the_hard_cap_deletes_unacknowledged_entries_and_counts_them() {
     // A group that read nothing: the cap deletes the 6 oldest, none acknowledged.
     let unread = redis.key("unread", 0);
     let ids = append(&redis, &unread, 10).await;
-    create_group(&redis, &unread, "g").await;
+    redis.create_group(&unread, "g").await;
     assert_eq!(
         trim_stream(&redis.redis(), &unread, 4).await.unwrap(),
         outcome(0, 6)
@@ -300,7 +287,7 @@ async fn the_hard_cap_deletes_unacknowledged_entries_and_counts_them() {
     // delivered) the cap of 4 deletes the 3 pending ones.
     let key = redis.key(INPUT, 0);
     let ids = append(&redis, &key, 10).await;
-    create_group(&redis, &key, "g").await;
+    redis.create_group(&key, "g").await;
     let read: Vec<String> = read_group(&redis, &key, "g", "c", 6)
         .await
         .into_iter()
@@ -323,7 +310,7 @@ async fn the_hard_cap_does_not_count_an_acknowledged_entry_as_unacknowledged() {
     let redis = TestRedis::start(1);
     let key = redis.key(INPUT, 0);
     let ids = append(&redis, &key, 10).await;
-    create_group(&redis, &key, "g").await;
+    redis.create_group(&key, "g").await;
     // The group read and acknowledged 6 entries; 4 were never delivered.
     let read: Vec<String> = read_group(&redis, &key, "g", "c", 6)
         .await
